@@ -1,0 +1,323 @@
+"""The handler every API route derives from: the Nano envelope, errors, JSON bodies checked
+against specs/, sessions and authorization, audit logging.
+
+Used by every module of `api/`; `api/app.py` builds the route table. Handlers stay thin:
+validate, authorize, call the store, enqueue work for the reconciler, reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import tornado.web
+from tornado.ioloop import IOLoop
+
+import specs
+from state.errors import Forbidden, Invalid, NanoError, Unauthorized
+from state.identity import SessionInfo
+from state.store import Store
+
+log = logging.getLogger("nano.api")
+
+T = TypeVar("T")
+Enqueue = Callable[[Any], None]
+SESSION_HEADER = "Nano-Session"
+JSON_LIMIT = 1 << 20  # bytes of a JSON body; uploads have their own limit
+
+
+class LoginThrottle:
+    """Slows down repeated failed logins from one address or for one user name.
+
+    The first few failures cost nothing extra; after that each failure doubles the wait
+    (capped), and a success or 15 quiet minutes forget them. Kept in memory: a restart
+    forgives, which is acceptable for a delay (not a lockout)."""
+
+    free_failures = 3
+    cap_seconds = 8.0
+    forget_after = 900.0
+
+    def __init__(self) -> None:
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def delay(self, *keys: str) -> float:
+        now = time.monotonic()
+        worst = 0
+        for key in keys:
+            count, last = self._failures.get(key, (0, 0.0))
+            if now - last > self.forget_after:
+                count = 0
+            worst = max(worst, count)
+        if worst < self.free_failures:
+            return 0.0
+        return min(self.cap_seconds, 0.25 * 2 ** (worst - self.free_failures))
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        for key in keys:
+            count, last = self._failures.get(key, (0, 0.0))
+            if now - last > self.forget_after:
+                count = 0
+            self._failures[key] = (count + 1, now)
+
+    def succeeded(self, *keys: str) -> None:
+        for key in keys:
+            self._failures.pop(key, None)
+
+
+@dataclass
+class AppContext:
+    """What handlers share: the store, the reconciler's enqueue, settings, a thread pool
+    for blocking work (argon2, file hashing), and process-wide facts."""
+
+    store: Store
+    enqueue: Enqueue = lambda key: None
+    settings: dict[str, Any] = field(default_factory=dict)
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="api")
+    )
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    started_at: float = field(default_factory=time.time)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@tornado.web.stream_request_body
+class NanoHandler(tornado.web.RequestHandler):
+    """Base of every route.
+
+    Class attributes a route sets:
+      public  -- no session needed (system init, login);
+      menu    -- the menu tag a session must hold to change (non-GET) this route group;
+      read_menu -- a tag needed even to read (admin-only listings).
+    """
+
+    public = False
+    menu: str | None = None
+    read_menu: str | None = None
+
+    def initialize(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.store = ctx.store
+        self.session: SessionInfo | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+        self._audit: str | None = None
+        self._error_code = 0
+        self._quiet = False
+        self._counted = False
+
+    def _count(self, delta: int) -> None:
+        # In-flight requests, so a shutdown can let them finish first.
+        if (delta > 0) != self._counted:
+            self._counted = delta > 0
+            self.ctx.extras["inflight"] = self.ctx.extras.get("inflight", 0) + delta
+
+    def on_connection_close(self) -> None:
+        self._count(-1)
+
+    # -- request body (streamed so an oversized body is refused without buffering it) ----
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > JSON_LIMIT:
+            self._too_large = True
+            self._chunks = []
+        elif not self._too_large:
+            self._chunks.append(chunk)
+
+    def body(self, schema: str | None = None) -> dict:
+        """The JSON body as a dict ({} when empty), validated against `schema`."""
+        if self._too_large:
+            raise Invalid(f"request body too large: at most {JSON_LIMIT} bytes of JSON")
+        raw = b"".join(self._chunks)
+        if not raw.strip():
+            data: Any = {}
+        else:
+            ctype = self.request.headers.get("Content-Type", "")
+            if ctype.startswith("multipart/"):
+                raise Invalid(f"Content-Type {ctype.split(';')[0]!r} is not supported on this "
+                              "route: send a JSON object (application/json)")
+            try:
+                data = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise Invalid(f"malformed JSON body: {exc}") from None
+        if not isinstance(data, dict):
+            raise Invalid("the body must be a JSON object, e.g. {\"name\": ...}")
+        if schema:
+            problems = specs.validate(schema, data)
+            if problems:
+                raise Invalid("invalid request: " + "; ".join(problems), details=problems)
+        return data
+
+    # -- session and authorization --------------------------------------------------------
+
+    def prepare(self) -> None:
+        self._count(+1)
+        self._cors()
+        if self.request.method == "OPTIONS":
+            return
+        length = self.request.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > self.body_limit():
+            self._too_large = True
+        if self.public:
+            return
+        token = self.request.headers.get(SESSION_HEADER, "")
+        if not token:
+            raise Unauthorized(f"no session: log in with POST /api/v1/sessions/ and send the "
+                               f"'{SESSION_HEADER}' header")
+        self.session = self.store.session(token)
+        if self.session is None:
+            raise Unauthorized("session expired or unknown: log in again")
+        needed = self.required_menu()
+        if needed and not self.session.allows(needed):
+            raise Forbidden(
+                f"your roles do not grant '{needed}': ask an administrator to add it to a "
+                "role of your group"
+            )
+
+    def required_menu(self) -> str | None:
+        """The menu tag this request needs; routes with finer rules override it."""
+        if self.request.method in ("GET", "HEAD"):
+            return self.read_menu
+        return self.menu or self.read_menu
+
+    def body_limit(self) -> int:
+        return JSON_LIMIT
+
+    @property
+    def user(self) -> str:
+        return self.session.user if self.session else ""
+
+    @property
+    def address(self) -> str:
+        return self.request.remote_ip or ""
+
+    # -- replies --------------------------------------------------------------------------
+
+    def reply(self, data: Any = None, *, status: int = 200) -> None:
+        envelope: dict[str, Any] = {"error_code": 0, "message": ""}
+        if data is not None:
+            envelope["data"] = data
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps(envelope))
+
+    def audit(self, text: str) -> None:
+        """What this change did, for the log (never a secret)."""
+        self._audit = text
+
+    def quiet(self) -> None:
+        """This change writes no audit entry (keep-alives, entries clients post)."""
+        self._quiet = True
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, NanoError):
+            code, message = exc.code, exc.message
+        elif isinstance(exc, tornado.web.HTTPError):
+            code = exc.status_code if exc.status_code in (400, 401, 403, 404) else 400
+            if exc.status_code == 405:
+                code = 404
+                message = f"{self.request.method} is not supported on {self.request.path}"
+            else:
+                message = exc.log_message or exc.reason or "bad request"
+        else:
+            code, message = 500, "internal error: see the nanod log"
+        self._error_code = code
+        # The original answers HTTP 200 for errors; its portal switches on error_code.
+        self.set_status(200)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps({"error_code": code, "message": message, "data": None}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, NanoError):
+            log.info("%s %s -> %d %s", self.request.method, self.request.path, value.code,
+                     value.message)
+        elif isinstance(value, tornado.web.HTTPError):
+            log.info("%s %s -> HTTP %d", self.request.method, self.request.path, value.status_code)
+        else:
+            log.error("%s %s failed:\n%s", self.request.method, self.request.path,
+                      "".join(traceback.format_exception(typ, value, tb)))
+
+    def on_finish(self) -> None:
+        self._count(-1)
+        if self.request.method in ("GET", "HEAD", "OPTIONS") or self._error_code or self._quiet:
+            return
+        if self.get_status() >= 300 or self.session is None and not self._audit:
+            return
+        who = self.user or "anonymous"
+        what = self._audit or f"{self.request.method} {self.request.path}"
+        try:
+            self.store.add_log(f"{who} {what}", user=who, address=self.address,
+                               resource=self.request.path)
+        except Exception:  # an audit failure must not turn a done change into an error
+            log.exception("cannot write audit log entry")
+
+    # -- blocking work --------------------------------------------------------------------
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` in the API thread pool, never on the IOLoop."""
+        return await IOLoop.current().run_in_executor(self.ctx.executor, fn, *args)
+
+    # -- CORS -----------------------------------------------------------------------------
+
+    def _cors(self) -> None:
+        origins = self.ctx.settings.get("cors_origins") or []
+        origin = self.request.headers.get("Origin")
+        if origin and ("*" in origins or origin in origins):
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Vary", "Origin")
+            self.set_header("Access-Control-Allow-Headers", f"Content-Type, {SESSION_HEADER}")
+            self.set_header("Access-Control-Allow-Methods",
+                            "GET, POST, PUT, DELETE, PATCH, OPTIONS")
+
+    def options(self, *args: Any, **kwargs: Any) -> None:
+        self.set_status(204)
+        self.finish()
+
+
+class NotFoundHandler(NanoHandler):
+    """Every path without a route: a 404 envelope (never a fake success)."""
+
+    public = True
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise tornado.web.HTTPError(404, f"no route {self.request.method} {self.request.path}")
+
+
+async def sleep(seconds: float) -> None:
+    if seconds > 0:
+        await asyncio.sleep(seconds)
+
+
+def query_int(handler: NanoHandler, name: str, default: int, *, minimum: int = 0) -> int:
+    raw = handler.get_query_argument(name, None)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise Invalid(f"query parameter {name}: {raw!r} is not a whole number") from None
+    if value < minimum:
+        raise Invalid(f"query parameter {name}: must be at least {minimum}")
+    return value
+
+
+def query_bool(handler: NanoHandler, name: str) -> bool | None:
+    raw = handler.get_query_argument(name, None)
+    if raw in (None, ""):
+        return None
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise Invalid(f"query parameter {name}: {raw!r} is not true or false")

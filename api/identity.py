@@ -1,0 +1,314 @@
+"""Routes of the seed's "FrontEnd Management" group plus the omitted ones: system init,
+sessions, roles, user groups and members, users, passwords, user search, resource
+visibility and logs. Semantics: ../shared/api/COMPATIBILITY.md, "Identity and access".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from api.base import NanoHandler, query_int, sleep
+from state.errors import Forbidden, Invalid, NanoError, NotFound, Unauthorized
+from state.identity import TIME_FORMAT
+
+
+class SystemHandler(NanoHandler):
+    public = True
+
+    def get(self) -> None:
+        limits = self.store.limits
+        self.reply({
+            "ready": self.store.system_ready(),
+            "max_cores": limits["max_cores"],
+            "max_memory": limits["max_memory"],
+            "max_disk": limits["max_disk"],
+        })
+
+    async def post(self) -> None:
+        spec = self.body("system_init")
+        await self.blocking(
+            lambda: self.store.init_system(
+                spec["user"], spec["password"], menu=spec.get("menu"),
+                group=spec.get("group") or "admin", display=spec.get("display", ""),
+                role=spec.get("role") or "super",
+            )
+        )
+        self.audit(f"initialized the system with administrator {spec['user']}")
+        self.reply()
+
+
+class SessionsHandler(NanoHandler):
+    public = True  # login; the GET below checks its session itself
+
+    async def post(self) -> None:
+        spec = self.body("login")
+        user, address = spec["user"], self.address
+        keys = (f"user:{user}", f"addr:{address}")
+        await sleep(self.ctx.throttle.delay(*keys))
+        try:
+            await self.blocking(self.store.authenticate, user, spec["password"])
+        except NanoError as exc:
+            self.ctx.throttle.failed(*keys)
+            self.store.add_log(f"failed login for {user!r} from {address}: {exc.message}",
+                               user=user, address=address, resource="/sessions/")
+            raise
+        self.ctx.throttle.succeeded(*keys)
+        info = self.store.open_session(user, address)
+        self.audit(f"logged in from {address}")
+        self._login_user = user
+        self.reply({
+            "session": info.token,
+            "group": info.group,
+            "timeout": info.timeout,
+            "menu": list(info.menu),
+            "address": address,
+        })
+
+    def get(self) -> None:
+        self.session = self.store.session(self.request.headers.get("Nano-Session", ""))
+        if self.session is None:
+            raise Unauthorized("session expired or unknown: log in again")
+        if not self.session.allows("user"):
+            raise Forbidden("listing sessions needs the 'user' menu tag (administrators)")
+        self.reply(self.store.list_sessions())
+
+    @property
+    def user(self) -> str:
+        return getattr(self, "_login_user", "") or super().user
+
+
+class SessionHandler(NanoHandler):
+    def put(self, token: str) -> None:
+        if token != self.session.token and not self.session.allows("user"):
+            raise Forbidden("you may keep alive only your own session")
+        self.store.extend_session(token)
+        self.quiet()  # keep-alives every minute would flood the log
+        self.reply()
+
+    def get(self, token: str) -> None:
+        info = self.store.session(token)
+        if info is None or (info.token != self.session.token and not self.session.allows("user")):
+            raise NotFound("no such live session")
+        self.reply({
+            "user": info.user,
+            "group": info.group,
+            "address": info.address,
+            "menu": list(info.menu),
+            "timeout": info.timeout,
+            "resource": [],
+        })
+
+
+class RolesHandler(NanoHandler):
+    menu = "user"
+
+    def get(self) -> None:
+        self.reply(self.store.list_roles())
+
+
+class RoleHandler(NanoHandler):
+    menu = "user"
+
+    def get(self, name: str) -> None:
+        self.reply(self.store.role(name))
+
+    def post(self, name: str) -> None:
+        self.store.create_role(name, self.body("role")["menu"])
+        self.audit(f"created role {name}")
+        self.reply()
+
+    def put(self, name: str) -> None:
+        self.store.modify_role(name, self.body("role")["menu"])
+        self.audit(f"modified role {name}")
+        self.reply()
+
+    def delete(self, name: str) -> None:
+        self.store.delete_role(name)
+        self.audit(f"removed role {name}")
+        self.reply()
+
+
+class GroupsHandler(NanoHandler):
+    menu = "user"
+
+    def get(self) -> None:
+        self.reply(self.store.list_groups())
+
+
+class GroupHandler(NanoHandler):
+    menu = "user"
+
+    def get(self, name: str) -> None:
+        self.reply(self.store.group(name))
+
+    def post(self, name: str) -> None:
+        spec = self.body("user_group")
+        self.store.create_group(name, spec["display"], spec.get("role", []))
+        self.audit(f"created user group {name}")
+        self.reply()
+
+    def put(self, name: str) -> None:
+        spec = self.body("user_group_modify")
+        self.store.modify_group(name, spec.get("display"), spec.get("role"))
+        self.audit(f"modified user group {name}")
+        self.reply()
+
+    def delete(self, name: str) -> None:
+        self.store.delete_group(name)
+        self.audit(f"removed user group {name}")
+        self.reply()
+
+
+class MembersHandler(NanoHandler):
+    menu = "user"
+
+    def get(self, group: str) -> None:
+        self.reply(self.store.group_members(group))
+
+
+class MemberHandler(NanoHandler):
+    menu = "user"
+
+    def post(self, group: str, user: str) -> None:
+        self.store.add_member(group, user)
+        self.audit(f"added {user} to user group {group}")
+        self.reply()
+
+    def delete(self, group: str, user: str) -> None:
+        self.store.remove_member(group, user)
+        self.audit(f"removed {user} from user group {group}")
+        self.reply()
+
+
+class UsersHandler(NanoHandler):
+    menu = "user"
+
+    def get(self) -> None:
+        self.reply(self.store.list_users())
+
+
+class UserHandler(NanoHandler):
+    menu = "user"
+
+    def required_menu(self) -> str | None:
+        # Everyone may read and edit their own profile; other users need the 'user' tag.
+        own = self.path_args and self.path_args[0] == self.user
+        if own and self.request.method in ("GET", "PUT"):
+            return None
+        return super().required_menu()
+
+    def get(self, name: str) -> None:
+        data = self.store.user(name)
+        self.reply({"nick": data["nick"], "mail": data["mail"]})
+
+    async def post(self, name: str) -> None:
+        spec = self.body("user_create")
+        await self.blocking(
+            lambda: self.store.create_user(name, spec["password"], spec.get("nick", ""),
+                                           spec.get("mail", ""))
+        )
+        self.audit(f"created user {name}")
+        self.reply()
+
+    def put(self, name: str) -> None:
+        spec = self.body("user_modify")
+        self.store.modify_user(name, spec.get("nick"), spec.get("mail"))
+        self.audit(f"modified user {name}")
+        self.reply()
+
+    def delete(self, name: str) -> None:
+        self.store.delete_user(name, acting_user=self.user)
+        self.audit(f"deleted user {name}")
+        self.reply()
+
+
+class PasswordHandler(NanoHandler):
+    async def put(self, name: str) -> None:
+        if name != self.user and not self.session.allows("user"):
+            raise Forbidden("you may change only your own password")
+        spec = self.body("password_change")
+        await self.blocking(self.store.change_password, name, spec["old"], spec["new"])
+        self.audit(f"changed the password of {name}")
+        self.reply()
+
+
+class UserSearchHandler(NanoHandler):
+    def get(self) -> None:
+        self.reply(self.store.list_users(self.get_query_argument("group", None)))
+
+
+class VisibilityHandler(NanoHandler):
+    menu = "visibility"
+
+    def _group(self) -> str:
+        if not self.session.group:
+            raise Invalid("your user belongs to no group")
+        return self.session.group
+
+    def get(self) -> None:
+        self.reply(self.store.visibility(self._group()))
+
+    def put(self) -> None:
+        flags = self.body("visibility")
+        self.store.set_visibility(self._group(), flags)
+        shown = ", ".join(k for k, v in sorted(flags.items()) if v) or "nothing"
+        self.audit(f"set visibility of group {self._group()} to {shown}")
+        self.reply()
+
+
+def _query_time(handler: NanoHandler, name: str) -> dt.datetime | None:
+    raw = handler.get_query_argument(name, None)
+    if not raw:
+        return None
+    for fmt in (TIME_FORMAT, "%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            return dt.datetime.strptime(raw, fmt)
+        except ValueError:
+            continue
+    raise Invalid(f"query parameter {name}: {raw!r} is not a time like '2026-01-31 08:00:00'")
+
+
+class LogsHandler(NanoHandler):
+    menu = "log"
+
+    def get(self) -> None:
+        self.reply(
+            self.store.query_logs(
+                limit=query_int(self, "limit", 20, minimum=1),
+                start=query_int(self, "start", 0),
+                after=_query_time(self, "after"),
+                before=_query_time(self, "before"),
+            )
+        )
+
+    def post(self) -> None:
+        spec = self.body("log_add")
+        self.store.add_log(spec["content"], user=self.user, address=self.address,
+                           resource="client")
+        self.quiet()  # the entry is the record: no second audit line
+        self.reply()
+
+    def delete(self) -> None:
+        entries = self.body("log_delete")["entries"]
+        removed = self.store.delete_logs(entries)
+        self.audit(f"deleted {removed} log entries")
+        self.reply()
+
+
+ROUTES = [
+    (r"/system", SystemHandler),
+    (r"/sessions", SessionsHandler),
+    (r"/sessions/([^/]+)", SessionHandler),
+    (r"/roles", RolesHandler),
+    (r"/roles/([^/]+)", RoleHandler),
+    (r"/user_groups", GroupsHandler),
+    (r"/user_groups/([^/]+)", GroupHandler),
+    (r"/user_groups/([^/]+)/members", MembersHandler),
+    (r"/user_groups/([^/]+)/members/([^/]+)", MemberHandler),
+    (r"/users", UsersHandler),
+    (r"/users/([^/]+)", UserHandler),
+    (r"/users/([^/]+)/password", PasswordHandler),
+    (r"/user_search", UserSearchHandler),
+    (r"/resource_visibilities", VisibilityHandler),
+    (r"/logs", LogsHandler),
+]

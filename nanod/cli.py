@@ -1,0 +1,148 @@
+"""The `nanod` command line: serve, init, reconcile, and the manifest commands.
+
+Entry point of the console script `nanod` (setup.cfg). Server-side commands (serve, init,
+reconcile) open the store directly; client commands (apply, get, delete, export, drift)
+talk to a running nanod over the REST API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import sys
+from typing import Any
+
+from nanod import __version__, config
+
+
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML settings file (flags override it)")
+    parser.add_argument("--data-dir", dest="data_dir", help="directory for the database, "
+                        "images and logs (default /var/lib/nano)")
+    parser.add_argument("--database", help="database URL: sqlite:///PATH or postgresql://...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanod", description="Nano management daemon")
+    parser.add_argument("--version", action="version", version=f"nanod {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the API and the reconciler")
+    _server_flags(serve)
+    serve.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:5870)")
+
+    init = sub.add_parser("init", help="create the first administrator")
+    _server_flags(init)
+    init.add_argument("--user", required=True)
+    init.add_argument("--password", help="the password (default: $NANO_PASSWORD, or asked)")
+    init.add_argument("--group", default="admin")
+    init.add_argument("--role", default="super")
+
+    rec = sub.add_parser("reconcile", help="run the reconciler")
+    _server_flags(rec)
+    rec.add_argument("--once", action="store_true", required=True,
+                     help="one pass over every resource; print what it did")
+
+    try:
+        from nanod import client_cli
+    except ImportError:
+        client_cli = None
+    if client_cli is not None:
+        client_cli.add_commands(sub)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {
+        "data_dir": getattr(args, "data_dir", None),
+        "database": getattr(args, "database", None),
+        "listen": getattr(args, "listen", None),
+    }
+    return config.load(getattr(args, "config", None), overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nanod.server import Server, setup_logging
+
+    settings = _settings(args)
+    setup_logging(settings)
+    host, port = config.parse_listen(settings["listen"])
+    server = Server(settings)
+
+    async def main() -> None:
+        bound = server.listen(host, port)
+        ready = server.store.system_ready()
+        logging.getLogger("nano").info(
+            "nanod %s serving http://%s:%d/api/v1 (data in %s)%s", __version__, host, bound,
+            settings["data_dir"],
+            "" if ready else "; no administrator yet: run `nanod init --user NAME` "
+            "or POST /api/v1/system/",
+        )
+        await server.serve_forever()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from nanod.server import open_store
+    from state.errors import NanoError
+
+    settings = _settings(args)
+    password = args.password or os.environ.get("NANO_PASSWORD")
+    if not password:
+        if not sys.stdin.isatty():
+            print("nanod init: give --password, set NANO_PASSWORD, or run on a terminal",
+                  file=sys.stderr)
+            return 2
+        password = getpass.getpass(f"password for {args.user}: ")
+    store = open_store(settings)
+    try:
+        store.init_system(args.user, password, group=args.group, role=args.role)
+    except NanoError as exc:
+        print(f"nanod init: {exc.message}", file=sys.stderr)
+        return 1
+    store.add_log(f"{args.user} initialized the system (nanod init)", user=args.user,
+                  resource="/system/")
+    print(f"created administrator {args.user} (group {args.group}, role {args.role})")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from nanod.server import build_controller, open_store, setup_logging
+
+    settings = _settings(args)
+    setup_logging(settings, to_file=False)
+    store = open_store(settings)
+    controller = build_controller(store, settings)
+    if controller is None:
+        print("nothing to reconcile: the reconciler is disabled")
+        return 0
+    failed = 0
+    for key, outcome in controller.run_once():
+        if isinstance(outcome, Exception):
+            failed += 1
+            print(f"{key}: failed: {outcome}")
+        else:
+            print(f"{key}: {outcome.summary() if hasattr(outcome, 'summary') else 'ok'}")
+    return 1 if failed else 0
+
+
+COMMANDS = {"serve": cmd_serve, "init": cmd_init, "reconcile": cmd_reconcile}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    handler = COMMANDS.get(args.command) or getattr(args, "func", None)
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

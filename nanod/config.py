@@ -1,0 +1,67 @@
+"""nanod's settings: defaults, a YAML config file, then command-line flags on top.
+
+Called by the CLI (nanod/cli.py) before anything opens; everything else receives the
+resulting plain dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "listen": "127.0.0.1:5870",
+    "data_dir": "/var/lib/nano",
+    "database": "",  # "" = sqlite file under data_dir
+    "session_timeout": 180,
+    "cors_origins": [],
+    "log_level": "info",
+    "limits": {"max_cores": 24, "max_memory": 32, "max_disk": 64},
+    "reconciler": {"enabled": True, "workers": 4, "resync_seconds": 30, "offline_after": 3},
+    "images": {"max_upload_bytes": 64 << 30},
+}
+
+
+def merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Defaults < file < flags. Unknown keys in the file are an error, with their names."""
+    settings = copy.deepcopy(DEFAULTS)
+    if path:
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise SystemExit(f"nanod: cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"nanod: config {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise SystemExit(f"nanod: config {path} must be a mapping of settings")
+        unknown = sorted(set(data) - set(DEFAULTS))
+        if unknown:
+            raise SystemExit(
+                f"nanod: config {path}: unknown setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(DEFAULTS))}"
+            )
+        settings = merge(settings, data)
+    settings = merge(settings, {k: v for k, v in overrides.items() if v not in (None, "")})
+    settings["data_dir"] = os.path.abspath(settings["data_dir"])
+    return settings
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"nanod: --listen {value!r} must be HOST:PORT, e.g. 127.0.0.1:5870")
+    return host.strip("[]") or "0.0.0.0", int(port)

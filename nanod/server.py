@@ -1,0 +1,130 @@
+"""Composition root of `nanod serve`: opens the store, builds the reconciler and the
+Tornado application, serves until SIGTERM/SIGINT, then shuts down cleanly (in-flight
+requests finish, workers stop, the database closes).
+
+Called by nanod/cli.py; tests start the same `Server` on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+from typing import Any
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from api.app import make_app
+from api.base import AppContext
+from state.db import close_database, database_url, open_database
+from state.store import Store
+
+log = logging.getLogger("nano")
+
+# Bearer tokens and channel ids appear in some paths: never write them to a log.
+_SECRET_PATHS = re.compile(r"(/(?:sessions|monitor_channels)/)[^/?]+")
+
+
+def redact(path: str) -> str:
+    return _SECRET_PATHS.sub(r"\1***", path)
+
+
+def access_log(handler: tornado.web.RequestHandler) -> None:
+    request = handler.request
+    status = handler.get_status()
+    code = getattr(handler, "_error_code", 0)
+    logging.getLogger("nano.access").info(
+        "%d %s %s %s (%s) %.1fms", status, code, request.method, redact(request.uri or ""),
+        request.remote_ip, 1000.0 * request.request_time(),
+    )
+
+
+def setup_logging(settings: dict[str, Any], *, to_file: bool = True) -> None:
+    level = getattr(logging, str(settings.get("log_level", "info")).upper(), logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    stream = logging.StreamHandler()
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if to_file:
+        os.makedirs(settings["data_dir"], exist_ok=True)
+        file_handler = logging.FileHandler(os.path.join(settings["data_dir"], "nanod.log"))
+        file_handler.setFormatter(fmt)
+        root.addHandler(file_handler)
+
+
+def open_store(settings: dict[str, Any]) -> Store:
+    os.makedirs(settings["data_dir"], exist_ok=True)
+    open_database(database_url(settings.get("database"), settings["data_dir"]))
+    return Store(session_timeout=int(settings["session_timeout"]), limits=settings["limits"])
+
+
+class Server:
+    """API + reconciler in one process."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.store = open_store(settings)
+        self.controller = build_controller(self.store, settings)
+        enqueue = self.controller.enqueue if self.controller else (lambda key: None)
+        self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings)
+        self.app = make_app(self.ctx, log_function=access_log)
+        self.http: tornado.httpserver.HTTPServer | None = None
+        self.port = 0
+        self._stopping: asyncio.Event | None = None
+
+    def listen(self, host: str, port: int) -> int:
+        max_upload = int(self.settings["images"]["max_upload_bytes"])
+        self.http = tornado.httpserver.HTTPServer(
+            self.app, max_body_size=max_upload, idle_connection_timeout=120,
+        )
+        sockets = tornado.netutil.bind_sockets(port, address=host)
+        self.http.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        if self.controller:
+            self.controller.start()
+        return self.port
+
+    async def serve_forever(self) -> None:
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self._stopping.wait()
+        log.info("shutting down")
+        await self.shutdown()
+
+    async def shutdown(self, grace: float = 10.0) -> None:
+        if self.http:
+            self.http.stop()  # no new connections
+            deadline = asyncio.get_running_loop().time() + grace
+            while self.ctx.extras.get("inflight", 0) > 0:
+                if asyncio.get_running_loop().time() > deadline:
+                    log.warning("%d request(s) still running at shutdown",
+                                self.ctx.extras["inflight"])
+                    break
+                await asyncio.sleep(0.05)
+            await self.http.close_all_connections()
+        if self.controller:
+            await asyncio.get_running_loop().run_in_executor(None, self.controller.stop, 10.0)
+        self.ctx.executor.shutdown(wait=True)
+        close_database()
+
+
+def build_controller(store: Store, settings: dict[str, Any]) -> Any:
+    """The reconciler for this store, or None when disabled in settings."""
+    conf = settings.get("reconciler", {})
+    if not conf.get("enabled", True):
+        return None
+    try:
+        from reconciler.kinds import build
+    except ImportError:  # no reconcilers registered yet
+        return None
+    return build(store, settings)

@@ -1,0 +1,89 @@
+"""Opening the store's database and running its forward migrations.
+
+Called once by `nanod` at start (and by tests). SQLite with WAL is the default; a
+`postgresql://` URL gives the same models on PostgreSQL. Only `state/` imports peewee.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from urllib.parse import urlparse
+
+import peewee
+from playhouse.db_url import connect
+
+log = logging.getLogger(__name__)
+
+db = peewee.DatabaseProxy()
+
+
+def database_url(url: str | None, data_dir: str) -> str:
+    """The URL to open: the given one, or an SQLite file under the data directory."""
+    if url:
+        return url
+    return "sqlite:///" + os.path.join(os.path.abspath(data_dir), "nano.db")
+
+
+def open_database(url: str) -> peewee.Database:
+    """Connect, bind the models and bring the schema up to date; returns the database."""
+    scheme = urlparse(url).scheme
+    if scheme.startswith("sqlite"):
+        path = url.split("://", 1)[1]
+        if path.startswith("/") and not path.startswith("//"):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        database: peewee.Database = connect(
+            url,
+            pragmas={
+                "journal_mode": "wal",
+                "foreign_keys": 1,
+                "busy_timeout": 10000,
+                "synchronous": "normal",
+            },
+        )
+    elif scheme.startswith("postgres"):
+        database = connect(url, autorollback=True)
+    else:
+        raise ValueError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://...")
+    db.initialize(database)
+    database.connect(reuse_if_open=True)
+    migrate(database)
+    return database
+
+
+def close_database() -> None:
+    if db.obj is not None and not db.is_closed():
+        db.close()
+
+
+# -- migrations ---------------------------------------------------------------------------
+
+Migration = Callable[[peewee.Database], None]
+
+
+def _initial(database: peewee.Database) -> None:
+    from state import models
+
+    database.create_tables(models.ALL_MODELS, safe=True)
+
+
+# Forward migrations, oldest first. Version N is MIGRATIONS[N-1]. Append only: never edit
+# or reorder a released step, so an upgrade from any older version keeps every row.
+MIGRATIONS: list[Migration] = [_initial]
+
+
+def migrate(database: peewee.Database, steps: list[Migration] | None = None) -> int:
+    """Apply the pending steps in one transaction each; returns the schema version."""
+    from state.models import SchemaVersion
+
+    steps = MIGRATIONS if steps is None else steps
+    database.create_tables([SchemaVersion], safe=True)
+    row = SchemaVersion.select().order_by(SchemaVersion.version.desc()).first()
+    current = row.version if row else 0
+    for version in range(current + 1, len(steps) + 1):
+        with database.atomic():
+            log.info("schema migration %d", version)
+            steps[version - 1](database)
+            SchemaVersion.create(version=version)
+    return max(current, len(steps))

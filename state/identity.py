@@ -1,0 +1,502 @@
+"""Identity and access in the store: system init, users, groups, roles, sessions,
+visibility and the audit log.
+
+Called by the API handlers (`api/identity.py`) and by `nanod init`. Every function runs its
+writes in one transaction and raises our errors (state/errors.py) with a message that says
+what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import peewee
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from state.db import db
+from state.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
+from state.models import GroupRole, LogEntry, Role, Session, User, UserGroup, now
+
+MENU_TAGS = (
+    "dashboard",
+    "compute_pool",
+    "address_pool",
+    "storage_pool",
+    "instance",
+    "image",
+    "media",
+    "templates",
+    "policies",
+    "user",
+    "log",
+    "visibility",
+)
+NAME_RULE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+_hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
+# A real hash of a random password: failed logins for unknown users cost the same time
+# as wrong passwords, so timing does not reveal which names exist.
+_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+def format_time(value: dt.datetime | None) -> str:
+    return value.strftime(TIME_FORMAT) if value else ""
+
+
+def check_name(what: str, name: str) -> None:
+    if not NAME_RULE.match(name or ""):
+        raise Invalid(
+            f"invalid {what} name {name!r}: use 1-64 letters, digits, '-', '_' or '.'"
+        )
+
+
+def check_password(password: str, field_name: str = "password") -> None:
+    problems = []
+    if len(password) < 8:
+        problems.append("at least 8 characters")
+    if not re.search(r"\d", password):
+        problems.append("a digit")
+    if not re.search(r"[a-z]", password):
+        problems.append("a lower-case letter")
+    if not re.search(r"[A-Z]", password):
+        problems.append("an upper-case letter")
+    if problems:
+        raise Invalid(f"{field_name} is too weak: it needs " + ", ".join(problems))
+
+
+def check_menu(menu: list[str]) -> list[str]:
+    unknown = [tag for tag in menu if tag not in MENU_TAGS]
+    if unknown:
+        raise Invalid(
+            f"unknown menu tag(s) {', '.join(unknown)}: choose from {', '.join(MENU_TAGS)}"
+        )
+    return list(dict.fromkeys(menu))
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What a request knows about its caller once the session header is checked."""
+
+    token: str
+    handle: str
+    user: str
+    group: str
+    menu: tuple[str, ...]
+    address: str
+    timeout: int
+    expires: float
+    visibility: dict[str, bool] = field(default_factory=dict)
+
+    def allows(self, tag: str) -> bool:
+        return tag in self.menu
+
+
+class IdentityStore:
+    """Mixin of `state.store.Store`: identity and access."""
+
+    session_timeout: int = 180
+
+    # -- system ------------------------------------------------------------------------
+
+    def system_ready(self) -> bool:
+        return User.select().exists()
+
+    def init_system(
+        self,
+        user: str,
+        password: str,
+        *,
+        menu: list[str] | None = None,
+        group: str = "admin",
+        display: str = "",
+        role: str = "super",
+    ) -> None:
+        """Create role, group and the first user; refused once any user exists."""
+        check_name("user", user)
+        check_name("group", group)
+        check_name("role", role)
+        check_password(password)
+        menu = check_menu(list(MENU_TAGS) if not menu else menu)
+        password_hash = hash_password(password)
+        with db.atomic():
+            if User.select().exists():
+                raise Conflict("the system is already initialized: log in instead")
+            Role.get_or_create(name=role, defaults={"menu": menu})
+            Role.update(menu=menu).where(Role.name == role).execute()
+            grp, _ = UserGroup.get_or_create(name=group, defaults={"display": display or group})
+            GroupRole.get_or_create(group=grp, role=role)
+            User.create(name=user, password_hash=password_hash, group=grp)
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def authenticate(self, user: str, password: str) -> str:
+        """Verify a password; returns the user's group. Slow on purpose (argon2): call it
+        from a worker thread. One message for unknown users and wrong passwords alike."""
+        row = User.get_or_none(User.name == user)
+        ok = verify_password(row.password_hash if row else _DUMMY_HASH, password)
+        if not row or not ok:
+            raise Unauthorized("invalid user name or password")
+        if row.group_id is None:
+            raise Forbidden(f"user {user} belongs to no group: an administrator must add it to one")
+        if _hasher.check_needs_rehash(row.password_hash):
+            User.update(password_hash=hash_password(password)).where(User.name == user).execute()
+        return row.group_id
+
+    def open_session(self, user: str, address: str, timeout: int | None = None) -> SessionInfo:
+        timeout = int(timeout or self.session_timeout)
+        row = User.get_by_id(user)
+        token = secrets.token_hex(16)  # 128 random bits
+        handle = secrets.token_hex(4)
+        expires = time.time() + timeout
+        Session.create(
+            token_hash=token_digest(token),
+            handle=handle,
+            user=user,
+            group=row.group_id or "",
+            address=address,
+            timeout=timeout,
+            expires=expires,
+        )
+        return self._session_info(token, handle, user, row.group_id or "", address, timeout, expires)
+
+    def session(self, token: str) -> SessionInfo | None:
+        """The live session for a bearer token, or None if unknown or expired. A SHA-256
+        lookup, no password hashing."""
+        if not token:
+            return None
+        row = (
+            Session.select(Session, User.group)
+            .join(User)
+            .where(Session.token_hash == token_digest(token))
+            .first()
+        )
+        if row is None or row.expires < time.time():
+            return None
+        group = row.user.group_id or ""
+        return self._session_info(
+            token, row.handle, row.user_id, group, row.address, row.timeout, row.expires
+        )
+
+    def _session_info(
+        self, token: str, handle: str, user: str, group: str, address: str, timeout: int,
+        expires: float,
+    ) -> SessionInfo:
+        menu: tuple[str, ...] = ()
+        visibility: dict[str, bool] = {}
+        if group:
+            roles = Role.select(Role.menu).join(GroupRole).where(GroupRole.group == group)
+            tags = {tag for role in roles for tag in role.menu}
+            menu = tuple(tag for tag in MENU_TAGS if tag in tags)
+            grp = UserGroup.get_or_none(UserGroup.name == group)
+            if grp is not None:
+                visibility = _visibility(grp)
+        return SessionInfo(token, handle, user, group, menu, address, timeout, expires, visibility)
+
+    def extend_session(self, token: str) -> SessionInfo:
+        info = self.session(token)
+        if info is None:
+            raise Unauthorized("session expired or unknown: log in again")
+        expires = time.time() + info.timeout
+        Session.update(expires=expires).where(Session.token_hash == token_digest(token)).execute()
+        return info
+
+    def list_sessions(self) -> list[dict]:
+        rows = Session.select().where(Session.expires >= time.time()).order_by(Session.created_at)
+        return [
+            {
+                "id": row.handle,
+                "user": row.user_id,
+                "address": row.address,
+                "expire": format_time(dt.datetime.fromtimestamp(row.expires).replace(microsecond=0)),
+            }
+            for row in rows
+        ]
+
+    def purge_sessions(self) -> int:
+        return Session.delete().where(Session.expires < time.time()).execute()
+
+    # -- roles -----------------------------------------------------------------------------
+
+    def list_roles(self) -> list[str]:
+        return [r.name for r in Role.select(Role.name).order_by(Role.name)]
+
+    def role(self, name: str) -> dict:
+        row = Role.get_or_none(Role.name == name)
+        if row is None:
+            raise NotFound(f"no role named {name!r}")
+        return {"menu": list(row.menu)}
+
+    def create_role(self, name: str, menu: list[str]) -> None:
+        check_name("role", name)
+        menu = check_menu(menu)
+        with db.atomic():
+            if Role.get_or_none(Role.name == name):
+                raise Conflict(f"role {name!r} already exists: choose another name or modify it")
+            Role.create(name=name, menu=menu)
+
+    def modify_role(self, name: str, menu: list[str]) -> None:
+        menu = check_menu(menu)
+        if not Role.update(menu=menu).where(Role.name == name).execute():
+            raise NotFound(f"no role named {name!r}")
+
+    def delete_role(self, name: str) -> None:
+        with db.atomic():
+            if Role.get_or_none(Role.name == name) is None:
+                raise NotFound(f"no role named {name!r}")
+            groups = [g.group_id for g in GroupRole.select().where(GroupRole.role == name)]
+            if groups:
+                raise Conflict(
+                    f"role {name!r} is bound to group(s) {', '.join(sorted(groups))}: "
+                    "remove it from them first"
+                )
+            Role.delete_by_id(name)
+
+    # -- groups ----------------------------------------------------------------------------
+
+    def list_groups(self) -> list[dict]:
+        counts = dict(
+            User.select(User.group, peewee.fn.COUNT(User.name))
+            .where(User.group.is_null(False))
+            .group_by(User.group)
+            .tuples()
+        )
+        return [
+            {"name": g.name, "display": g.display, "member": counts.get(g.name, 0)}
+            for g in UserGroup.select().order_by(UserGroup.name)
+        ]
+
+    def group(self, name: str) -> dict:
+        grp = self._group(name)
+        roles = [link.role_id for link in grp.role_links.order_by(GroupRole.role)]
+        members = [u.name for u in grp.members.order_by(User.name)]
+        return {"name": grp.name, "display": grp.display, "role": roles, "member": members}
+
+    def _group(self, name: str) -> UserGroup:
+        grp = UserGroup.get_or_none(UserGroup.name == name)
+        if grp is None:
+            raise NotFound(f"no user group named {name!r}")
+        return grp
+
+    def _check_roles(self, roles: list[str]) -> list[str]:
+        roles = list(dict.fromkeys(roles))
+        known = {r.name for r in Role.select().where(Role.name.in_(roles))} if roles else set()
+        missing = [r for r in roles if r not in known]
+        if missing:
+            raise NotFound(f"no role named {', '.join(missing)}: create it first")
+        return roles
+
+    def create_group(self, name: str, display: str, roles: list[str]) -> None:
+        check_name("group", name)
+        with db.atomic():
+            if UserGroup.get_or_none(UserGroup.name == name):
+                raise Conflict(f"user group {name!r} already exists")
+            roles = self._check_roles(roles)
+            grp = UserGroup.create(name=name, display=display)
+            for role in roles:
+                GroupRole.create(group=grp, role=role)
+
+    def modify_group(self, name: str, display: str | None, roles: list[str] | None) -> None:
+        with db.atomic():
+            grp = self._group(name)
+            if display is not None:
+                grp.display = display
+                grp.save()
+            if roles is not None:
+                roles = self._check_roles(roles)
+                GroupRole.delete().where(GroupRole.group == grp).execute()
+                for role in roles:
+                    GroupRole.create(group=grp, role=role)
+
+    def delete_group(self, name: str) -> None:
+        with db.atomic():
+            grp = self._group(name)
+            members = [u.name for u in grp.members]
+            if members:
+                raise Conflict(
+                    f"user group {name!r} still has member(s) {', '.join(sorted(members))}: "
+                    "remove them first"
+                )
+            GroupRole.delete().where(GroupRole.group == grp).execute()
+            grp.delete_instance()
+
+    def group_members(self, name: str) -> list[str]:
+        return self.group(name)["member"]
+
+    def add_member(self, group: str, user: str) -> None:
+        with db.atomic():
+            grp = self._group(group)
+            row = self._user(user)
+            if row.group_id == grp.name:
+                raise Conflict(f"user {user!r} is already a member of {group!r}")
+            if row.group_id:
+                raise Conflict(
+                    f"user {user!r} already belongs to group {row.group_id!r}: a user has one "
+                    "group; remove it from there first"
+                )
+            row.group = grp
+            row.save()
+
+    def remove_member(self, group: str, user: str) -> None:
+        with db.atomic():
+            self._group(group)
+            row = self._user(user)
+            if row.group_id != group:
+                raise NotFound(f"user {user!r} is not a member of {group!r}")
+            row.group = None
+            row.save()
+            Session.delete().where(Session.user == user).execute()
+
+    # -- users -----------------------------------------------------------------------------
+
+    def _user(self, name: str) -> User:
+        row = User.get_or_none(User.name == name)
+        if row is None:
+            raise NotFound(f"no user named {name!r}")
+        return row
+
+    def list_users(self, group: str | None = None) -> list[str]:
+        query = User.select(User.name).order_by(User.name)
+        if group:
+            self._group(group)
+            query = query.where(User.group == group)
+        return [u.name for u in query]
+
+    def user(self, name: str) -> dict:
+        row = self._user(name)
+        return {"nick": row.nick, "mail": row.mail, "group": row.group_id or ""}
+
+    def create_user(self, name: str, password: str, nick: str = "", mail: str = "") -> None:
+        check_name("user", name)
+        check_password(password)
+        password_hash = hash_password(password)
+        with db.atomic():
+            if User.get_or_none(User.name == name):
+                raise Conflict(f"user {name!r} already exists")
+            User.create(name=name, nick=nick, mail=mail, password_hash=password_hash)
+
+    def modify_user(self, name: str, nick: str | None, mail: str | None) -> None:
+        row = self._user(name)
+        if nick is not None:
+            row.nick = nick
+        if mail is not None:
+            row.mail = mail
+        row.modified_at = now()
+        row.save()
+
+    def delete_user(self, name: str, *, acting_user: str) -> None:
+        if name == acting_user:
+            raise Conflict("you cannot delete the user you are logged in as")
+        with db.atomic():
+            self._user(name)
+            Session.delete().where(Session.user == name).execute()
+            User.delete_by_id(name)
+
+    def change_password(self, name: str, old: str, new: str) -> None:
+        """Verify `old` and set `new` (call from a worker thread: argon2 is slow)."""
+        row = self._user(name)
+        if not verify_password(row.password_hash, old):
+            raise Unauthorized("the old password is wrong")
+        check_password(new, "new password")
+        User.update(password_hash=hash_password(new), modified_at=now()).where(
+            User.name == name
+        ).execute()
+
+    # -- visibility ------------------------------------------------------------------------
+
+    def visibility(self, group: str) -> dict[str, bool]:
+        return _visibility(self._group(group))
+
+    def set_visibility(self, group: str, flags: dict[str, bool]) -> None:
+        grp = self._group(group)
+        # The portal sends only the flags that are true: a missing flag means false.
+        grp.instance_visible = bool(flags.get("instance_visible", False))
+        grp.media_image_visible = bool(flags.get("media_image_visible", False))
+        grp.disk_image_visible = bool(flags.get("disk_image_visible", False))
+        grp.save()
+
+    # -- logs ------------------------------------------------------------------------------
+
+    _log_lock = threading.Lock()
+
+    def add_log(self, content: str, *, user: str = "", address: str = "", resource: str = "") -> str:
+        """Append an entry; ids are YYYYMMDDHHMMSS + a 3-digit counter within that second."""
+        with self._log_lock, db.atomic():
+            stamp = now()
+            while True:
+                prefix = stamp.strftime("%Y%m%d%H%M%S")
+                last = (
+                    LogEntry.select(LogEntry.id)
+                    .where(LogEntry.id.startswith(prefix))
+                    .order_by(LogEntry.id.desc())
+                    .first()
+                )
+                counter = int(last.id[14:]) + 1 if last else 0
+                if counter <= 999:
+                    break
+                stamp += dt.timedelta(seconds=1)  # a full second: borrow the next one
+            entry_id = f"{prefix}{counter:03d}"
+            LogEntry.create(
+                id=entry_id, time=stamp, content=content, user=user, address=address,
+                resource=resource,
+            )
+        return entry_id
+
+    def query_logs(
+        self,
+        *,
+        limit: int = 20,
+        start: int = 0,
+        after: dt.datetime | None = None,
+        before: dt.datetime | None = None,
+    ) -> dict:
+        if after is None and before is None:
+            after = now() - dt.timedelta(hours=24)
+        query = LogEntry.select()
+        if after is not None:
+            query = query.where(LogEntry.time >= after)
+        if before is not None:
+            query = query.where(LogEntry.time <= before)
+        total = query.count()
+        rows = query.order_by(LogEntry.id.desc()).offset(start).limit(limit)
+        return {
+            "logs": [
+                {"id": r.id, "time": format_time(r.time), "content": r.content} for r in rows
+            ],
+            "total": total,
+        }
+
+    def delete_logs(self, entries: list[str]) -> int:
+        if not entries:
+            return 0
+        return LogEntry.delete().where(LogEntry.id.in_(entries)).execute()
+
+
+def _visibility(grp: UserGroup) -> dict[str, bool]:
+    return {
+        "instance_visible": grp.instance_visible,
+        "media_image_visible": grp.media_image_visible,
+        "disk_image_visible": grp.disk_image_visible,
+    }
