@@ -43,7 +43,7 @@ def open_database(url: str) -> peewee.Database:
             },
         )
     elif scheme.startswith("postgres"):
-        database = connect(url, autorollback=True)
+        database = connect(url)
     else:
         raise ValueError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://...")
     db.initialize(database)
