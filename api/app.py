@@ -11,11 +11,11 @@ from typing import Any
 
 import tornado.web
 
-from api import identity
+from api import compute, identity
 from api.base import AppContext, NotFoundHandler
 
 PREFIX = "/api/v1"
-MODULES = [identity]
+MODULES = [identity, compute]
 
 
 def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:

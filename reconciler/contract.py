@@ -57,6 +57,13 @@ class Result:
     """
 
     requeue_after: float | None = None
+    actions: tuple[Action, ...] = ()
+    note: str = ""
+
+    def summary(self) -> str:
+        """One line for people (`nanod reconcile --once`)."""
+        done = "; ".join(a.describe() for a in self.actions) or "no change"
+        return f"{done}{' (' + self.note + ')' if self.note else ''}"
 
 
 class Verb(StrEnum):

@@ -6,10 +6,11 @@ each lives in its own module of `state/` and works on the models of `state/model
 
 from __future__ import annotations
 
+from state.compute import ComputeStore
 from state.identity import IdentityStore
 
 
-class Store(IdentityStore):
+class Store(IdentityStore, ComputeStore):
     """Facade over the database opened by `state.db.open_database`."""
 
     def __init__(self, *, session_timeout: int = 180, limits: dict | None = None) -> None:

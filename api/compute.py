@@ -1,0 +1,246 @@
+"""Routes of the seed's "Resource Pool" group: compute pools, compute pool cells, storage
+pools, cell storages, zone/pool/cell statistics and instance status; plus the cell
+registration extension (`/cells/{name}`).
+
+Every change is stored as desired state and the affected cells are enqueued; the
+reconciler (`reconciler/cells.py`) makes libvirt agree and records what it observed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from api.base import NanoHandler
+from reconciler.contract import Key
+from state.errors import Conflict
+
+
+def _enqueue_cells(handler: NanoHandler, names: list[str]) -> None:
+    for name in names:
+        handler.ctx.enqueue(Key("cell", name))
+
+
+async def wait_probed(handler: NanoHandler, name: str, timeout: float = 20.0) -> None:
+    """Wait (without blocking the IOLoop) until the reconciler has observed the cell's
+    current generation, so an add-to-pool right after registration sees a real probe."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rec = handler.store.cell_record(name)
+        if rec["status"]["observed_generation"] >= rec["generation"]:
+            return
+        await asyncio.sleep(0.1)
+
+
+class PoolsHandler(NanoHandler):
+    menu = "compute_pool"
+
+    def get(self) -> None:
+        self.reply(self.store.list_pools())
+
+
+class PoolHandler(NanoHandler):
+    menu = "compute_pool"
+
+    def get(self, name: str) -> None:
+        self.reply(self.store.pool(name))
+
+    def post(self, name: str) -> None:
+        self.store.create_pool(name, self.body("compute_pool"))
+        self.ctx.enqueue(Key("pool", name))
+        self.audit(f"created compute pool {name}")
+        self.reply()
+
+    def put(self, name: str) -> None:
+        cells = self.store.modify_pool(name, self.body("compute_pool"))
+        _enqueue_cells(self, cells)
+        self.ctx.enqueue(Key("pool", name))
+        self.audit(f"modified compute pool {name}")
+        self.reply()
+
+    def delete(self, name: str) -> None:
+        self.store.delete_pool(name)
+        self.audit(f"deleted compute pool {name}")
+        self.reply()
+
+
+class UnallocatedCellsHandler(NanoHandler):
+    menu = "compute_pool"
+
+    def get(self) -> None:
+        self.reply(self.store.cells(unallocated=True))
+
+
+class PoolCellsHandler(NanoHandler):
+    menu = "compute_pool"
+
+    def get(self, pool: str) -> None:
+        self.reply(self.store.cells(pool))
+
+
+class PoolCellHandler(NanoHandler):
+    menu = "compute_pool"
+
+    def get(self, pool: str, cell: str) -> None:
+        self.reply(self.store.cell_status(pool, cell))
+
+    async def post(self, pool: str, cell: str) -> None:
+        self.body()  # the portal sends an empty body
+        self.store.pool(pool)
+        self.ctx.enqueue(Key("cell", cell))
+        await wait_probed(self, cell)
+        self.store.add_cell_to_pool(pool, cell)
+        self.ctx.enqueue(Key("cell", cell))
+        self.audit(f"added cell {cell} to compute pool {pool}")
+        self.reply()
+
+    def put(self, pool: str, cell: str) -> None:
+        enable = self.body("cell_enable")["enable"]
+        self.store.enable_cell(pool, cell, enable)
+        self.ctx.enqueue(Key("cell", cell))
+        self.audit(f"{'enabled' if enable else 'disabled'} cell {cell} in compute pool {pool}")
+        self.reply()
+
+    def delete(self, pool: str, cell: str) -> None:
+        self.body()
+        self.store.remove_cell_from_pool(pool, cell)
+        self.ctx.enqueue(Key("cell", cell))
+        self.audit(f"removed cell {cell} from compute pool {pool}")
+        self.reply()
+
+
+class StoragePoolsHandler(NanoHandler):
+    menu = "storage_pool"
+
+    def get(self) -> None:
+        self.reply(self.store.list_storage())
+
+
+class StoragePoolHandler(NanoHandler):
+    menu = "storage_pool"
+
+    def get(self, name: str) -> None:
+        data = self.store.storage(name)
+        self.reply({k: v for k, v in data.items() if k != "name"})
+
+    def post(self, name: str) -> None:
+        self.store.create_storage(name, self.body("storage_pool"))
+        self.audit(f"created storage pool {name}")
+        self.reply()
+
+    def put(self, name: str) -> None:
+        self.store.modify_storage(name, self.body("storage_pool_modify"))
+        self.audit(f"modified storage pool {name}")
+        self.reply()
+
+    def delete(self, name: str) -> None:
+        self.store.delete_storage(name)
+        self.audit(f"deleted storage pool {name}")
+        self.reply()
+
+
+class ZoneStatusHandler(NanoHandler):
+    def get(self) -> None:
+        self.reply(self.store.zone_stats(self.ctx.started_at))
+
+
+class PoolStatusesHandler(NanoHandler):
+    def get(self) -> None:
+        self.reply(self.store.pool_stats())
+
+
+class PoolStatusHandler(NanoHandler):
+    def get(self, pool: str) -> None:
+        self.reply(self.store.pool_stats(pool))
+
+
+class CellStatusesHandler(NanoHandler):
+    def get(self, pool: str) -> None:
+        self.reply(self.store.cell_stats(pool))
+
+
+class CellStatusHandler(NanoHandler):
+    def get(self, pool: str, cell: str) -> None:
+        self.reply(self.store.cell_stats(pool, cell))
+
+
+class CellStoragesHandler(NanoHandler):
+    menu = "compute_pool"
+
+    def get(self, pool: str, cell: str) -> None:
+        self.reply(self.store.cell_storages(pool, cell))
+
+    def put(self, pool: str, cell: str) -> None:
+        path = self.body("cell_storage")["default"]
+        self.store.set_cell_storage(pool, cell, path)
+        self.ctx.enqueue(Key("cell", cell))
+        self.audit(f"set storage path of cell {cell} to {path}")
+        self.reply()
+
+
+class InstanceStatusHandler(NanoHandler):
+    def get(self, pool: str, cell: str | None = None) -> None:
+        guests = getattr(self.store, "instance_statuses", None)
+        self.store.pool(pool)
+        if cell is not None:
+            self.store.cell_stats(pool, cell)  # 404 when the cell is not in the pool
+        self.reply(guests(self.session, pool=pool, cell=cell) if guests else [])
+
+
+class CellsHandler(NanoHandler):
+    menu = "compute_pool"
+
+    def get(self) -> None:
+        self.reply([self.store.cell_record(n) for n in self.store.cell_names()])
+
+
+class CellHandler(NanoHandler):
+    """Extension: register a KVM host as a cell, read, change or forget it."""
+
+    menu = "compute_pool"
+
+    def get(self, name: str) -> None:
+        self.reply(self.store.cell_record(name))
+
+    def post(self, name: str) -> None:
+        self.store.register_cell(name, self.body("cell"))
+        self.ctx.enqueue(Key("cell", name))
+        self.audit(f"registered cell {name}")
+        self.reply()
+
+    def put(self, name: str) -> None:
+        self.store.modify_cell_spec(name, self.body("cell_modify"))
+        self.ctx.enqueue(Key("cell", name))
+        self.audit(f"modified cell {name}")
+        self.reply()
+
+    def delete(self, name: str) -> None:
+        record = self.store.cell_record(name)
+        if record["pool"]:
+            raise Conflict(f"cell {name!r} is in compute pool {record['pool']!r}: remove it "
+                           "from the pool first")
+        self.store.unregister_cell(name)
+        self.ctx.enqueue(Key("cell", name))
+        self.audit(f"unregistered cell {name}")
+        self.reply()
+
+
+ROUTES = [
+    (r"/compute_pools", PoolsHandler),
+    (r"/compute_pools/([^/]+)", PoolHandler),
+    (r"/compute_pool_cells", UnallocatedCellsHandler),
+    (r"/compute_pool_cells/([^/]+)", PoolCellsHandler),
+    (r"/compute_pool_cells/([^/]+)/([^/]+)", PoolCellHandler),
+    (r"/storage_pools", StoragePoolsHandler),
+    (r"/storage_pools/([^/]+)", StoragePoolHandler),
+    (r"/compute_zone_status", ZoneStatusHandler),
+    (r"/compute_pool_status", PoolStatusesHandler),
+    (r"/compute_pool_status/([^/]+)", PoolStatusHandler),
+    (r"/compute_cell_status/([^/]+)", CellStatusesHandler),
+    (r"/compute_cell_status/([^/]+)/([^/]+)", CellStatusHandler),
+    (r"/compute_cell_status/([^/]+)/([^/]+)/storages", CellStoragesHandler),
+    (r"/instance_status/([^/]+)", InstanceStatusHandler),
+    (r"/instance_status/([^/]+)/([^/]+)", InstanceStatusHandler),
+    (r"/cells", CellsHandler),
+    (r"/cells/([^/]+)", CellHandler),
+]

@@ -1,0 +1,326 @@
+"""The cell reconciler: probes a KVM host (libvirt + host facts over SSH or locally),
+converges its storage pools, and records liveness, facts, statistics and the domains it
+does not own.
+
+Registered by `reconciler/kinds.py`; runs in the controller's worker threads. A cell is
+alive while its probes succeed; after `offline_after` failures in a row it is offline
+(its guests are then reported lost by the guest reconciler), and one success clears it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from reconciler.contract import READY, Action, Key, Result, Verb, format_time, set_condition
+from state.compute import CellSpec
+from state.errors import NanoError, Unavailable
+
+log = logging.getLogger("nano.reconciler.cells")
+
+LOCAL_POOL = "nano-local"  # the libvirt dir pool for a cell's local storage path
+
+
+def shared_pool_name(storage_pool: str) -> str:
+    return f"nano-shared-{storage_pool}"
+
+
+def shared_mount(storage_pool: str) -> str:
+    return f"/var/lib/nano/mnt/{storage_pool}"
+
+
+@dataclass(frozen=True)
+class PoolWant:
+    """A libvirt storage pool the cell should have."""
+
+    name: str
+    kind: str  # dir | netfs
+    path: str
+    host: str = ""
+    source: str = ""
+    shared: bool = False
+
+
+def desired_pools(spec: CellSpec) -> list[PoolWant]:
+    """Pools a cell needs: its local path as a `dir` pool, and every storage pool of its
+    compute pool as a `netfs` pool (NFS) mounted under /var/lib/nano/mnt."""
+    pools = [PoolWant(LOCAL_POOL, "dir", spec.storage_path)]
+    for sp in spec.shared_storage:
+        pools.append(PoolWant(shared_pool_name(sp["name"]), "netfs", shared_mount(sp["name"]),
+                              host=sp["host"], source=sp["target"], shared=True))
+    return pools
+
+
+def plan_cell(spec: CellSpec, observed_pools: dict[str, dict[str, Any]]) -> list[Action]:
+    """Pure: the storage pool actions that make the cell match its spec.
+
+    `observed_pools` maps pool name -> {active, path, error}. A pool that exists with the
+    wrong path is replaced; a missing or inactive one is created (started)."""
+    actions: list[Action] = []
+    for want in desired_pools(spec):
+        key = Key("storage_pool", f"{spec.name}/{want.name}")
+        have = observed_pools.get(want.name)
+        after = {"type": want.kind, "path": want.path, "active": True}
+        if want.kind == "netfs":
+            after.update(host=want.host, source=want.source)
+        if have is None:
+            actions.append(Action(Verb.CREATE, key, None, after, reason="pool missing"))
+        elif have.get("path") and have["path"].rstrip("/") != want.path.rstrip("/"):
+            actions.append(Action(Verb.REPLACE, key, {"path": have["path"]}, after,
+                                  reason="storage path changed"))
+        elif not have.get("active") and not have.get("error"):
+            actions.append(Action(Verb.START, key, {"active": False}, {"active": True},
+                                  reason="pool inactive"))
+    return actions
+
+
+class CellLink:
+    """The open connections to one cell: a hypervisor and a host shell."""
+
+    def __init__(self, spec: CellSpec, hypervisor: Any, shell: Any) -> None:
+        self.reach = _reach(spec)
+        self.hypervisor = hypervisor
+        self.shell = shell
+        self.events_registered = False
+
+    def close(self) -> None:
+        for part in (self.hypervisor, self.shell):
+            try:
+                part.close()
+            except Exception:  # closing a broken connection must not mask the real error
+                log.debug("closing cell connection failed", exc_info=True)
+
+
+def _reach(spec: CellSpec) -> tuple:
+    return (spec.libvirt_uri, tuple(sorted((spec.ssh or {}).items())), spec.address)
+
+
+class CellConnections:
+    """One `CellLink` per cell, reopened when the way to reach it changes. Shared by the
+    cell and guest reconcilers (and the console proxy) so a cell has one connection."""
+
+    def __init__(self, *, data_dir: str, on_domain_event: Callable[[str, str | None, str], None]
+                 | None = None) -> None:
+        self._links: dict[str, CellLink] = {}
+        self._lock = threading.Lock()
+        self._data_dir = data_dir
+        self._on_domain_event = on_domain_event
+
+    def link(self, spec: CellSpec) -> CellLink:
+        with self._lock:
+            link = self._links.get(spec.name)
+            if link is not None and link.reach == _reach(spec):
+                return link
+            if link is not None:
+                link.close()
+            link = CellLink(spec, self._open_hypervisor(spec), self._open_shell(spec))
+            self._links[spec.name] = link
+            return link
+
+    def _open_hypervisor(self, spec: CellSpec) -> Any:
+        from reconciler.drivers.libvirt_hv import LibvirtHypervisor
+
+        return LibvirtHypervisor(spec.libvirt_uri)
+
+    def _open_shell(self, spec: CellSpec) -> Any:
+        from reconciler.drivers.shell import HostKeyPolicy, LocalShell, ParamikoShell
+
+        if spec.local:
+            return LocalShell()
+        ssh = spec.ssh
+        return ParamikoShell(
+            spec.address, int(ssh.get("port", 22)), ssh.get("user", "root"),
+            key_file=ssh.get("key_file"), password=ssh.get("password"),
+            known_hosts=os.path.join(self._data_dir, "known_hosts"),
+            host_key_policy=HostKeyPolicy.ACCEPT_NEW,
+        )
+
+    def watch_events(self, spec: CellSpec, link: CellLink) -> None:
+        """Subscribe to the cell's domain lifecycle events once per connection."""
+        if link.events_registered or self._on_domain_event is None:
+            return
+        callback = self._on_domain_event
+        link.hypervisor.register_lifecycle_events(
+            lambda name, owned, event: callback(spec.name, owned, event))
+        link.events_registered = True
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            link = self._links.pop(name, None)
+        if link is not None:
+            link.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
+
+
+class CellReconciler:
+    """Converges and observes one cell per key `cell/<name>`."""
+
+    kind = "cell"
+
+    def __init__(self, store: Any, connections: CellConnections, enqueue: Callable[[Key], None],
+                 *, offline_after: int = 3, probe_seconds: float = 10.0) -> None:
+        self.store = store
+        self.connections = connections
+        self.enqueue = enqueue
+        self.offline_after = offline_after
+        self.probe_seconds = probe_seconds
+
+    def keys(self) -> Iterable[Key]:
+        return [Key("cell", name) for name in self.store.cell_names()]
+
+    def reconcile(self, key: Key) -> Result:
+        spec = self.store.cell_spec(key.id)
+        if spec is None:  # unregistered: forget the connection
+            self.connections.drop(key.id)
+            return Result()
+        prev = spec.observed
+        now = time.time()
+        conditions = self.store.cell_conditions(spec.name)
+        actions: list[Action] = []
+        try:
+            link = self.connections.link(spec)
+            observed, actions = self._converge(spec, link, prev, now)
+            conditions = set_condition(conditions, "CellReachable", True, "ProbeSucceeded",
+                                       "libvirt and host facts answered", now_text())
+            errors = [p["error"] for p in observed["storage_pools"] if p.get("error")]
+            conditions = set_condition(
+                conditions, "StorageReady", not errors,
+                "PoolsActive" if not errors else "PoolFailed",
+                "; ".join(errors) or "all storage pools active", now_text())
+            ready = not errors or all(p.get("shared") for p in observed["storage_pools"]
+                                      if p.get("error"))
+            conditions = set_condition(conditions, READY, ready,
+                                       "Converged" if ready else "StorageFailed",
+                                       "" if ready else "; ".join(errors), now_text())
+            last_error = ""
+            phase = "online"
+        except NanoError as exc:
+            failures = int(prev.get("failures", 0)) + 1
+            alive = bool(prev.get("alive")) and failures < self.offline_after
+            observed = {**prev, "alive": alive, "failures": failures, "probed_at": now}
+            if not isinstance(exc, Unavailable):
+                log.warning("cell %s: %s", spec.name, exc.message)
+            self.connections.drop(spec.name)  # reconnect from scratch next time
+            conditions = set_condition(conditions, "CellReachable", False, "ProbeFailed",
+                                       exc.message, now_text())
+            conditions = set_condition(conditions, READY, False, "Unreachable", exc.message,
+                                       now_text())
+            last_error = exc.message
+            phase = "online" if alive else "offline"
+        self.store.record_cell(spec.name, generation=spec.generation, observed=observed,
+                               conditions=conditions, phase=phase, last_error=last_error)
+        if bool(prev.get("alive")) != bool(observed.get("alive")):
+            log.info("cell %s is now %s", spec.name, "online" if observed["alive"] else "offline")
+            for guest in self.store.guest_ids_on_cell(spec.name):
+                self.enqueue(Key("guest", guest))
+        return Result(requeue_after=self.probe_seconds, actions=tuple(actions),
+                      note="alive" if observed.get("alive") else f"unreachable: {last_error}")
+
+    def _converge(self, spec: CellSpec, link: CellLink, prev: dict[str, Any],
+                  now: float) -> tuple[dict[str, Any], list[Action]]:
+        from reconciler.drivers.facts import Counters, gather_facts, speeds
+
+        hv = link.hypervisor
+        node = hv.node_info()
+        facts = gather_facts(link.shell, [spec.storage_path])
+        self.connections.watch_events(spec, link)
+        before = self._pool_states(hv, spec)
+        actions = plan_cell(spec, before)
+        self._apply(hv, spec, actions)
+        pools = self._pool_states(hv, spec) if actions else before
+        domains = hv.list_domains()
+
+        counters = asdict(facts.counters)
+        prev_counters = prev.get("counters")
+        rates = {"disk_read": 0.0, "disk_write": 0.0, "net_rx": 0.0, "net_tx": 0.0}
+        if prev_counters and prev.get("probed_at"):
+            rates = asdict(speeds(Counters(**prev_counters), facts.counters,
+                                  now - float(prev["probed_at"])))
+        running = [d for d in domains if d.state == "running"]
+        simulated = spec.libvirt_uri.startswith("test:")
+        max_memory = node.memory_bytes
+        if simulated:  # the test driver's node: what its domains leave free
+            available_memory = max(0, max_memory - sum(d.memory_bytes for d in running))
+        else:
+            available_memory = facts.memory_available_bytes
+        disk = facts.disks[0] if facts.disks else None
+        stats = {
+            "cpu_usage": sum(d.vcpus for d in running),
+            "max_cpu": node.cpus,
+            "available_memory": available_memory,
+            "max_memory": max_memory,
+            "available_disk": (disk.free_bytes or 0) if disk else 0,
+            "max_disk": (disk.total_bytes or 0) if disk else 0,
+            "read_speed": round(rates["disk_read"]),
+            "write_speed": round(rates["disk_write"]),
+            "receive_speed": round(rates["net_rx"]),
+            "send_speed": round(rates["net_tx"]),
+        }
+        observed = {
+            "alive": True,
+            "failures": 0,
+            "probed_at": now,
+            "counters": counters,
+            "stats": stats,
+            "node": {"cpus": node.cpus, "memory": node.memory_bytes, "model": node.model,
+                     "hostname": node.hostname},
+            "facts": {
+                "cpus": facts.cpus,
+                "memory_total": facts.memory_total_bytes,
+                "memory_available": facts.memory_available_bytes,
+                "disks": [asdict(d) for d in facts.disks],
+                "bridges": list(facts.bridges),
+                "kernel": facts.kernel,
+                "libvirt": facts.libvirtd.version,
+                "qemu": facts.qemu.version,
+                "nft": facts.nft.version,
+                "nft_missing": facts.nft.reason or "",
+                "warnings": list(facts.warnings),
+            },
+            "storage_pools": [{"name": name, **state} for name, state in sorted(pools.items())],
+            "domains": len(domains),
+            "unowned_domains": sorted(d.name for d in domains if d.owned_id is None),
+            "owned_domains": {d.owned_id: d.state for d in domains if d.owned_id},
+        }
+        return observed, actions
+
+    def _pool_states(self, hv: Any, spec: CellSpec) -> dict[str, dict[str, Any]]:
+        states: dict[str, dict[str, Any]] = {}
+        for want in desired_pools(spec):
+            try:
+                st = hv.pool_state(want.name)
+            except NanoError as exc:
+                if exc.code == 404:
+                    continue
+                raise
+            states[want.name] = {"active": st.active, "path": getattr(st, "path", "") or "",
+                                 "error": st.error or "", "shared": want.shared,
+                                 "attached": bool(st.active),
+                                 "capacity": st.capacity, "available": st.available}
+        return states
+
+    def _apply(self, hv: Any, spec: CellSpec, actions: list[Action]) -> None:
+        wants = {w.name: w for w in desired_pools(spec)}
+        for action in actions:
+            want = wants[action.target.id.split("/", 1)[1]]
+            if action.verb == Verb.REPLACE:
+                hv.delete_pool(want.name)
+            if want.kind == "dir":
+                hv.ensure_dir_pool(want.name, want.path)
+            else:
+                hv.ensure_netfs_pool(want.name, want.host, want.source, want.path)
+
+
+def now_text() -> str:
+    return format_time(dt.datetime.now().replace(microsecond=0))

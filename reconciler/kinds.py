@@ -1,0 +1,38 @@
+"""Wiring of every reconciler into one `Controller` for a store; called by nanod/server.py
+(`nanod serve`) and `nanod reconcile --once`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reconciler.cells import CellConnections, CellReconciler
+from reconciler.contract import Key
+from reconciler.loop import Controller
+
+
+def build(store: Any, settings: dict[str, Any]) -> Controller:
+    conf = settings.get("reconciler", {})
+    pending: list[Controller] = []
+
+    def enqueue(key: Key) -> None:
+        if pending:
+            pending[0].enqueue(key)
+
+    def on_domain_event(cell: str, owned_id: str | None, event: str) -> None:
+        # A lifecycle event names the domain; an owned one wakes its guest, any one
+        # refreshes the cell's list of domains.
+        if owned_id:
+            enqueue(Key("guest", owned_id))
+        enqueue(Key("cell", cell))
+
+    connections = CellConnections(data_dir=settings["data_dir"], on_domain_event=on_domain_event)
+    reconcilers: list[Any] = [
+        CellReconciler(store, connections, enqueue,
+                       offline_after=int(conf.get("offline_after", 3)),
+                       probe_seconds=float(conf.get("probe_seconds", 10))),
+    ]
+    controller = Controller(reconcilers, workers=int(conf.get("workers", 4)),
+                            resync_seconds=float(conf.get("resync_seconds", 30)))
+    controller.connections = connections  # type: ignore[attr-defined]
+    pending.append(controller)
+    return controller

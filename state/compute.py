@@ -1,0 +1,521 @@
+"""Compute pools, cells and storage pools in the store, and the statistics built from what
+the reconciler observed.
+
+Called by the API (`api/compute.py`) for the seed's resource-pool routes and the cell
+extension routes, and by the reconciler (`reconciler/cells.py`) to read cell specs and
+record what it observed. Refusals say why and what to do instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import peewee
+
+from state.db import db
+from state.errors import Conflict, Invalid, NotFound
+from state.identity import check_name, format_time
+from state.models import (
+    AddressAllocation,
+    AddressPool,
+    Cell,
+    ComputePool,
+    Guest,
+    StoragePool,
+    now,
+)
+
+DEFAULT_STORAGE_PATH = "/var/lib/libvirt/images"
+LOCAL_URIS = ("qemu:///system", "qemu:///session")
+GUEST_STATES = ("stopped", "running", "lost", "migrating")
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """What the reconciler needs to reach and converge one cell (a plain value)."""
+
+    name: str
+    generation: int
+    pool: str
+    enabled: bool
+    address: str
+    libvirt_uri: str
+    ssh: dict[str, Any]
+    virt_type: str
+    storage_path: str
+    bridge: str
+    shared_storage: tuple[dict[str, str], ...] = ()
+    deleting: bool = False
+    observed: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def local(self) -> bool:
+        """Facts are read with a local shell when no SSH is configured."""
+        return not self.ssh
+
+
+def libvirt_uri_for(spec: dict[str, Any]) -> str:
+    """The libvirt URI of a cell: given, or qemu+ssh built from the SSH settings, or the
+    local system daemon."""
+    if spec.get("libvirt_uri"):
+        return spec["libvirt_uri"]
+    ssh = spec.get("ssh") or {}
+    if ssh:
+        query = f"keyfile={ssh['key_file']}&" if ssh.get("key_file") else ""
+        # host keys are checked by paramiko for facts; libvirt's ssh uses known_hosts too
+        query += "no_tty=1"
+        return (f"qemu+ssh://{ssh.get('user', 'root')}@{spec['address']}:"
+                f"{int(ssh.get('port', 22))}/system?{query}")
+    return "qemu:///system"
+
+
+def cell_brief(row: Cell) -> dict[str, Any]:
+    obs = row.observed or {}
+    return {
+        "name": row.name,
+        "address": (row.spec or {}).get("address", ""),
+        "enabled": row.enabled,
+        "alive": bool(obs.get("alive", False)),
+    }
+
+
+class ComputeStore:
+    """Mixin of `state.store.Store`: compute pools, cells, storage pools, statistics."""
+
+    # -- compute pools -----------------------------------------------------------------------
+
+    def _pool(self, name: str) -> ComputePool:
+        row = ComputePool.get_or_none(ComputePool.name == name)
+        if row is None:
+            raise NotFound(f"no compute pool named {name!r}")
+        return row
+
+    def _check_pool_refs(self, storage: str, network: str) -> None:
+        if storage and StoragePool.get_or_none(StoragePool.name == storage) is None:
+            raise NotFound(f"no storage pool named {storage!r}: create it first or send "
+                           "storage \"\" for local storage")
+        if network and AddressPool.get_or_none(AddressPool.name == network) is None:
+            raise NotFound(f"no address pool named {network!r}: create it first or send "
+                           "network \"\" for the default NAT network")
+
+    def _pool_dict(self, row: ComputePool, cells: int | None = None) -> dict[str, Any]:
+        if cells is None:
+            cells = Cell.select().where(Cell.pool == row.name).count()
+        return {"name": row.name, "enabled": row.enabled, "cells": cells,
+                "storage": row.storage, "network": row.network, "failover": row.failover}
+
+    def list_pools(self) -> list[dict[str, Any]]:
+        counts = dict(Cell.select(Cell.pool, peewee.fn.COUNT(Cell.id)).group_by(Cell.pool)
+                      .tuples())
+        return [self._pool_dict(p, counts.get(p.name, 0))
+                for p in ComputePool.select().order_by(ComputePool.name)]
+
+    def pool(self, name: str) -> dict[str, Any]:
+        return self._pool_dict(self._pool(name))
+
+    def create_pool(self, name: str, spec: dict[str, Any]) -> None:
+        check_name("compute pool", name)
+        storage, network = spec.get("storage") or "", spec.get("network") or ""
+        with db.atomic():
+            if ComputePool.get_or_none(ComputePool.name == name):
+                raise Conflict(f"compute pool {name!r} already exists")
+            self._check_pool_refs(storage, network)
+            if spec.get("failover") and not storage:
+                raise Invalid("failover: needs shared storage; set storage to a storage pool")
+            ComputePool.create(name=name, storage=storage, network=network,
+                               failover=bool(spec.get("failover", False)),
+                               enabled=bool(spec.get("enabled", True)))
+
+    def modify_pool(self, name: str, spec: dict[str, Any]) -> list[str]:
+        """Apply the given fields; returns the names of the cells to re-converge."""
+        with db.atomic():
+            row = self._pool(name)
+            storage = spec.get("storage", row.storage) or ""
+            network = spec.get("network", row.network) or ""
+            self._check_pool_refs(storage, network)
+            guests = Guest.select().where(Guest.pool == name).count()
+            if storage != row.storage and guests:
+                raise Conflict(f"compute pool {name!r} has {guests} guest(s): storage can "
+                               "change only while the pool holds no guests")
+            if network != row.network and row.network:
+                held = (AddressAllocation.select().join(AddressPool)
+                        .where(AddressPool.name == row.network)
+                        .where(AddressAllocation.guest.in_(
+                            Guest.select(Guest.id).where(Guest.pool == name)))
+                        .count())
+                if held:
+                    raise Conflict(f"compute pool {name!r} holds {held} address(es) of "
+                                   f"{row.network!r}: delete those guests before changing "
+                                   "the network")
+            failover = bool(spec.get("failover", row.failover))
+            if failover and not storage:
+                raise Invalid("failover: needs shared storage; set storage to a storage pool")
+            row.storage, row.network, row.failover = storage, network, failover
+            if "enabled" in spec:
+                row.enabled = bool(spec["enabled"])
+            row.generation += 1
+            row.modified_at = now()
+            row.save()
+            return [c.name for c in Cell.select(Cell.name).where(Cell.pool == name)]
+
+    def delete_pool(self, name: str) -> None:
+        with db.atomic():
+            row = self._pool(name)
+            cells = [c.name for c in Cell.select(Cell.name).where(Cell.pool == name)]
+            if cells:
+                raise Conflict(f"compute pool {name!r} still has cell(s) "
+                               f"{', '.join(sorted(cells))}: remove them first")
+            row.delete_instance()
+
+    # -- cells ------------------------------------------------------------------------------
+
+    def _cell(self, name: str) -> Cell:
+        row = Cell.get_or_none(Cell.name == name)
+        if row is None:
+            raise NotFound(f"no cell named {name!r}: register it with POST /api/v1/cells/{name}")
+        return row
+
+    def register_cell(self, name: str, spec: dict[str, Any]) -> None:
+        check_name("cell", name)
+        spec = _normalize_cell_spec(spec)
+        with db.atomic():
+            if Cell.get_or_none(Cell.name == name):
+                raise Conflict(f"cell {name!r} is already registered: use PUT to change it")
+            Cell.create(name=name, spec=spec)
+
+    def modify_cell_spec(self, name: str, changes: dict[str, Any]) -> None:
+        with db.atomic():
+            row = self._cell(name)
+            merged = {**(row.spec or {}), **changes}
+            row.spec = _normalize_cell_spec(merged)
+            if "enabled" in changes:
+                row.enabled = bool(changes["enabled"])
+            row.generation += 1
+            row.modified_at = now()
+            row.save()
+
+    def unregister_cell(self, name: str) -> None:
+        with db.atomic():
+            row = self._cell(name)
+            if row.pool:
+                raise Conflict(f"cell {name!r} is in compute pool {row.pool!r}: remove it from "
+                               "the pool first")
+            row.delete_instance()
+
+    def cells(self, pool: str | None = None, *, unallocated: bool = False) -> list[dict]:
+        query = Cell.select().order_by(Cell.name)
+        if unallocated:
+            query = query.where(Cell.pool == "")
+        elif pool is not None:
+            self._pool(pool)
+            query = query.where(Cell.pool == pool)
+        return [cell_brief(c) for c in query]
+
+    def cell_record(self, name: str) -> dict[str, Any]:
+        """A registered cell with its spec and observed status (extension routes)."""
+        row = self._cell(name)
+        spec = dict(row.spec or {})
+        if spec.get("ssh", {}).get("password"):
+            spec["ssh"] = {**spec["ssh"], "password": "********"}
+        return {
+            **cell_brief(row),
+            "pool": row.pool,
+            "spec": spec,
+            "libvirt_uri": libvirt_uri_for(row.spec or {}),
+            "generation": row.generation,
+            "status": self._status(row),
+        }
+
+    def _status(self, row: Any) -> dict[str, Any]:
+        return {
+            "observed_generation": row.observed_generation,
+            "phase": row.phase,
+            "conditions": row.conditions or [],
+            "last_error": row.last_error,
+            "observed": {k: v for k, v in (row.observed or {}).items() if k != "counters"},
+        }
+
+    def add_cell_to_pool(self, pool: str, name: str) -> None:
+        with db.atomic():
+            self._pool(pool)
+            row = self._cell(name)
+            if row.pool == pool:
+                raise Conflict(f"cell {name!r} is already in compute pool {pool!r}")
+            if row.pool:
+                raise Conflict(f"cell {name!r} is in compute pool {row.pool!r}: remove it "
+                               "from there first")
+            obs = row.observed or {}
+            if not obs.get("alive"):
+                reason = row.last_error or "it has not answered a probe yet"
+                raise Conflict(f"cell {name!r} is unreachable ({reason}): check its libvirtd "
+                               "and SSH settings, then try again")
+            row.pool = pool
+            row.generation += 1
+            row.save()
+
+    def remove_cell_from_pool(self, pool: str, name: str) -> None:
+        with db.atomic():
+            row = self._cell(name)
+            if row.pool != pool:
+                raise NotFound(f"cell {name!r} is not in compute pool {pool!r}")
+            guests = Guest.select().where(Guest.cell == name).count()
+            if guests:
+                raise Conflict(f"cell {name!r} hosts {guests} guest(s): delete or migrate them "
+                               "before removing the cell")
+            row.pool = ""
+            row.generation += 1
+            row.save()
+
+    def enable_cell(self, pool: str, name: str, enable: bool) -> None:
+        row = self._cell(name)
+        if row.pool != pool:
+            raise NotFound(f"cell {name!r} is not in compute pool {pool!r}")
+        Cell.update(enabled=enable, generation=Cell.generation + 1).where(
+            Cell.id == row.id).execute()
+
+    def cell_status(self, pool: str, name: str) -> dict[str, Any]:
+        row = self._cell(name)
+        if row.pool != pool:
+            raise NotFound(f"cell {name!r} is not in compute pool {pool!r}")
+        storage = (row.observed or {}).get("storage_pools", [])
+        return {**cell_brief(row), "storage": [
+            {k: v for k, v in s.items() if k in ("name", "attached", "error") and
+             (k != "error" or v)} for s in storage if s.get("shared")
+        ]}
+
+    def cell_storages(self, pool: str, name: str) -> dict[str, Any]:
+        row = self._cell(name)
+        if row.pool != pool:
+            raise NotFound(f"cell {name!r} is not in compute pool {pool!r}")
+        pool_row = self._pool(pool)
+        path = (row.spec or {}).get("storage_path", DEFAULT_STORAGE_PATH)
+        if pool_row.storage:
+            return {"mode": "nfs", "system": [], "data": []}
+        return {"mode": "local", "system": [path], "data": [path]}
+
+    def set_cell_storage(self, pool: str, name: str, path: str) -> None:
+        if not path.startswith("/") or "\x00" in path or "/../" in path + "/":
+            raise Invalid(f"default: {path!r} must be an absolute path without '..'")
+        row = self._cell(name)
+        if row.pool != pool:
+            raise NotFound(f"cell {name!r} is not in compute pool {pool!r}")
+        if Guest.select().where(Guest.cell == name).exists():
+            raise Conflict(f"cell {name!r} hosts guests: storage paths change only on an "
+                           "empty cell")
+        self.modify_cell_spec(name, {"storage_path": path.rstrip("/") or "/"})
+
+    # -- for the reconciler -----------------------------------------------------------------
+
+    def cell_names(self) -> list[str]:
+        return [c.name for c in Cell.select(Cell.name).order_by(Cell.name)]
+
+    def cell_spec(self, name: str) -> CellSpec | None:
+        row = Cell.get_or_none(Cell.name == name)
+        if row is None:
+            return None
+        spec = row.spec or {}
+        shared: list[dict[str, str]] = []
+        if row.pool:
+            pool = ComputePool.get_or_none(ComputePool.name == row.pool)
+            if pool and pool.storage:
+                sp = StoragePool.get_or_none(StoragePool.name == pool.storage)
+                if sp:
+                    shared.append({"name": sp.name, "type": sp.type, "host": sp.host,
+                                   "target": sp.target})
+        return CellSpec(
+            name=row.name, generation=row.generation, pool=row.pool, enabled=row.enabled,
+            address=spec.get("address", ""), libvirt_uri=libvirt_uri_for(spec),
+            ssh=dict(spec.get("ssh") or {}), virt_type=spec.get("virt_type", "kvm"),
+            storage_path=spec.get("storage_path", DEFAULT_STORAGE_PATH),
+            bridge=spec.get("bridge", ""), shared_storage=tuple(shared),
+            deleting=row.deleting, observed=dict(row.observed or {}),
+        )
+
+    def cell_conditions(self, name: str) -> list[dict]:
+        row = Cell.get_or_none(Cell.name == name)
+        return list(row.conditions or []) if row else []
+
+    def guest_ids_on_cell(self, name: str) -> list[str]:
+        return [g.id for g in Guest.select(Guest.id).where(Guest.cell == name)]
+
+    def record_cell(self, name: str, *, generation: int, observed: dict[str, Any],
+                    conditions: list[dict], phase: str, last_error: str) -> None:
+        Cell.update(observed=observed, conditions=conditions, phase=phase,
+                    last_error=last_error, observed_generation=generation).where(
+            Cell.name == name).execute()
+
+    # -- storage pools ----------------------------------------------------------------------
+
+    def _storage(self, name: str) -> StoragePool:
+        row = StoragePool.get_or_none(StoragePool.name == name)
+        if row is None:
+            raise NotFound(f"no storage pool named {name!r}")
+        return row
+
+    def _storage_users(self, name: str) -> list[str]:
+        return [p.name for p in ComputePool.select().where(ComputePool.storage == name)]
+
+    def list_storage(self) -> list[dict[str, Any]]:
+        return [{"name": s.name, "type": s.type, "host": s.host, "target": s.target}
+                for s in StoragePool.select().order_by(StoragePool.name)]
+
+    def storage(self, name: str) -> dict[str, Any]:
+        row = self._storage(name)
+        return {"name": row.name, "type": row.type, "host": row.host, "target": row.target}
+
+    def create_storage(self, name: str, spec: dict[str, Any]) -> None:
+        check_name("storage pool", name)
+        spec = _check_storage_spec(spec)
+        with db.atomic():
+            if StoragePool.get_or_none(StoragePool.name == name):
+                raise Conflict(f"storage pool {name!r} already exists")
+            StoragePool.create(name=name, **spec)
+
+    def modify_storage(self, name: str, spec: dict[str, Any]) -> None:
+        with db.atomic():
+            row = self._storage(name)
+            users = self._storage_users(name)
+            if users:
+                raise Conflict(f"storage pool {name!r} is used by compute pool(s) "
+                               f"{', '.join(users)}: it can change only while unused")
+            merged = _check_storage_spec({"type": row.type, "host": row.host,
+                                          "target": row.target, **spec})
+            StoragePool.update(generation=StoragePool.generation + 1, modified_at=now(),
+                               **merged).where(StoragePool.id == row.id).execute()
+
+    def delete_storage(self, name: str) -> None:
+        with db.atomic():
+            row = self._storage(name)
+            users = self._storage_users(name)
+            if users:
+                raise Conflict(f"storage pool {name!r} is used by compute pool(s) "
+                               f"{', '.join(users)}: detach it from them first")
+            row.delete_instance()
+
+    # -- statistics -------------------------------------------------------------------------
+
+    def _guest_counts(self) -> dict[tuple[str, str], list[int]]:
+        """Per (pool, cell): [stopped, running, lost, migrating], one GROUP BY query."""
+        counts: dict[tuple[str, str], list[int]] = {}
+        rows = (Guest.select(Guest.pool, Guest.cell, Guest.phase, peewee.fn.COUNT(Guest.id))
+                .group_by(Guest.pool, Guest.cell, Guest.phase).tuples())
+        for pool, cell, phase, n in rows:
+            slot = counts.setdefault((pool, cell), [0, 0, 0, 0])
+            if phase in GUEST_STATES:
+                slot[GUEST_STATES.index(phase)] += n
+        return counts
+
+    def _cell_stat(self, row: Cell, counts: dict) -> dict[str, Any]:
+        obs = row.observed or {}
+        alive = bool(obs.get("alive"))
+        stats = obs.get("stats", {}) if alive else {}
+        return {
+            **cell_brief(row),
+            "instances": list(counts.get((row.pool, row.name), [0, 0, 0, 0])),
+            "cpu_usage": stats.get("cpu_usage", 0),
+            "max_cpu": stats.get("max_cpu", 0),
+            "available_memory": stats.get("available_memory", 0),
+            "max_memory": stats.get("max_memory", 0),
+            "available_disk": stats.get("available_disk", 0),
+            "max_disk": stats.get("max_disk", 0),
+            "read_speed": stats.get("read_speed", 0),
+            "write_speed": stats.get("write_speed", 0),
+            "receive_speed": stats.get("receive_speed", 0),
+            "send_speed": stats.get("send_speed", 0),
+        }
+
+    def cell_stats(self, pool: str, name: str | None = None) -> Any:
+        self._pool(pool)
+        counts = self._guest_counts()
+        query = Cell.select().where(Cell.pool == pool).order_by(Cell.name)
+        if name is not None:
+            row = query.where(Cell.name == name).first()
+            if row is None:
+                raise NotFound(f"cell {name!r} is not in compute pool {pool!r}")
+            return self._cell_stat(row, counts)
+        return [self._cell_stat(c, counts) for c in query]
+
+    def _sum(self, name: str, cells: list[dict], counts: list[int]) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": name}
+        for key in ("cpu_usage", "max_cpu", "available_memory", "max_memory",
+                    "available_disk", "max_disk", "read_speed", "write_speed",
+                    "receive_speed", "send_speed"):
+            out[key] = sum(c[key] for c in cells)
+        out["cpu_usage"] = round(out["cpu_usage"], 2)
+        out["cells"] = [sum(1 for c in cells if not c["alive"]), sum(1 for c in cells if c["alive"])]
+        out["instances"] = counts
+        return out
+
+    def pool_stats(self, name: str | None = None) -> Any:
+        counts = self._guest_counts()
+        by_pool: dict[str, list[dict]] = {}
+        for row in Cell.select().where(Cell.pool != ""):
+            by_pool.setdefault(row.pool, []).append(self._cell_stat(row, counts))
+        pools = ComputePool.select().order_by(ComputePool.name)
+        if name is not None:
+            pools = [self._pool(name)]
+        result = []
+        for p in pools:
+            inst = [0, 0, 0, 0]
+            for (pool, _cell), n in counts.items():
+                if pool == p.name:
+                    inst = [a + b for a, b in zip(inst, n, strict=True)]
+            result.append({**self._sum(p.name, by_pool.get(p.name, []), inst),
+                           "enabled": p.enabled})
+        return result[0] if name is not None else result
+
+    def zone_stats(self, started_at: float) -> dict[str, Any]:
+        pools = self.pool_stats()
+        inst = [sum(p["instances"][i] for p in pools) for i in range(4)]
+        cells = [c for p in pools for c in [p]]  # sums over pools are sums over cells
+        zone = self._sum("default", cells, inst)
+        zone["cells"] = [sum(p["cells"][0] for p in pools), sum(p["cells"][1] for p in pools)]
+        zone["pools"] = [sum(1 for p in pools if not p["enabled"]),
+                         sum(1 for p in pools if p["enabled"])]
+        zone["start_time"] = format_time(dt.datetime.fromtimestamp(started_at)
+                                         .replace(microsecond=0))
+        return zone
+
+
+def _normalize_cell_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    out = dict(spec)
+    out.setdefault("virt_type", "kvm")
+    if out["virt_type"] not in ("kvm", "qemu"):
+        raise Invalid(f"virt_type: {out['virt_type']!r} is not 'kvm' or 'qemu'")
+    ssh = out.get("ssh") or {}
+    uri = out.get("libvirt_uri", "")
+    remote = uri and not (uri in LOCAL_URIS or uri.startswith("test:///"))
+    if not out.get("address"):
+        if ssh or remote:
+            raise Invalid("address: is required for a remote cell (host name or IP)")
+        out["address"] = "127.0.0.1"
+    if ssh:
+        if not (ssh.get("key_file") or ssh.get("password")):
+            raise Invalid("ssh: give key_file (a private key path on the management node) or "
+                          "password")
+        out["ssh"] = {"user": ssh.get("user", "root"), "port": int(ssh.get("port", 22)),
+                      **{k: ssh[k] for k in ("key_file", "password", "host_key") if ssh.get(k)}}
+    path = out.get("storage_path", DEFAULT_STORAGE_PATH)
+    if not str(path).startswith("/") or ".." in str(path).split("/"):
+        raise Invalid(f"storage_path: {path!r} must be an absolute path without '..'")
+    out["storage_path"] = str(path).rstrip("/") or "/"
+    return out
+
+
+def _check_storage_spec(spec: dict[str, Any]) -> dict[str, str]:
+    kind = spec.get("type", "nfs")
+    if kind != "nfs":
+        raise Invalid(f"type: {kind!r} is not supported; use 'nfs' (ceph is not available)")
+    host, target = spec.get("host", ""), spec.get("target", "")
+    if not host:
+        raise Invalid("host: is required for an nfs storage pool (the NFS server)")
+    if not target.startswith("/"):
+        raise Invalid("target: must be the absolute export path on the NFS server")
+    return {"type": kind, "host": host, "target": target}
+
+
+def monotonic() -> float:
+    return time.monotonic()
