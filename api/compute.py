@@ -47,14 +47,12 @@ class PoolHandler(NanoHandler):
 
     def post(self, name: str) -> None:
         self.store.create_pool(name, self.body("compute_pool"))
-        self.ctx.enqueue(Key("pool", name))
         self.audit(f"created compute pool {name}")
         self.reply()
 
     def put(self, name: str) -> None:
         cells = self.store.modify_pool(name, self.body("compute_pool"))
         _enqueue_cells(self, cells)
-        self.ctx.enqueue(Key("pool", name))
         self.audit(f"modified compute pool {name}")
         self.reply()
 

@@ -233,12 +233,12 @@ class CellReconciler:
 
         hv = link.hypervisor
         node = hv.node_info()
-        facts = gather_facts(link.shell, [spec.storage_path])
         self.connections.watch_events(spec, link)
         before = self._pool_states(hv, spec)
         actions = plan_cell(spec, before)
         self._apply(hv, spec, actions)
         pools = self._pool_states(hv, spec) if actions else before
+        facts = gather_facts(link.shell, [spec.storage_path])  # after the pool made the path
         domains = hv.list_domains()
 
         counters = asdict(facts.counters)
@@ -254,14 +254,19 @@ class CellReconciler:
             available_memory = max(0, max_memory - sum(d.memory_bytes for d in running))
         else:
             available_memory = facts.memory_available_bytes
+        # Disk room: libvirt's view of the local pool (what guests' volumes draw from),
+        # else df of the storage path.
+        local = pools.get(LOCAL_POOL, {})
         disk = facts.disks[0] if facts.disks else None
+        disk_total = local.get("capacity") or ((disk.total_bytes or 0) if disk else 0)
+        disk_free = local.get("available") or ((disk.free_bytes or 0) if disk else 0)
         stats = {
             "cpu_usage": sum(d.vcpus for d in running),
             "max_cpu": node.cpus,
             "available_memory": available_memory,
             "max_memory": max_memory,
-            "available_disk": (disk.free_bytes or 0) if disk else 0,
-            "max_disk": (disk.total_bytes or 0) if disk else 0,
+            "available_disk": disk_free,
+            "max_disk": disk_total,
             "read_speed": round(rates["disk_read"]),
             "write_speed": round(rates["disk_write"]),
             "receive_speed": round(rates["net_rx"]),

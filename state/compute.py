@@ -449,32 +449,35 @@ class ComputeStore:
         out["instances"] = counts
         return out
 
-    def pool_stats(self, name: str | None = None) -> Any:
-        counts = self._guest_counts()
+    def _pooled_cells(self, counts: dict) -> dict[str, list[dict]]:
         by_pool: dict[str, list[dict]] = {}
         for row in Cell.select().where(Cell.pool != ""):
             by_pool.setdefault(row.pool, []).append(self._cell_stat(row, counts))
-        pools = ComputePool.select().order_by(ComputePool.name)
-        if name is not None:
-            pools = [self._pool(name)]
-        result = []
-        for p in pools:
-            inst = [0, 0, 0, 0]
-            for (pool, _cell), n in counts.items():
-                if pool == p.name:
-                    inst = [a + b for a, b in zip(inst, n, strict=True)]
-            result.append({**self._sum(p.name, by_pool.get(p.name, []), inst),
-                           "enabled": p.enabled})
+        return by_pool
+
+    @staticmethod
+    def _instances(counts: dict, pool: str | None = None) -> list[int]:
+        total = [0, 0, 0, 0]
+        for (p, _cell), n in counts.items():
+            if pool is None or p == pool:
+                total = [a + b for a, b in zip(total, n, strict=True)]
+        return total
+
+    def pool_stats(self, name: str | None = None) -> Any:
+        counts = self._guest_counts()
+        by_pool = self._pooled_cells(counts)
+        pools = [self._pool(name)] if name is not None else \
+            list(ComputePool.select().order_by(ComputePool.name))
+        result = [{**self._sum(p.name, by_pool.get(p.name, []), self._instances(counts, p.name)),
+                   "enabled": p.enabled} for p in pools]
         return result[0] if name is not None else result
 
     def zone_stats(self, started_at: float) -> dict[str, Any]:
-        pools = self.pool_stats()
-        inst = [sum(p["instances"][i] for p in pools) for i in range(4)]
-        cells = [c for p in pools for c in [p]]  # sums over pools are sums over cells
-        zone = self._sum("default", cells, inst)
-        zone["cells"] = [sum(p["cells"][0] for p in pools), sum(p["cells"][1] for p in pools)]
-        zone["pools"] = [sum(1 for p in pools if not p["enabled"]),
-                         sum(1 for p in pools if p["enabled"])]
+        counts = self._guest_counts()
+        cells = [c for group in self._pooled_cells(counts).values() for c in group]
+        zone = self._sum("default", cells, self._instances(counts))
+        enabled = [p.enabled for p in ComputePool.select(ComputePool.enabled)]
+        zone["pools"] = [enabled.count(False), enabled.count(True)]
         zone["start_time"] = format_time(dt.datetime.fromtimestamp(started_at)
                                          .replace(microsecond=0))
         return zone

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import peewee
@@ -26,6 +27,17 @@ def database_url(url: str | None, data_dir: str) -> str:
     return "sqlite:///" + os.path.join(os.path.abspath(data_dir), "nano.db")
 
 
+class ImmediateSqliteDatabase(peewee.SqliteDatabase):
+    """SQLite whose transactions take the write lock when they begin.
+
+    A deferred transaction that reads and then writes fails at once with "database is
+    locked" when another connection wrote in between (SQLite cannot wait on it without
+    risking a deadlock); BEGIN IMMEDIATE waits for the lock (busy_timeout) instead."""
+
+    def atomic(self, lock_type: str | None = None) -> Any:
+        return super().atomic(lock_type=lock_type or "IMMEDIATE")
+
+
 def open_database(url: str) -> peewee.Database:
     """Connect, bind the models and bring the schema up to date; returns the database."""
     scheme = urlparse(url).scheme
@@ -33,8 +45,8 @@ def open_database(url: str) -> peewee.Database:
         path = url.split("://", 1)[1]
         if path.startswith("/") and not path.startswith("//"):
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        database: peewee.Database = connect(
-            url,
+        database: peewee.Database = ImmediateSqliteDatabase(
+            path,
             pragmas={
                 "journal_mode": "wal",
                 "foreign_keys": 1,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,14 +27,23 @@ ADMIN_PASSWORD = "Adm1nPassword"
 PG_URL = os.environ.get("NANO_TEST_POSTGRES", "")
 
 
-def _reset_postgres(url: str) -> None:
+def _postgres(sql: str) -> None:
     import psycopg2
 
-    conn = psycopg2.connect(url)
+    conn = psycopg2.connect(PG_URL)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("DROP SCHEMA IF EXISTS public CASCADE; CREATE SCHEMA public;")
+        cur.execute(sql)
     conn.close()
+
+
+def postgres_schema_url() -> tuple[str, str]:
+    """A fresh schema of its own for one test (tests of several sessions may share the
+    server at once), and a URL whose connections use it."""
+    schema = "t_" + uuid.uuid4().hex[:16]
+    _postgres(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in PG_URL else "?"
+    return schema, f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -43,8 +53,10 @@ def database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
         if not PG_URL:
             pytest.skip("PostgreSQL variant: set NANO_TEST_POSTGRES=postgresql://... "
                         "(.ci/run starts a server and sets it)")
-        _reset_postgres(PG_URL)
-        yield PG_URL
+        schema, url = postgres_schema_url()
+        yield url
+        close_database()
+        _postgres(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
     else:
         yield "sqlite:///" + str(tmp_path / "nano.db")
     close_database()
