@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,12 +20,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from reconciler.contract import READY, Action, Key, Result, Verb, format_time, set_condition
-from state.compute import CellSpec
+from state.compute import CellSpec, libvirt_uri_for
 from state.errors import NanoError, Unavailable
 
 log = logging.getLogger("nano.reconciler.cells")
 
-LOCAL_POOL = "nano-local"  # the libvirt dir pool for a cell's local storage path
+def local_pool_name(cell: str) -> str:
+    """The libvirt dir pool for a cell's local storage path (per cell: two cells may share
+    one libvirtd in tests and demos)."""
+    return f"nano-{cell}"
 
 
 def shared_pool_name(storage_pool: str) -> str:
@@ -50,7 +54,7 @@ class PoolWant:
 def desired_pools(spec: CellSpec) -> list[PoolWant]:
     """Pools a cell needs: its local path as a `dir` pool, and every storage pool of its
     compute pool as a `netfs` pool (NFS) mounted under /var/lib/nano/mnt."""
-    pools = [PoolWant(LOCAL_POOL, "dir", spec.storage_path)]
+    pools = [PoolWant(local_pool_name(spec.name), "dir", spec.storage_path)]
     for sp in spec.shared_storage:
         pools.append(PoolWant(shared_pool_name(sp["name"]), "netfs", shared_mount(sp["name"]),
                               host=sp["host"], source=sp["target"], shared=True))
@@ -123,10 +127,38 @@ class CellConnections:
             self._links[spec.name] = link
             return link
 
+    def uri(self, spec: CellSpec) -> str:
+        """The libvirt URI used for a cell; for SSH cells libvirt's ssh runs a wrapper that
+        checks the host key against the file paramiko pinned on first contact."""
+        return libvirt_uri_for({"libvirt_uri": spec.libvirt_uri, "ssh": spec.ssh,
+                                "address": spec.address}, ssh_command=self._ssh_wrapper())
+
+    def _ssh_wrapper(self) -> str:
+        path = os.path.join(self._data_dir, "ssh-known-hosts-wrapper")
+        known = os.path.join(self._data_dir, "known_hosts")
+        script = ("#!/bin/sh\n# written by nanod: libvirt's ssh checks host keys strictly "
+                  "against nanod's known_hosts\n"
+                  f"exec ssh -F /dev/null -o UserKnownHostsFile={shlex.quote(known)} "
+                  "-o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes "
+                  "-o BatchMode=yes \"$@\"\n")
+        try:
+            with open(path) as fh:
+                current = fh.read()
+        except OSError:
+            current = ""
+        if current != script:
+            os.makedirs(self._data_dir, exist_ok=True)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as fh:
+                fh.write(script)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, path)
+        return path
+
     def _open_hypervisor(self, spec: CellSpec) -> Any:
         from reconciler.drivers.libvirt_hv import LibvirtHypervisor
 
-        return LibvirtHypervisor(spec.libvirt_uri)
+        return LibvirtHypervisor(self.uri(spec))
 
     def _open_shell(self, spec: CellSpec) -> Any:
         from reconciler.drivers.shell import HostKeyPolicy, LocalShell, ParamikoShell
@@ -232,12 +264,18 @@ class CellReconciler:
         from reconciler.drivers.facts import Counters, gather_facts, speeds
 
         hv = link.hypervisor
+        if not spec.local:
+            # first contact over SSH pins the host key that libvirt's ssh then checks
+            link.shell.run(["true"], timeout=15)
         node = hv.node_info()
         self.connections.watch_events(spec, link)
         before = self._pool_states(hv, spec)
         actions = plan_cell(spec, before)
-        self._apply(hv, spec, actions)
+        errors = self._apply(hv, spec, actions)
         pools = self._pool_states(hv, spec) if actions else before
+        for name, error in errors.items():
+            if name in pools and not pools[name]["active"]:
+                pools[name]["error"] = error
         facts = gather_facts(link.shell, [spec.storage_path])  # after the pool made the path
         domains = hv.list_domains()
 
@@ -256,7 +294,7 @@ class CellReconciler:
             available_memory = facts.memory_available_bytes
         # Disk room: libvirt's view of the local pool (what guests' volumes draw from),
         # else df of the storage path.
-        local = pools.get(LOCAL_POOL, {})
+        local = pools.get(local_pool_name(spec.name), {})
         disk = facts.disks[0] if facts.disks else None
         disk_total = local.get("capacity") or ((disk.total_bytes or 0) if disk else 0)
         disk_free = local.get("available") or ((disk.free_bytes or 0) if disk else 0)
@@ -315,16 +353,22 @@ class CellReconciler:
                                  "capacity": st.capacity, "available": st.available}
         return states
 
-    def _apply(self, hv: Any, spec: CellSpec, actions: list[Action]) -> None:
+    def _apply(self, hv: Any, spec: CellSpec, actions: list[Action]) -> dict[str, str]:
+        """Execute the pool actions; returns why pools could not start, by name (an
+        NFS mount failing is a state to report, not an error of the reconcile)."""
         wants = {w.name: w for w in desired_pools(spec)}
+        errors: dict[str, str] = {}
         for action in actions:
             want = wants[action.target.id.split("/", 1)[1]]
             if action.verb == Verb.REPLACE:
                 hv.delete_pool(want.name)
             if want.kind == "dir":
-                hv.ensure_dir_pool(want.name, want.path)
+                state = hv.ensure_dir_pool(want.name, want.path)
             else:
-                hv.ensure_netfs_pool(want.name, want.host, want.source, want.path)
+                state = hv.ensure_netfs_pool(want.name, want.host, want.source, want.path)
+            if state.error:
+                errors[want.name] = state.error
+        return errors
 
 
 def now_text() -> str:

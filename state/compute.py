@@ -42,7 +42,7 @@ class CellSpec:
     pool: str
     enabled: bool
     address: str
-    libvirt_uri: str
+    libvirt_uri: str  # as registered; "" = derived (see `libvirt_uri_for`)
     ssh: dict[str, Any]
     virt_type: str
     storage_path: str
@@ -57,18 +57,20 @@ class CellSpec:
         return not self.ssh
 
 
-def libvirt_uri_for(spec: dict[str, Any]) -> str:
-    """The libvirt URI of a cell: given, or qemu+ssh built from the SSH settings, or the
+def libvirt_uri_for(spec: dict[str, Any], *, ssh_command: str = "") -> str:
+    """The libvirt URI of a cell: given, or qemu+ssh built from the SSH settings (with
+    `ssh_command`, a wrapper that pins the host key nanod recorded, when given), or the
     local system daemon."""
     if spec.get("libvirt_uri"):
         return spec["libvirt_uri"]
     ssh = spec.get("ssh") or {}
     if ssh:
-        query = f"keyfile={ssh['key_file']}&" if ssh.get("key_file") else ""
-        # host keys are checked by paramiko for facts; libvirt's ssh uses known_hosts too
-        query += "no_tty=1"
+        query = [f"keyfile={ssh['key_file']}"] if ssh.get("key_file") else []
+        if ssh_command:
+            query.append(f"command={ssh_command}")
+        query.append("no_tty=1")
         return (f"qemu+ssh://{ssh.get('user', 'root')}@{spec['address']}:"
-                f"{int(ssh.get('port', 22))}/system?{query}")
+                f"{int(ssh.get('port', 22))}/system?{'&'.join(query)}")
     return "qemu:///system"
 
 
@@ -327,7 +329,7 @@ class ComputeStore:
                                    "target": sp.target})
         return CellSpec(
             name=row.name, generation=row.generation, pool=row.pool, enabled=row.enabled,
-            address=spec.get("address", ""), libvirt_uri=libvirt_uri_for(spec),
+            address=spec.get("address", ""), libvirt_uri=spec.get("libvirt_uri", ""),
             ssh=dict(spec.get("ssh") or {}), virt_type=spec.get("virt_type", "kvm"),
             storage_path=spec.get("storage_path", DEFAULT_STORAGE_PATH),
             bridge=spec.get("bridge", ""), shared_storage=tuple(shared),

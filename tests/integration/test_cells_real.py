@@ -1,0 +1,148 @@
+"""Cells on the real local libvirtd: one reached as qemu:///system with facts from a local
+shell, one reached over a real sshd (paramiko facts, `qemu+ssh://` libvirt). Faults: the
+sshd dies (cell offline) and comes back (recovery); a real netfs pool fails on this
+machine (no NFS client) and is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import libvirt
+import pytest
+
+from tests.api.test_compute import until
+from tests.helpers.sshd import SSHD, start_sshd
+
+pytestmark = pytest.mark.integration
+
+
+def _system_libvirt() -> libvirt.virConnect:
+    try:
+        return libvirt.open("qemu:///system")
+    except libvirt.libvirtError as exc:
+        pytest.skip(f"qemu:///system is not reachable here: {exc}")
+
+
+@pytest.fixture
+def settings(settings):
+    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 5,
+                              "probe_seconds": 0.5, "offline_after": 2}
+    return settings
+
+
+@pytest.fixture
+def libvirt_pools(server):
+    """Remove the libvirt pools a test's cells created on the real libvirtd, once the
+    server's reconciler has stopped (else it would make them again)."""
+    conn = _system_libvirt()
+    before = set(conn.listStoragePools() + conn.listDefinedStoragePools())
+    yield conn
+    if server.controller:
+        server.controller.stop(10.0)
+    for name in set(conn.listStoragePools() + conn.listDefinedStoragePools()) - before:
+        if not name.startswith("nano-"):
+            continue
+        pool = conn.storagePoolLookupByName(name)
+        if pool.isActive():
+            pool.destroy()
+        pool.undefine()
+    conn.close()
+
+
+async def cell_record(api, name, check, what):
+    async def probe():
+        rec = await api.ok("GET", f"/cells/{name}")
+        return rec if check(rec) else None
+
+    return await until(probe, timeout=30, what=what)
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_local_cell_facts_and_storage(api, tmp_path, libvirt_pools):
+    images = tmp_path / "images"
+    await api.ok("POST", "/cells/local-t", {"libvirt_uri": "qemu:///system", "virt_type": "qemu",
+                                            "storage_path": str(images)})
+    rec = await cell_record(api, "local-t", lambda r: r["alive"], "local cell alive")
+    facts = rec["status"]["observed"]["facts"]
+    assert facts["cpus"] == os.cpu_count()
+    assert facts["kernel"] == platform.release()
+    assert facts["libvirt"] and facts["qemu"]
+    assert facts["memory_total"] > facts["memory_available"] > 0
+
+    pool = libvirt_pools.storagePoolLookupByName("nano-local-t")
+    assert pool.isActive() and f"<path>{images}</path>" in pool.XMLDesc()
+    assert images.is_dir()
+
+    await api.ok("POST", "/compute_pools/real", {})
+    await api.ok("POST", "/compute_pool_cells/real/local-t", {})
+    stat = await api.ok("GET", "/compute_cell_status/real/local-t")
+    assert stat["max_cpu"] >= 1 and stat["max_disk"] > 0 and stat["max_memory"] > 0
+    await api.ok("DELETE", "/compute_pool_cells/real/local-t", {})
+    await api.ok("DELETE", "/compute_pools/real")
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_nfs_storage_pool_failure_is_reported(api, tmp_path, libvirt_pools):
+    """No NFS kernel client here: the netfs pool cannot start; the cell says why."""
+    await api.ok("POST", "/storage_pools/nfs-x", {"type": "nfs", "host": "127.0.0.1",
+                                                  "target": "/nonexistent-export"})
+    await api.ok("POST", "/compute_pools/nfsp", {"storage": "nfs-x"})
+    await api.ok("POST", "/cells/local-n", {"libvirt_uri": "qemu:///system", "virt_type": "qemu",
+                                            "storage_path": str(tmp_path / "img")})
+    await cell_record(api, "local-n", lambda r: r["alive"], "cell alive")
+    await api.ok("POST", "/compute_pool_cells/nfsp/local-n", {})
+
+    async def reported():
+        st = await api.ok("GET", "/compute_pool_cells/nfsp/local-n")
+        return st["storage"] or None
+
+    storage = await until(reported, timeout=30, what="netfs pool reported")
+    assert storage[0]["name"] == "nano-shared-nfs-x"
+    assert storage[0]["attached"] is False and storage[0]["error"]
+    rec = await api.ok("GET", "/cells/local-n")
+    conds = {c["type"]: c for c in rec["status"]["conditions"]}
+    assert conds["StorageReady"]["status"] is False
+    assert conds["StorageReady"]["message"]
+    await api.ok("DELETE", "/compute_pool_cells/nfsp/local-n", {})
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_ssh_cell_goes_offline_and_recovers(api, tmp_path, libvirt_pools, server):
+    if not os.access(SSHD, os.X_OK):
+        pytest.skip(f"{SSHD} missing: apt-get install openssh-server")
+    _system_libvirt().close()
+    sshd_dir = tmp_path / "sshd"
+    sshd = start_sshd(sshd_dir)
+    try:
+        await api.ok("POST", "/cells/remote", {
+            "address": "127.0.0.1", "virt_type": "qemu",
+            "ssh": {"user": "root", "port": sshd.port, "key_file": sshd.key_file},
+            "storage_path": str(tmp_path / "remote-images"),
+        })
+        rec = await cell_record(api, "remote", lambda r: r["alive"], "ssh cell alive")
+        assert rec["libvirt_uri"].startswith(f"qemu+ssh://root@127.0.0.1:{sshd.port}/system")
+        facts = rec["status"]["observed"]["facts"]
+        assert facts["cpus"] == os.cpu_count() and facts["kernel"] == platform.release()
+        known = (tmp_path / "data" / "known_hosts").read_text()
+        assert f"[127.0.0.1]:{sshd.port}" in known  # host key pinned on first contact
+        assert libvirt_pools.storagePoolLookupByName("nano-remote").isActive()
+
+        await api.ok("POST", "/compute_pools/rp", {})
+        await api.ok("POST", "/compute_pool_cells/rp/remote", {})
+
+        sshd.stop()
+        rec = await cell_record(api, "remote", lambda r: not r["alive"], "cell offline")
+        assert rec["status"]["phase"] == "offline" and rec["status"]["last_error"]
+        zone = await api.ok("GET", "/compute_zone_status/")
+        assert zone["cells"] == [1, 0]
+
+        sshd = start_sshd(sshd_dir, port=sshd.port)
+        rec = await cell_record(api, "remote", lambda r: r["alive"], "cell back online")
+        conds = {c["type"]: c["status"] for c in rec["status"]["conditions"]}
+        assert conds["CellReachable"] is True and conds["Ready"] is True
+        assert (await api.ok("GET", "/compute_zone_status/"))["cells"] == [0, 1]
+        await api.ok("DELETE", "/compute_pool_cells/rp/remote", {})
+    finally:
+        sshd.stop()
