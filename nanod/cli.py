@@ -37,9 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="create the first administrator")
     _server_flags(init)
     init.add_argument("--user", required=True)
-    init.add_argument("--password", help="the password (default: $NANO_PASSWORD, or asked)")
+    init.add_argument("--password", help="the password (default: $NANO_ADMIN_PASSWORD, or asked)")
     init.add_argument("--group", default="admin")
     init.add_argument("--role", default="super")
+    init.add_argument("--no-local-cell", dest="local_cell", action="store_false",
+                      help="do not register this host as cell 'local' in compute pool 'default'")
+    init.add_argument("--virt-type", choices=["auto", "kvm", "qemu"], default="auto",
+                      help="virtualization of the local cell (auto: kvm when /dev/kvm is usable)")
 
     rec = sub.add_parser("reconcile", help="run the reconciler")
     _server_flags(rec)
@@ -92,10 +96,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     from state.errors import NanoError
 
     settings = _settings(args)
-    password = args.password or os.environ.get("NANO_PASSWORD")
+    password = args.password or os.environ.get("NANO_ADMIN_PASSWORD")
     if not password:
         if not sys.stdin.isatty():
-            print("nanod init: give --password, set NANO_PASSWORD, or run on a terminal",
+            print("nanod init: give --password, set NANO_ADMIN_PASSWORD, or run on a terminal",
                   file=sys.stderr)
             return 2
         password = getpass.getpass(f"password for {args.user}: ")
@@ -108,6 +112,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     store.add_log(f"{args.user} initialized the system (nanod init)", user=args.user,
                   resource="/system/")
     print(f"created administrator {args.user} (group {args.group}, role {args.role})")
+    if args.local_cell:
+        virt = args.virt_type
+        if virt == "auto":
+            virt = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
+        done = store.bootstrap_local_cell(virt_type=virt)
+        print(done)
     return 0
 
 

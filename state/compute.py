@@ -309,6 +309,28 @@ class ComputeStore:
                            "empty cell")
         self.modify_cell_spec(name, {"storage_path": path.rstrip("/") or "/"})
 
+    def bootstrap_local_cell(self, *, virt_type: str, pool: str = "default",
+                             cell: str = "local") -> str:
+        """The embedded default of a new installation: this host as cell `local`
+        (qemu:///system, facts read locally) in compute pool `default`. Stored as desired
+        state; the reconciler probes it once nanod serves. Idempotent."""
+        with db.atomic():
+            said = []
+            if ComputePool.get_or_none(ComputePool.name == pool) is None:
+                ComputePool.create(name=pool)
+                said.append(f"created compute pool {pool!r}")
+            row = Cell.get_or_none(Cell.name == cell)
+            if row is None:
+                Cell.create(name=cell, pool=pool, spec=_normalize_cell_spec(
+                    {"libvirt_uri": "qemu:///system", "virt_type": virt_type}))
+                said.append(f"registered this host as cell {cell!r} (qemu:///system, "
+                            f"virt_type {virt_type}) in pool {pool!r}")
+            elif not row.pool:
+                row.pool = pool
+                row.save()
+                said.append(f"added cell {cell!r} to pool {pool!r}")
+        return "; ".join(said) or f"cell {cell!r} already registered"
+
     # -- for the reconciler -----------------------------------------------------------------
 
     def cell_names(self) -> list[str]:
