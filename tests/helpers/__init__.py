@@ -1,0 +1,1 @@
+"""Test helpers shared across suites: a loopback sshd, libvirt test-driver cells."""
