@@ -150,3 +150,21 @@ def api(server: Any, io_loop: Any) -> Api:
 def bare_api(server: Any) -> Api:
     """A client of a fresh nanod before `POST /system/`."""
     return Api(f"http://127.0.0.1:{server.port}")
+
+
+@pytest.fixture
+def qemu_dir() -> Iterator[Any]:
+    """A temporary directory QEMU (running as libvirt-qemu) can reach: pytest's tmp dirs
+    sit under a 0700 root directory, so guest volumes live here instead."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    base = Path("/var/tmp/nano-tests")
+    base.mkdir(mode=0o755, exist_ok=True)
+    base.chmod(0o755)
+    path = Path(tempfile.mkdtemp(dir=base))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+

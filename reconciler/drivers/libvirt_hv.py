@@ -412,6 +412,11 @@ class LibvirtHypervisor:
         with libvirt_errors(what):
             return fn(conn)
 
+    def call(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
+        """Run `fn(conn)` on this cell's connection, errors translated, reconnecting once
+        when the connection broke (for the other drivers of this cell: domains, volumes)."""
+        return self._call(what, fn)
+
     def close(self) -> None:
         """Drop the connection and lifecycle callbacks; a later call reconnects."""
         with self._lock:
