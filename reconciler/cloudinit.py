@@ -1,0 +1,266 @@
+"""Cloud-init NoCloud seed ISOs for guests: build them, and read them back.
+
+The guest reconciler calls `build_seed_iso(...)` when a guest has the cloud-init module,
+uploads the bytes as a volume on the guest's cell and attaches it as the seed cdrom
+(`DomainSpec.seed_iso`, ARCHITECTURE.md §4). `read_seed_iso` parses an ISO back into its
+files, for tests and drift checks (ISO bytes differ on every build: they carry dates).
+
+Pure: no I/O beyond in-memory buffers. The ISO is labelled `cidata` and carries Joliet
+and Rock Ridge names, so the guest sees exactly `user-data`, `meta-data` and
+`network-config` (cloud-init's NoCloud data source). Every YAML document is dumped by
+pyyaml from dicts, never formatted from user input. The admin password appears in
+`user-data` only. Which modules a guest may ask for is decided elsewhere; here we build.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pycdlib
+import yaml
+
+VOLUME_LABEL = "cidata"
+USER_DATA = "user-data"
+META_DATA = "meta-data"
+NETWORK_CONFIG = "network-config"
+DEFAULT_DATA_PATH = "/opt/data"
+ROOT = "root"
+
+# ISO 9660 level-3 names (d-characters) for readers without Joliet/Rock Ridge
+_ISO_NAMES = {
+    USER_DATA: "USER_DATA.;1",
+    META_DATA: "META_DATA.;1",
+    NETWORK_CONFIG: "NETWORK_CONFIG.;1",
+}
+_USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_DEVICE = re.compile(r"^(/dev/)?[a-z][a-z0-9]*$")
+_HOST_LABEL = re.compile(r"[^a-z0-9-]+")
+
+# Lets root log in over SSH with its password where the image's sshd says
+# "prohibit-password" (Debian, Ubuntu). Static text: nothing from the user goes in.
+_PERMIT_ROOT_LOGIN = (
+    "f=/etc/ssh/sshd_config; "
+    "if grep -qE '^[#[:space:]]*PermitRootLogin' \"$f\"; then "
+    "sed -i -E 's/^[#[:space:]]*PermitRootLogin.*/PermitRootLogin yes/' \"$f\"; "
+    "else echo 'PermitRootLogin yes' >> \"$f\"; fi; "
+    "systemctl try-restart sshd ssh 2>/dev/null || service sshd restart 2>/dev/null "
+    "|| service ssh restart 2>/dev/null || true"
+)
+
+
+def build_seed_iso(
+    *,
+    instance_id: str,
+    hostname: str,
+    admin_name: str | None,
+    admin_password: str,
+    root_enabled: bool = True,
+    data_disks: Sequence[str] = (),
+    data_path: str = DEFAULT_DATA_PATH,
+    network_config: Mapping[str, Any] | None = None,
+    legacy_password_list: bool = True,
+) -> bytes:
+    """A NoCloud seed ISO for one guest; the arguments are `build_seed_files`'."""
+    return pack_seed_iso(
+        build_seed_files(
+            instance_id=instance_id,
+            hostname=hostname,
+            admin_name=admin_name,
+            admin_password=admin_password,
+            root_enabled=root_enabled,
+            data_disks=data_disks,
+            data_path=data_path,
+            network_config=network_config,
+            legacy_password_list=legacy_password_list,
+        )
+    )
+
+
+def build_seed_files(
+    *,
+    instance_id: str,
+    hostname: str,
+    admin_name: str | None,
+    admin_password: str,
+    root_enabled: bool = True,
+    data_disks: Sequence[str] = (),
+    data_path: str = DEFAULT_DATA_PATH,
+    network_config: Mapping[str, Any] | None = None,
+    legacy_password_list: bool = True,
+) -> dict[str, str]:
+    """The seed's files by name: `user-data`, `meta-data`, and `network-config` when given.
+
+    `admin_name` None or "root": root gets the password; otherwise that user is created
+    with passwordless sudo and the password. `root_enabled` is the API's "allow root login
+    via SSH" (`disable_root`, and sshd's PermitRootLogin when root is the admin).
+    `data_disks` are the guest's device names of the data disks in order (`sdb` or
+    `/dev/sdb`): each gets one partition with ext4 labelled `data`, `data2`, ... mounted
+    at `data_path`, `data_path` + "2", ... (`nofail`: a missing disk never blocks boot).
+    `network_config` is a cloud-init network config (version 1 or 2) as a dict.
+
+    Passwords use `chpasswd.users` (cloud-init >= 22.2); `legacy_password_list` adds the
+    older `chpasswd.list` that the templates' CentOS 6/7 images understand (newer
+    cloud-init applies both and logs a deprecation). ValueError for unusable input.
+    """
+    if not instance_id or any(c.isspace() for c in instance_id):
+        raise ValueError("instance_id must be non-empty without whitespace")
+    admin = admin_name or ROOT
+    if not _USER_NAME.match(admin):
+        raise ValueError(f"not a usable Linux user name: {admin!r}")
+    if not admin_password or "\n" in admin_password or "\r" in admin_password:
+        raise ValueError("admin_password must be a non-empty single line")
+    mount_root = _data_path(data_path)
+
+    config: dict[str, Any] = {}
+    if admin != ROOT:
+        config["users"] = [
+            {
+                "name": admin,
+                "lock_passwd": False,
+                "sudo": "ALL=(ALL) NOPASSWD:ALL",
+                "shell": "/bin/bash",
+            }
+        ]
+    chpasswd: dict[str, Any] = {
+        "expire": False,
+        "users": [{"name": admin, "password": admin_password, "type": "text"}],
+    }
+    if legacy_password_list:
+        chpasswd["list"] = [f"{admin}:{admin_password}"]
+    config["chpasswd"] = chpasswd
+    config["ssh_pwauth"] = True
+    config["disable_root"] = not root_enabled
+
+    if data_disks:
+        disk_setup: dict[str, Any] = {}
+        fs_setup: list[dict[str, Any]] = []
+        mounts: list[list[str]] = []
+        for n, name in enumerate(data_disks, start=1):
+            device = _device(name)
+            disk_setup[device] = {"table_type": "mbr", "layout": True, "overwrite": False}
+            fs_setup.append(
+                {
+                    "label": _data_label(n),
+                    "filesystem": "ext4",
+                    "device": device,
+                    "partition": "auto",
+                }
+            )
+            # the whole disk: cloud-init mounts its first partition (every version)
+            mounts.append(
+                [device, data_mount_path(mount_root, n), "ext4", "defaults,nofail", "0", "2"]
+            )
+        config["disk_setup"] = disk_setup
+        config["fs_setup"] = fs_setup
+        config["mounts"] = mounts
+
+    if root_enabled and admin == ROOT:
+        config["runcmd"] = [["sh", "-c", _PERMIT_ROOT_LOGIN]]
+
+    files = {
+        USER_DATA: "#cloud-config\n" + _dump(config),
+        META_DATA: _dump({"instance-id": instance_id, "local-hostname": local_hostname(hostname)}),
+    }
+    if network_config is not None:
+        files[NETWORK_CONFIG] = _dump(dict(network_config))
+    return files
+
+
+def data_mount_path(data_path: str, n: int) -> str:
+    """Where the n-th data disk (1-based) is mounted: data_path, data_path2, ..."""
+    return data_path if n == 1 else f"{data_path}{n}"
+
+
+def _data_label(n: int) -> str:
+    return "data" if n == 1 else f"data{n}"
+
+
+def local_hostname(name: str) -> str:
+    """A guest name as a host name: lower case, `_` and other non-label characters as
+    `-`, at most 63 characters; "guest" when nothing is left."""
+    label = _HOST_LABEL.sub("-", name.lower()).strip("-")[:63].rstrip("-")
+    return label or "guest"
+
+
+def _device(name: str) -> str:
+    if not _DEVICE.match(name):
+        raise ValueError(f"not a device name: {name!r}")
+    return name if name.startswith("/dev/") else "/dev/" + name
+
+
+def _data_path(path: str) -> str:
+    # fstab fields are whitespace separated
+    if not path.startswith("/") or any(c.isspace() for c in path):
+        raise ValueError(f"data_path must be absolute without whitespace: {path!r}")
+    normal = posixpath.normpath(path)
+    if normal == "/":
+        raise ValueError("data_path cannot be /")
+    return normal
+
+
+def _dump(document: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(
+        dict(document), default_flow_style=False, sort_keys=False, allow_unicode=True, width=1 << 16
+    )
+
+
+# -- the ISO -----------------------------------------------------------------------------
+
+
+def pack_seed_iso(files: Mapping[str, str]) -> bytes:
+    """An ISO 9660 image labelled `cidata` holding `files` (name -> text) at its root,
+    with Joliet and Rock Ridge names. Only the NoCloud file names are accepted."""
+    unknown = set(files) - set(_ISO_NAMES)
+    if unknown:
+        raise ValueError(f"not NoCloud seed files: {sorted(unknown)}")
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, vol_ident=VOLUME_LABEL, joliet=3, rock_ridge="1.09")
+    try:
+        for name in (USER_DATA, META_DATA, NETWORK_CONFIG):
+            if name not in files:
+                continue
+            data = files[name].encode("utf-8")
+            iso.add_fp(
+                io.BytesIO(data),
+                len(data),
+                iso_path="/" + _ISO_NAMES[name],
+                rr_name=name,
+                joliet_path="/" + name,
+            )
+        out = io.BytesIO()
+        iso.write_fp(out)
+        return out.getvalue()
+    finally:
+        iso.close()
+
+
+def read_seed_iso(data: bytes) -> dict[str, str]:
+    """The files at the root of an ISO by name (Rock Ridge, else Joliet, else ISO 9660
+    names without `;1`), decoded as UTF-8. ValueError for bytes that are not an ISO."""
+    iso = pycdlib.PyCdlib()
+    try:
+        iso.open_fp(io.BytesIO(data))
+    except pycdlib.pycdlibexception.PyCdlibException as exc:
+        raise ValueError(f"not an ISO image: {exc}") from exc
+    try:
+        if iso.has_rock_ridge():
+            key = "rr_path"
+        elif iso.has_joliet():
+            key = "joliet_path"
+        else:
+            key = "iso_path"
+        found: dict[str, str] = {}
+        for _, _, names in iso.walk(**{key: "/"}):
+            for name in names:
+                buf = io.BytesIO()
+                iso.get_file_from_iso_fp(buf, **{key: "/" + name})
+                shown = name.split(";", 1)[0].rstrip(".") if key == "iso_path" else name
+                found[shown] = buf.getvalue().decode("utf-8")
+            break  # the root only: seeds have no directories
+        return found
+    finally:
+        iso.close()

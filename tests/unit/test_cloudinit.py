@@ -1,0 +1,234 @@
+"""Tests of reconciler/cloudinit.py: seed ISOs are read back with pycdlib and their YAML
+loaded, so they check what a guest's cloud-init would see, not how we wrote it."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pycdlib
+import pytest
+import yaml
+
+from reconciler.cloudinit import (
+    build_seed_files,
+    build_seed_iso,
+    data_mount_path,
+    local_hostname,
+    pack_seed_iso,
+    read_seed_iso,
+)
+
+PASSWORD = "S3cr3t: 'pa\"ss #word"  # YAML-hostile on purpose
+
+
+def seed(**overrides: Any) -> dict[str, str]:
+    values: dict[str, Any] = dict(
+        instance_id="guest-1", hostname="web-1", admin_name="nano", admin_password=PASSWORD
+    )
+    values.update(overrides)
+    return read_seed_iso(build_seed_iso(**values))
+
+
+def user_data(files: dict[str, str]) -> dict[str, Any]:
+    text = files["user-data"]
+    assert text.startswith("#cloud-config\n")
+    loaded = yaml.safe_load(text)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def test_iso_carries_exactly_the_nocloud_files() -> None:
+    files = seed()
+    assert sorted(files) == ["meta-data", "user-data"]
+    with_network = seed(network_config={"version": 2, "ethernets": {"eth0": {"dhcp4": True}}})
+    assert sorted(with_network) == ["meta-data", "network-config", "user-data"]
+
+
+def test_read_back_equals_what_was_built() -> None:
+    kwargs: dict[str, Any] = dict(
+        instance_id="guest-1",
+        hostname="web-1",
+        admin_name="nano",
+        admin_password=PASSWORD,
+        data_disks=["sdb"],
+        network_config={"version": 1, "config": []},
+    )
+    assert read_seed_iso(build_seed_iso(**kwargs)) == build_seed_files(**kwargs)
+
+
+def test_volume_label_and_names_for_every_reader() -> None:
+    data = build_seed_iso(instance_id="g", hostname="h", admin_name=None, admin_password="p")
+    pvd = data[16 * 2048 : 17 * 2048]  # the primary volume descriptor
+    assert pvd[1:6] == b"CD001" and pvd[40:72].rstrip() == b"cidata"
+    iso = pycdlib.PyCdlib()
+    iso.open_fp(io.BytesIO(data))
+    try:
+        assert iso.has_joliet() and iso.has_rock_ridge()
+        for kind, name in (
+            ("joliet_path", "/user-data"),
+            ("rr_path", "/user-data"),
+            ("iso_path", "/USER_DATA.;1"),
+        ):
+            out = io.BytesIO()
+            iso.get_file_from_iso_fp(out, **{kind: name})
+            assert out.getvalue().startswith(b"#cloud-config")
+    finally:
+        iso.close()
+
+
+@pytest.mark.skipif(shutil.which("blkid") is None, reason="blkid not installed")
+def test_blkid_sees_the_cidata_label(tmp_path: Path) -> None:
+    # cloud-init finds its NoCloud seed by this label
+    path = tmp_path / "seed.iso"
+    path.write_bytes(
+        build_seed_iso(instance_id="g", hostname="h", admin_name=None, admin_password="p")
+    )
+    found = subprocess.run(
+        ["blkid", "-o", "export", str(path)], capture_output=True, text=True, check=False
+    ).stdout
+    assert "LABEL=cidata" in found.splitlines() and "TYPE=iso9660" in found.splitlines()
+
+
+def test_admin_user_with_sudo_and_password() -> None:
+    config = user_data(seed(root_enabled=False))
+    assert config["users"] == [
+        {
+            "name": "nano",
+            "lock_passwd": False,
+            "sudo": "ALL=(ALL) NOPASSWD:ALL",
+            "shell": "/bin/bash",
+        }
+    ]
+    assert config["chpasswd"]["expire"] is False
+    assert config["chpasswd"]["users"] == [{"name": "nano", "password": PASSWORD, "type": "text"}]
+    assert config["chpasswd"]["list"] == [f"nano:{PASSWORD}"]  # cloud-init < 22.2
+    assert config["ssh_pwauth"] is True
+    assert config["disable_root"] is True
+    assert "runcmd" not in config
+
+
+def test_modern_password_form_only() -> None:
+    config = user_data(seed(legacy_password_list=False))
+    assert "list" not in config["chpasswd"]
+    assert config["chpasswd"]["users"][0]["password"] == PASSWORD
+
+
+@pytest.mark.parametrize("admin", [None, "root"])
+def test_root_as_admin(admin: str | None) -> None:
+    config = user_data(seed(admin_name=admin, root_enabled=True))
+    assert "users" not in config  # root exists: only its password changes
+    assert config["chpasswd"]["users"] == [{"name": "root", "password": PASSWORD, "type": "text"}]
+    assert config["disable_root"] is False
+    # sshd must allow root's password where the image says prohibit-password
+    (command,) = config["runcmd"]
+    assert command[:2] == ["sh", "-c"] and "PermitRootLogin yes" in command[2]
+    assert PASSWORD not in command[2]
+    locked = user_data(seed(admin_name=admin, root_enabled=False))
+    assert locked["disable_root"] is True and "runcmd" not in locked
+
+
+def test_data_disks_get_a_filesystem_each_and_mount_points() -> None:
+    config = user_data(seed(data_disks=["sdb", "/dev/sdc"]))
+    assert config["disk_setup"] == {
+        "/dev/sdb": {"table_type": "mbr", "layout": True, "overwrite": False},
+        "/dev/sdc": {"table_type": "mbr", "layout": True, "overwrite": False},
+    }
+    assert config["fs_setup"] == [
+        {"label": "data", "filesystem": "ext4", "device": "/dev/sdb", "partition": "auto"},
+        {"label": "data2", "filesystem": "ext4", "device": "/dev/sdc", "partition": "auto"},
+    ]
+    assert config["mounts"] == [
+        ["/dev/sdb", "/opt/data", "ext4", "defaults,nofail", "0", "2"],
+        ["/dev/sdc", "/opt/data2", "ext4", "defaults,nofail", "0", "2"],
+    ]
+    custom = user_data(seed(data_disks=["sdb"], data_path="/srv/data/"))
+    assert custom["mounts"][0][1] == "/srv/data"
+    assert not {"disk_setup", "fs_setup", "mounts"} & set(user_data(seed()))
+    assert [data_mount_path("/d", n) for n in (1, 2, 3)] == ["/d", "/d2", "/d3"]
+
+
+def test_meta_data() -> None:
+    meta = yaml.safe_load(seed(instance_id="6f1c-guest", hostname="Web_01.")["meta-data"])
+    assert meta == {"instance-id": "6f1c-guest", "local-hostname": "web-01"}
+
+
+@pytest.mark.parametrize(
+    ("name", "host"),
+    [("web-1", "web-1"), ("DB_Primary", "db-primary"), ("__", "guest"), ("a" * 80, "a" * 63)],
+)
+def test_local_hostname(name: str, host: str) -> None:
+    assert local_hostname(name) == host
+
+
+def test_network_config_round_trips() -> None:
+    network = {
+        "version": 1,
+        "config": [
+            {
+                "type": "physical",
+                "name": "eth0",
+                "mac_address": "00:16:3e:12:34:56",
+                "subnets": [
+                    {"type": "static", "address": "172.16.0.10/24", "gateway": "172.16.0.1"}
+                ],
+            },
+            {"type": "nameserver", "address": ["172.16.0.1"]},
+        ],
+    }
+    assert yaml.safe_load(seed(network_config=network)["network-config"]) == network
+
+
+def test_password_appears_in_user_data_only() -> None:
+    network = {"version": 2, "ethernets": {"eth0": {"dhcp4": True}}}
+    kwargs: dict[str, Any] = dict(
+        instance_id="guest-1",
+        hostname="web-1",
+        admin_name="nano",
+        admin_password="Unique-Pw-4711",
+        network_config=network,
+        data_disks=["sdb"],
+    )
+    data = build_seed_iso(**kwargs)
+    files = read_seed_iso(data)
+    assert "Unique-Pw-4711" in files["user-data"]
+    assert all("Unique-Pw-4711" not in text for name, text in files.items() if name != "user-data")
+    # the image holds the file's data once (Joliet and Rock Ridge share it): no stray copy
+    assert data.count(b"Unique-Pw-4711") == files["user-data"].count("Unique-Pw-4711")
+
+
+def test_yaml_comes_from_data_not_text() -> None:
+    hostile = "x\n#cloud-config"
+    with pytest.raises(ValueError):
+        seed(admin_password=hostile)  # a line break would add a chpasswd line
+    config = user_data(seed(admin_password="a: b - c"))
+    assert config["chpasswd"]["users"][0]["password"] == "a: b - c"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(instance_id=""),
+        dict(instance_id="a b"),
+        dict(admin_name="Root Admin"),
+        dict(admin_name="x;rm"),
+        dict(admin_password=""),
+        dict(data_disks=["sdb; reboot"]),
+        dict(data_disks=["sdb"], data_path="opt/data"),
+        dict(data_disks=["sdb"], data_path="/opt/my data"),
+        dict(data_path="/"),
+    ],
+)
+def test_unusable_input_is_refused(overrides: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        seed(**overrides)
+
+
+def test_pack_and_read_errors() -> None:
+    with pytest.raises(ValueError):
+        pack_seed_iso({"vendor-data": "x"})
+    with pytest.raises(ValueError):
+        read_seed_iso(b"\0" * 65536)
