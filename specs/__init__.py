@@ -74,3 +74,92 @@ def validate(name: str, body: Any) -> list[str]:
     """Every problem of `body` against schema `name`, as sentences; [] when valid."""
     errors = sorted(_validator(name).iter_errors(body), key=lambda e: list(e.absolute_path))
     return [_say(e) for e in errors]
+
+
+# -- manifest kinds (specs/kinds/*.json) ----------------------------------------------------
+
+KIND_REF_PREFIX = "urn:nano:api:"
+"""Kind schemas reuse API body schemas with {"$ref": "urn:nano:api:<name>[#/pointer]"}."""
+
+
+@functools.cache
+def _kind_documents() -> dict[str, dict]:
+    """The `spec` schema of every manifest kind, keyed by kind, from specs/kinds/*.json."""
+    out: dict[str, dict] = {}
+    for path in sorted((HERE / "kinds").glob("*.json")):
+        for kind, sch in json.loads(path.read_text()).items():
+            if kind in out:
+                raise ValueError(f"kind {kind!r} defined twice (second in {path.name})")
+            out[kind] = sch
+    return out
+
+
+def kinds() -> list[str]:
+    """Every manifest kind that has a schema."""
+    return sorted(_kind_documents())
+
+
+def _api_refs(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = set().union(*(_api_refs(v) for v in node.values())) if node else set()
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith(KIND_REF_PREFIX):
+            found.add(ref[len(KIND_REF_PREFIX):].split("#")[0])
+        return found
+    if isinstance(node, list):
+        return set().union(*(_api_refs(v) for v in node)) if node else set()
+    return set()
+
+
+def kind_api_schemas(kind: str) -> set[str]:
+    """Names of the API body schemas that kind's schema refers to."""
+    return _api_refs(_kind_documents()[kind])
+
+
+def kind_schema(kind: str) -> dict:
+    """The schema of a whole manifest document of `kind`: {kind, name, state, spec}.
+
+    Raises KeyError for an unknown kind, or when an API schema it refers to is missing.
+    """
+    try:
+        spec = _kind_documents()[kind]
+    except KeyError:
+        raise KeyError(f"no manifest kind {kind!r}; kinds: {', '.join(kinds())}") from None
+    missing = sorted(n for n in kind_api_schemas(kind) if n not in _documents())
+    if missing:
+        raise KeyError(f"kind {kind} refers to API schema(s) {', '.join(missing)}, "
+                       "which specs/api does not define")
+    return {
+        "type": "object",
+        "required": ["kind", "name"],
+        "additionalProperties": False,
+        "properties": {
+            "kind": {"const": kind},
+            "name": {"type": "string", "minLength": 1, "maxLength": 128},
+            "state": {"type": "string", "enum": ["present", "absent"]},
+            "spec": spec,
+        },
+    }
+
+
+@functools.cache
+def _kind_validator(kind: str) -> jsonschema.protocols.Validator:
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    registry: Registry = Registry().with_resources(
+        (KIND_REF_PREFIX + name, Resource.from_contents(sch, default_specification=DRAFT202012))
+        for name, sch in _documents().items()
+    )
+    sch = kind_schema(kind)
+    cls = jsonschema.Draft202012Validator
+    cls.check_schema(sch)
+    return cls(sch, registry=registry)
+
+
+def validate_kind(kind: str, document: Any) -> list[str]:
+    """Every problem of a manifest `document` of `kind`, as sentences naming the field
+    (e.g. "spec.failover: must be of type boolean, got str"); [] when valid."""
+    validator = _kind_validator(kind)
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
+    return [_say(e) for e in errors]
