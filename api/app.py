@@ -11,11 +11,11 @@ from typing import Any
 
 import tornado.web
 
-from api import compute, identity
+from api import compute, identity, status
 from api.base import AppContext, NotFoundHandler
 
 PREFIX = "/api/v1"
-MODULES = [identity, compute]
+MODULES = [identity, compute, status]
 
 
 def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:

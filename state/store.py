@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from state.compute import ComputeStore
 from state.identity import IdentityStore
+from state.status import StatusStore
 
 
-class Store(IdentityStore, ComputeStore):
+class Store(IdentityStore, ComputeStore, StatusStore):
     """Facade over the database opened by `state.db.open_database`."""
 
     def __init__(self, *, session_timeout: int = 180, limits: dict | None = None) -> None:
