@@ -63,7 +63,8 @@ def setup_logging(settings: dict[str, Any], *, to_file: bool = True) -> None:
 def open_store(settings: dict[str, Any]) -> Store:
     os.makedirs(settings["data_dir"], exist_ok=True)
     open_database(database_url(settings.get("database"), settings["data_dir"]))
-    return Store(session_timeout=int(settings["session_timeout"]), limits=settings["limits"])
+    return Store(session_timeout=int(settings["session_timeout"]), limits=settings["limits"],
+                 data_dir=settings["data_dir"])
 
 
 class Server:
@@ -72,6 +73,7 @@ class Server:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = settings
         self.store = open_store(settings)
+        self.store.ensure_default_templates()
         self.controller = build_controller(self.store, settings)
         enqueue = self.controller.enqueue if self.controller else (lambda key: None)
         self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings)

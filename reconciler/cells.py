@@ -277,6 +277,7 @@ class CellReconciler:
             if name in pools and not pools[name]["active"]:
                 pools[name]["error"] = error
         facts = gather_facts(link.shell, [spec.storage_path])  # after the pool made the path
+        networks = self._networks(hv, spec)
         domains = hv.list_domains()
 
         counters = asdict(facts.counters)
@@ -332,11 +333,27 @@ class CellReconciler:
                 "warnings": list(facts.warnings),
             },
             "storage_pools": [{"name": name, **state} for name, state in sorted(pools.items())],
+            "networks": networks,
             "domains": len(domains),
             "unowned_domains": sorted(d.name for d in domains if d.owned_id is None),
             "owned_domains": {d.owned_id: d.state for d in domains if d.owned_id},
         }
         return observed, actions
+
+    def _networks(self, hv: Any, spec: CellSpec) -> list[dict[str, Any]]:
+        """Guests of a pool without an address pool use libvirt's `default` NAT network:
+        a cell in such a pool gets it started (the one libvirt object we start without
+        owning it; we never change its definition). Address pool networks are the
+        network reconciler's."""
+        from reconciler.drivers.networks import ensure_started, network_state
+
+        if not spec.pool or spec.address_pool:
+            return []
+        if network_state(hv, "default") is None:
+            return [{"name": "default", "active": False,
+                     "error": "libvirt's default network is not defined on this cell"}]
+        state = ensure_started(hv, "default")
+        return [{"name": "default", "active": state.active, "error": state.error}]
 
     def _pool_states(self, hv: Any, spec: CellSpec) -> dict[str, dict[str, Any]]:
         states: dict[str, dict[str, Any]] = {}

@@ -7,6 +7,7 @@ from typing import Any
 
 from reconciler.cells import CellConnections, CellReconciler
 from reconciler.contract import Key
+from reconciler.guests import GuestReconciler
 from reconciler.loop import Controller
 
 
@@ -30,6 +31,8 @@ def build(store: Any, settings: dict[str, Any]) -> Controller:
         CellReconciler(store, connections, enqueue,
                        offline_after=int(conf.get("offline_after", 3)),
                        probe_seconds=float(conf.get("probe_seconds", 10))),
+        GuestReconciler(store, connections, enqueue,
+                        poll_seconds=float(conf.get("guest_poll_seconds", 15))),
     ]
     controller = Controller(reconcilers, workers=int(conf.get("workers", 4)),
                             resync_seconds=float(conf.get("resync_seconds", 30)))

@@ -48,6 +48,7 @@ class CellSpec:
     storage_path: str
     bridge: str
     shared_storage: tuple[dict[str, str], ...] = ()
+    address_pool: str = ""  # the compute pool's address pool, "" = libvirt's default network
     deleting: bool = False
     observed: dict[str, Any] = field(default_factory=dict)
 
@@ -342,8 +343,10 @@ class ComputeStore:
             return None
         spec = row.spec or {}
         shared: list[dict[str, str]] = []
+        address_pool = ""
         if row.pool:
             pool = ComputePool.get_or_none(ComputePool.name == row.pool)
+            address_pool = pool.network if pool else ""
             if pool and pool.storage:
                 sp = StoragePool.get_or_none(StoragePool.name == pool.storage)
                 if sp:
@@ -355,6 +358,7 @@ class ComputeStore:
             ssh=dict(spec.get("ssh") or {}), virt_type=spec.get("virt_type", "kvm"),
             storage_path=spec.get("storage_path", DEFAULT_STORAGE_PATH),
             bridge=spec.get("bridge", ""), shared_storage=tuple(shared),
+            address_pool=address_pool,
             deleting=row.deleting, observed=dict(row.observed or {}),
         )
 

@@ -6,14 +6,24 @@ each lives in its own module of `state/` and works on the models of `state/model
 
 from __future__ import annotations
 
+from state.batches import BatchStore
 from state.compute import ComputeStore
+from state.guest_changes import GuestChangeStore
 from state.identity import IdentityStore
+from state.images import ImageStore
+from state.networks import NetworkStore
+from state.replicas import ReplicaStore
+from state.snapshots import SnapshotStore
 from state.status import StatusStore
+from state.templates import TemplateStore
 
 
-class Store(IdentityStore, ComputeStore, StatusStore):
+class Store(IdentityStore, ComputeStore, ImageStore, NetworkStore, GuestStore, SnapshotStore,
+            TemplateStore, BatchStore, StatusStore, ReplicaStore):
     """Facade over the database opened by `state.db.open_database`."""
 
-    def __init__(self, *, session_timeout: int = 180, limits: dict | None = None) -> None:
+    def __init__(self, *, session_timeout: int = 180, limits: dict | None = None,
+                 data_dir: str = "") -> None:
         self.session_timeout = session_timeout
+        self.data_dir = data_dir
         self.limits = {"max_cores": 24, "max_memory": 32, "max_disk": 64, **(limits or {})}

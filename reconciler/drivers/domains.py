@@ -147,6 +147,14 @@ class LibvirtGuests:
     def reset(self, name: str) -> None:
         self._call(f"reset {name}", lambda c: self._dom(c, name).reset(0))
 
+    def autostart(self, name: str) -> bool:
+        return bool(self._call(f"autostart of {name}",
+                               lambda c: self._dom(c, name).autostart()))
+
+    def set_autostart(self, name: str, enable: bool) -> None:
+        self._call(f"set autostart of {name}",
+                   lambda c: self._dom(c, name).setAutostart(1 if enable else 0))
+
     # -- live and persistent changes --------------------------------------------------------
 
     @staticmethod
@@ -283,6 +291,11 @@ class LibvirtGuests:
             return self._call(f"read volume {pool}/{name}", read)
         except NotFound:
             return None
+
+    def refresh_pool(self, pool: str) -> None:
+        """Re-read a pool's volumes (after a file changed behind libvirt's back)."""
+        self._call(f"refresh pool {pool}",
+                   lambda c: c.storagePoolLookupByName(pool).refresh(0))
 
     def volumes(self, pool: str) -> list[str]:
         def read(conn: libvirt.virConnect) -> list[str]:

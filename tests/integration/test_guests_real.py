@@ -1,0 +1,240 @@
+"""Guests on real QEMU (TCG) through the API, on the local libvirtd: create with an empty
+disk and cloud-init, watch it run, every stop mode, changes visible in the domain XML, disk
+growth seen by qemu-img, snapshots, and a delete that leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import xml.etree.ElementTree as ET
+
+import libvirt
+import pytest
+
+from tests.api.test_compute import until
+
+pytestmark = pytest.mark.integration
+MiB = 1 << 20
+
+
+@pytest.fixture
+def settings(settings):
+    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 5,
+                              "probe_seconds": 1, "offline_after": 3,
+                              "guest_poll_seconds": 1}
+    return settings
+
+
+@pytest.fixture
+def system():
+    try:
+        conn = libvirt.open("qemu:///system")
+    except libvirt.libvirtError as exc:
+        pytest.skip(f"qemu:///system is not reachable here: {exc}")
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def cell(api, io_loop, server, system, qemu_dir):
+    """The local libvirtd as cell 'local-g' in compute pool 'gp'; afterwards every libvirt
+    object it made is removed (once the reconciler stopped)."""
+    async def setup():
+        await api.ok("POST", "/cells/local-g", {"libvirt_uri": "qemu:///system",
+                                                "virt_type": "qemu",
+                                                "storage_path": str(qemu_dir / "pool")})
+        await until(lambda: _alive(api, "local-g"), timeout=30, what="cell alive")
+        await api.ok("POST", "/compute_pools/gp", {})
+        await api.ok("POST", "/compute_pool_cells/gp/local-g", {})
+
+    default = _default_network(system)
+    was = (default.isActive(), default.autostart()) if default else None
+    io_loop.run_sync(setup)
+    yield "local-g"
+    if server.controller:
+        server.controller.stop(10.0)
+    for dom in system.listAllDomains():
+        if dom.name().startswith("nano-") and _ours(dom, qemu_dir):
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+    try:
+        pool = system.storagePoolLookupByName("nano-local-g")
+        for vol in pool.listAllVolumes():
+            vol.delete(0)
+        pool.destroy()
+        pool.undefine()
+    except libvirt.libvirtError:
+        pass
+    default = _default_network(system)
+    if default is not None and was is not None:  # as the test found it
+        default.setAutostart(int(was[1]))
+        if default.isActive() and not was[0]:
+            default.destroy()
+
+
+def _default_network(system):
+    try:
+        return system.networkLookupByName("default")
+    except libvirt.libvirtError:
+        return None
+
+
+def _ours(dom, qemu_dir) -> bool:
+    return str(qemu_dir) in dom.XMLDesc(0) or "nano-local-g" in dom.XMLDesc(0)
+
+
+async def _alive(api, name):
+    rec = await api.ok("GET", f"/cells/{name}")
+    return rec if rec["alive"] else None
+
+
+def guest_body(name, **extra):
+    body = {"name": name, "owner": "admin", "group": "admin", "pool": "gp", "cores": 1,
+            "memory": 128 * MiB, "disks": [64 * MiB], "auto_start": False, "template": "",
+            "modules": ["cloud-init"],
+            "cloud_init": {"root_enabled": True, "admin_name": "nano",
+                           "admin_secret": "Secret-pass1", "data_path": "/opt/data"},
+            "qos": {"cpu_priority": "medium", "write_speed": 0, "write_iops": 0,
+                    "read_speed": 0, "read_iops": 0, "receive_speed": 0, "send_speed": 0}}
+    body.update(extra)
+    return body
+
+
+async def created(api, guest_id):
+    async def check():
+        reply = await api.call("GET", f"/guests/{guest_id}")
+        assert reply.code == 0, reply.message
+        if reply.data.get("error"):
+            raise AssertionError(f"creation failed: {reply.data['error']}")
+        return reply.data if reply.status == 200 and reply.data["created"] else None
+
+    return await until(check, timeout=90, what="guest created")
+
+
+async def instance(api, guest_id, running: bool):
+    async def check():
+        data = await api.ok("GET", f"/instances/{guest_id}")
+        return data if data["running"] is running else None
+
+    return await until(check, timeout=60, what=f"guest running={running}")
+
+
+def domain(system, guest_id):
+    return system.lookupByName(f"nano-{guest_id}")
+
+
+def qemu_img_size(path: str) -> int:
+    out = subprocess.run(["qemu-img", "info", "--output=json", "-U", path],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["virtual-size"]
+
+
+@pytest.mark.gen_test(timeout=300)
+async def test_guest_lifecycle_on_real_qemu(api, cell, system):
+    reply = await api.call("POST", "/guests/", guest_body("g1"))
+    assert reply.status == 202 and reply.code == 0, reply.message
+    gid = reply.data["id"]
+    first = await api.call("GET", f"/guests/{gid}")
+    assert first.status in (200, 201)
+
+    data = await created(api, gid)
+    assert data["name"] == "g1" and data["cell"] == "local-g" and data["disks"] == [64 * MiB]
+    dom = domain(system, gid)
+    xml = ET.fromstring(dom.XMLDesc(0))
+    assert xml.findtext("vcpu").strip() in ("2", "1")
+    assert xml.find("devices/vcpu") is None
+    assert "org.qemu.guest_agent.0" in dom.XMLDesc(0)
+    pool = system.storagePoolLookupByName("nano-local-g")
+    names = {v.name() for v in pool.listAllVolumes()}
+    assert {f"nano-{gid}-disk0", f"nano-{gid}-seed.iso"} <= names
+
+    # start, and watch it run
+    await api.ok("POST", f"/instances/{gid}", {})
+    running = await instance(api, gid, True)
+    assert dom.isActive() and running["display_protocol"] == "vnc"
+    assert running["internal"]["display_address"].startswith("127.0.0.1:")
+
+    # reboot and reset keep it running; force stop powers it off
+    await api.ok("DELETE", f"/instances/{gid}", {"reboot": True, "force": False})
+    await api.ok("DELETE", f"/instances/{gid}", {"reboot": True, "force": True})
+    assert (await api.ok("GET", f"/instances/{gid}"))["running"] is True
+    await api.ok("DELETE", f"/instances/{gid}", {"reboot": False, "force": True})
+    await instance(api, gid, False)
+    assert not dom.isActive()
+    # ACPI shutdown of a stopped guest is refused
+    refused = await api.call("DELETE", f"/instances/{gid}", {"reboot": False, "force": False})
+    assert refused.code == 409
+
+    # changes while stopped land in the definition
+    await api.ok("PUT", f"/guests/{gid}/cores", {"cores": 2, "immediate": False})
+    await api.ok("PUT", f"/guests/{gid}/memory", {"memory": 192 * MiB, "immediate": False})
+    await api.ok("PUT", f"/guests/{gid}/qos/cpu/", {"priority": "high"})
+    await api.ok("PUT", f"/guests/{gid}/qos/disk/", {"write_speed": 2 * MiB, "write_iops": 200,
+                                                     "read_speed": 1 * MiB, "read_iops": 100})
+    await api.ok("PUT", f"/guests/{gid}/disks/resize/0", {"size": 96 * MiB})
+    await api.ok("PUT", f"/guests/{gid}/auto_start", {"enable": True})
+
+    def converged():
+        x = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        vcpus = int(x.find("vcpu").get("current") or x.findtext("vcpu"))
+        shares = x.findtext("cputune/shares")
+        tune = x.find("devices/disk/iotune")
+        return (vcpus == 2 and int(x.findtext("currentMemory")) == 192 * 1024
+                and shares == "2000" and tune is not None
+                and tune.findtext("read_bytes_sec") == str(1 * MiB)
+                and tune.findtext("write_bytes_sec") == str(2 * MiB)
+                and tune.findtext("write_iops_sec") == "200" and dom.autostart() == 1)
+
+    async def xml_converged():
+        return converged()
+
+    await until(xml_converged, timeout=30, what="domain XML shows the changes")
+    vol = pool.storageVolLookupByName(f"nano-{gid}-disk0")
+
+    async def grown():
+        return qemu_img_size(vol.path()) == 96 * MiB
+
+    await until(grown, timeout=30, what="disk grown")
+    smaller = await api.call("PUT", f"/guests/{gid}/disks/resize/0", {"size": 32 * MiB})
+    assert smaller.code == 400
+
+    # snapshots of the stopped guest
+    await api.ok("POST", f"/instances/{gid}/snapshots/", {"name": "s1", "description": "one"})
+
+    async def snapshot_made(name):
+        async def check():
+            return name in [s.getName() for s in dom.listAllSnapshots()]
+        return await until(check, timeout=30, what=f"snapshot {name}")
+
+    await snapshot_made("s1")
+    await api.ok("POST", f"/instances/{gid}/snapshots/", {"name": "s2", "description": "two"})
+    await snapshot_made("s2")
+    tree = await api.ok("GET", f"/instances/{gid}/snapshots/")
+    assert tree["s1"].get("is_root") is True and tree["s2"]["backing"] == "s1"
+    info = await api.ok("GET", f"/instances/{gid}/snapshots/s1")
+    assert info["description"] == "one" and info["running"] is False
+    await api.ok("PUT", f"/instances/{gid}/snapshots/", {"target": "s1"})
+
+    async def restored():
+        return dom.snapshotCurrent().getName() == "s1"
+
+    await until(restored, timeout=30, what="snapshot s1 current")
+    await api.ok("DELETE", f"/instances/{gid}/snapshots/s2")
+
+    async def s2_gone():
+        return [s.getName() for s in dom.listAllSnapshots()] == ["s1"]
+
+    await until(s2_gone, timeout=30, what="snapshot s2 deleted")
+
+    # delete: nothing of it stays behind
+    await api.ok("DELETE", f"/guests/{gid}", {"force": True})
+
+    async def gone():
+        reply = await api.call("GET", f"/guests/{gid}")
+        return reply.code == 404
+
+    await until(gone, timeout=60, what="guest deleted")
+    assert f"nano-{gid}" not in [d.name() for d in system.listAllDomains()]
+    pool.refresh(0)
+    assert not [v.name() for v in pool.listAllVolumes() if gid in v.name()]
