@@ -653,6 +653,7 @@ GUEST_REPLACE_FIELDS = ("owner", "group", "system", "template", "modules", "clou
 GUEST_RESTART_FIELDS = ("cores", "memory")
 GUEST_FIELDS = ("pool", *GUEST_RESTART_FIELDS, "disks", "auto_start", "from_image", "qos",
                 *GUEST_REPLACE_FIELDS)
+GUEST_DELETE_WAIT = 120.0  # seconds a delete waits for the reconciler to remove a guest
 QOS_ROUTES = {"cpu_priority": "cpu", "write_speed": "disk", "write_iops": "disk",
               "read_speed": "disk", "read_iops": "disk", "receive_speed": "network",
               "send_speed": "network"}
@@ -833,8 +834,8 @@ class GuestKind(IdKind):
                fields: list[str], ctx: ApplyContext) -> None:
         classes = {f: self.classify(f, found.spec.get(f), spec.get(f))[0] for f in fields}
         if Effect.REPLACE in classes.values():
-            self.delete(client, name, found, ctx)
-            self._wait_gone(client, found.id, max(ctx.wait_seconds, 300.0))
+            client.ok("DELETE", self.path(found.id), {"force": True})
+            self._wait_gone(client, found.id, max(ctx.wait_seconds, GUEST_DELETE_WAIT))
             self.create(client, name, spec, ctx)
             return
         ident = p(found.id)
@@ -877,12 +878,18 @@ class GuestKind(IdKind):
         deadline = time.monotonic() + seconds
         while client.call("GET", self.path(ident)).code != 404:
             if time.monotonic() >= deadline:
-                raise ManifestError(f"guest {ident} was not deleted within {seconds:.0f} s: "
-                                    "cannot create its replacement yet")
+                raise ManifestError(f"guest {ident} is still being deleted after {seconds:.0f} s "
+                                    "(the reconciler removes it)")
             time.sleep(1.0)
 
     def delete(self, client: NanoClient, name: str, found: Found, ctx: ApplyContext) -> None:
+        """Delete (stopping it first) and wait until the reconciler removed it, so what it
+        used (its cell, pool, addresses) can be deleted next."""
         client.ok("DELETE", self.path(found.id), {"force": True})
+        try:
+            self._wait_gone(client, found.id, max(ctx.wait_seconds, GUEST_DELETE_WAIT))
+        except ManifestError as exc:
+            ctx.notes.append(f"Guest/{name}: {exc}")
 
     def export(self, found: Found) -> dict[str, Any]:
         spec = dict(found.spec)

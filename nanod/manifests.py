@@ -154,6 +154,8 @@ def _document(raw: Any, where: str, base: Path, env: Mapping[str, str]
     checked = dict(raw)
     if state == "present":
         checked.setdefault("spec", {})
+    elif isinstance(raw.get("spec"), dict):  # an absent resource needs only its scope
+        checked.pop("spec")
     try:
         errors = specs.validate_kind(kind, checked)
     except KeyError as exc:
@@ -370,9 +372,10 @@ def apply(client: NanoClient, docs: Sequence[Document], *, check: bool = False,
         else:
             outcome, what = execute(client, planner, planned)
         report.items.append((planned, outcome, what))
-        where = f" ({doc.source})" if outcome is Outcome.FAILED else ""
-        line = f"{outcome.value:<8}{doc.label:<{width}}{where}"
-        print(f"{line}  {what}".rstrip() if what else line.rstrip(), file=out)
+        if outcome is Outcome.FAILED:
+            what = f"{what} [{doc.source}]"
+        line = f"{outcome.value:<8}{doc.label:<{width}}  {what}"
+        print(line.rstrip(), file=out)
         if diff and planned.actions and outcome is not Outcome.FAILED:
             for text in diff_lines(planned):
                 print(text, file=out)
