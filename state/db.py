@@ -34,8 +34,10 @@ class ImmediateSqliteDatabase(peewee.SqliteDatabase):
     locked" when another connection wrote in between (SQLite cannot wait on it without
     risking a deadlock); BEGIN IMMEDIATE waits for the lock (busy_timeout) instead."""
 
-    def atomic(self, lock_type: str | None = None) -> Any:
-        return super().atomic(lock_type=lock_type or "IMMEDIATE")
+    def begin(self, lock_type: str | None = None) -> Any:
+        # `begin`, not `atomic`: the models reach us through a DatabaseProxy, whose
+        # atomic() never calls ours
+        return super().begin(lock_type=lock_type or "IMMEDIATE")
 
 
 def open_database(url: str) -> peewee.Database:
