@@ -11,11 +11,23 @@ from typing import Any
 
 import tornado.web
 
-from api import compute, identity, status
+from api import (
+    batches,
+    compute,
+    console,
+    guests,
+    identity,
+    images,
+    networks,
+    policies,
+    status,
+    templates,
+)
 from api.base import AppContext, NotFoundHandler
 
 PREFIX = "/api/v1"
-MODULES = [identity, compute, status]
+MODULES = [identity, compute, images, networks, policies, guests, templates, batches, status,
+           console]
 
 
 def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:

@@ -77,6 +77,11 @@ class Server:
         self.controller = build_controller(self.store, settings)
         enqueue = self.controller.enqueue if self.controller else (lambda key: None)
         self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings)
+        if self.controller is not None:
+            from reconciler.console import make_console_opener
+
+            self.ctx.extras["open_console"] = make_console_opener(
+                self.store, self.controller.connections)
         self.app = make_app(self.ctx, log_function=access_log)
         self.http: tornado.httpserver.HTTPServer | None = None
         self.port = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from state.batches import BatchStore
 from state.compute import ComputeStore
+from state.console import ConsoleStore
 from state.guest_changes import GuestChangeStore
 from state.identity import IdentityStore
 from state.images import ImageStore
@@ -18,8 +19,8 @@ from state.status import StatusStore
 from state.templates import TemplateStore
 
 
-class Store(IdentityStore, ComputeStore, ImageStore, NetworkStore, GuestStore, SnapshotStore,
-            TemplateStore, BatchStore, StatusStore, ReplicaStore):
+class Store(IdentityStore, ComputeStore, ImageStore, NetworkStore, GuestChangeStore,
+            SnapshotStore, TemplateStore, BatchStore, StatusStore, ReplicaStore, ConsoleStore):
     """Facade over the database opened by `state.db.open_database`."""
 
     def __init__(self, *, session_timeout: int = 180, limits: dict | None = None,

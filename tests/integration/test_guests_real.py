@@ -4,6 +4,7 @@ growth seen by qemu-img, snapshots, and a delete that leaves nothing behind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import xml.etree.ElementTree as ET
@@ -238,3 +239,50 @@ async def test_guest_lifecycle_on_real_qemu(api, cell, system):
     assert f"nano-{gid}" not in [d.name() for d in system.listAllDomains()]
     pool.refresh(0)
     assert not [v.name() for v in pool.listAllVolumes() if gid in v.name()]
+
+
+@pytest.mark.gen_test(timeout=300)
+async def test_console_channel_reads_the_vnc_greeting(api, cell, server, monkeypatch):
+    from tornado.websocket import websocket_connect
+
+    from api import console as console_module
+
+    body = guest_body("con1", modules=[])
+    del body["cloud_init"]
+    gid = (await api.ok("POST", "/guests/", body))["id"]
+    await created(api, gid)
+    refused = await api.call("POST", "/monitor_channels/", {"guest": gid})
+    assert refused.code == 409 and "start it" in refused.message
+    await api.ok("POST", f"/instances/{gid}", {})
+    await instance(api, gid, True)
+
+    async def channel_when_displayed():
+        reply = await api.call("POST", "/monitor_channels/", {"guest": gid})
+        return reply.data if reply.code == 0 else None
+
+    chan = await until(channel_when_displayed, timeout=30, what="monitor channel")
+    assert chan["protocol"] == "vnc" and len(chan["password"]) == 8 and chan["username"] == ""
+    url = f"ws://127.0.0.1:{server.port}/monitor_channels/{chan['id']}"
+    conn = await websocket_connect(url)  # no subprotocol offered, like the portal's noVNC
+    greeting = await conn.read_message()
+    assert isinstance(greeting, bytes) and greeting.startswith(b"RFB 003.00")
+    assert conn.selected_subprotocol is None
+    conn.close()
+
+    again = await websocket_connect(url)  # single use: the second attempt is closed
+    assert await again.read_message() is None
+
+    monkeypatch.setattr(console_module, "CHANNEL_TTL", 0.2)
+    chan = (await api.ok("POST", "/monitor_channels/", {"guest": gid}))
+    await asyncio.sleep(0.5)
+    late = await websocket_connect(f"ws://127.0.0.1:{server.port}/api/v1/monitor_channels/"
+                                   f"{chan['id']}", subprotocols=["binary"])
+    assert await late.read_message() is None
+
+    chan = (await api.ok("POST", "/monitor_channels/", {"guest": gid}))
+    binary = await websocket_connect(f"ws://127.0.0.1:{server.port}/api/v1/monitor_channels/"
+                                     f"{chan['id']}", subprotocols=["binary"])
+    assert binary.selected_subprotocol == "binary"
+    assert (await binary.read_message()).startswith(b"RFB 003.00")
+    binary.close()
+    await api.ok("DELETE", f"/guests/{gid}", {"force": True})
