@@ -278,6 +278,7 @@ class CellReconciler:
                 pools[name]["error"] = error
         facts = gather_facts(link.shell, [spec.storage_path])  # after the pool made the path
         networks = self._networks(hv, spec)
+        actions += self._drop_unused_images(hv, spec)
         domains = hv.list_domains()
 
         counters = asdict(facts.counters)
@@ -339,6 +340,25 @@ class CellReconciler:
             "owned_domains": {d.owned_id: d.state for d in domains if d.owned_id},
         }
         return observed, actions
+
+    def _drop_unused_images(self, hv: Any, spec: CellSpec) -> list[Action]:
+        """Cached image copies nobody needs any more (old versions, images deleted, no guest
+        being created from them, media not inserted) are removed from the cell."""
+        from reconciler.drivers.domains import LibvirtGuests
+
+        unused = getattr(self.store, "unused_replicas", None)
+        if unused is None:
+            return []
+        drv = LibvirtGuests(hv)
+        done = []
+        for replica in unused(spec.name):
+            pool, _, volume = replica["volume"].partition("/")
+            drv.delete_volume(pool, volume)
+            self.store.forget_replica(replica["image"], replica["version"], spec.name)
+            done.append(Action(Verb.DELETE, Key("volume", replica["volume"]), {
+                "image": replica["image"], "version": replica["version"]}, None,
+                reason="cached image no longer used"))
+        return done
 
     def _networks(self, hv: Any, spec: CellSpec) -> list[dict[str, Any]]:
         """Guests of a pool without an address pool use libvirt's `default` NAT network:

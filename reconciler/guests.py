@@ -198,7 +198,7 @@ class GuestReconciler:
             self._record_error(desired, exc, conditions)
             if not desired.observed.get("created"):
                 return Result(note=f"failed: {exc.message}")
-            return Result(requeue_after=self.poll_seconds, note=f"error: {exc.message}")
+            raise  # an existing guest: retried with backoff
         wait = self.poll_seconds
         if any(c["type"] == "AgentReady" and not c["status"] for c in conditions):
             wait = self.agent_retry_seconds
@@ -476,8 +476,19 @@ class GuestReconciler:
     def _start(self, desired: Any, drv: Any, place: Placement) -> None:
         """Start; a pending one-time boot (media or PXE) is used by this start only: the
         domain is defined with that boot order, started, and defined back."""
+        from reconciler.drivers.networks import ensure_started, network_state
+
         spec, obs = desired.spec, desired.observed
         name = domain_name(desired.id)
+        if place.network and desired.interfaces:
+            state = network_state(drv.hv, place.network)
+            if state is None:
+                raise Unavailable(f"network {place.network} is not defined on cell "
+                                  f"{desired.cell} yet")
+            if not state.active:
+                state = ensure_started(drv.hv, place.network)
+                if not state.active:
+                    raise Permanent(f"network {place.network} cannot start: {state.error}")
         once = spec.get("boot_once") or None
         if once and str(once.get("request")) != str(obs.get("boot_once_request")):
             max_vcpus = max(int(obs.get("max_vcpus") or 0), int(spec["cores"]))
