@@ -22,14 +22,15 @@ from typing import Any
 
 import peewee
 
-# The one check of a rule lives with the renderer that must accept it; it is pure (no I/O),
-# so the store may use it although state/ otherwise never imports the reconciler.
-from reconciler.firewall import ACTIONS
-from reconciler.firewall import validate_rule as firewall_rule
 from state.db import db
 from state.errors import Conflict, Forbidden, Invalid, NotFound
 from state.identity import SessionInfo
 from state.models import Guest, GuestPolicy, SecurityPolicyGroup, User, UserGroup, now
+
+# The one check of a rule lives with the renderer that must accept it; it is pure (no I/O),
+# so the store may use it although state/ otherwise never imports the reconciler.
+from state.rules import ACTIONS
+from state.rules import validate_rule as firewall_rule
 
 DIRECTIONS = ("up", "down")
 ADMIN_TAG = "user"

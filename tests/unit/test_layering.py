@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 IO_LIBRARIES = {"libvirt", "paramiko", "peewee", "playhouse", "tornado", "subprocess", "socket"}
 PURE_MODULES = ["reconciler/contract.py", "reconciler/guest_xml.py", "reconciler/cloudinit.py",
+                "state/rules.py",
                 "reconciler/firewall.py"]
 
 
@@ -58,3 +59,8 @@ def test_planners_and_renderers_import_no_io_library():
         path = ROOT / rel
         if path.exists():
             assert not top(imports(path)) & IO_LIBRARIES, path
+
+
+def test_state_imports_neither_api_nor_reconciler():
+    for path in sources("state"):
+        assert not top(imports(path)) & {"api", "reconciler", "nanod"}, path
