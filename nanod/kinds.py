@@ -688,7 +688,7 @@ class GuestKind(IdKind):
 
     def rows(self, client: NanoClient, pool: str = "") -> list[dict[str, Any]]:
         query = f"?pool={p(pool)}" if pool else ""
-        return list(client.ok("GET", f"/guest_search/{query}") or [])
+        return list(client.get(f"/guest_search/{query}") or [])  # no such pool: no guests
 
     def names(self, client: NanoClient) -> list[str]:
         return [r["name"] for r in self.rows(client)]

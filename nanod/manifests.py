@@ -498,6 +498,17 @@ def wait(client: NanoClient, docs: Sequence[Document], seconds: float, *,
 # -- export -----------------------------------------------------------------------------------
 
 
+def spec_fields(kind: str) -> set[str]:
+    """The fields a manifest `spec` of `kind` may carry (its own and those of an API schema
+    it reuses whole by $ref)."""
+    spec = specs.kind_schema(kind)["properties"]["spec"]
+    fields = set(spec.get("properties") or {})
+    ref = spec.get("$ref", "")
+    if ref.startswith(specs.KIND_REF_PREFIX) and "#" not in ref:
+        fields |= set(specs.schema(ref[len(specs.KIND_REF_PREFIX):]).get("properties") or {})
+    return fields
+
+
 def export_documents(client: NanoClient, kinds: Sequence[str] | None = None) -> list[dict]:
     """The current desired state as manifest documents that apply back unchanged."""
     out: list[dict] = []
@@ -505,13 +516,9 @@ def export_documents(client: NanoClient, kinds: Sequence[str] | None = None) -> 
         ad = adapter(kind)
         if not ad.available(client):
             continue
-        allowed = set(specs.kind_schema(kind)["properties"]["spec"].get("properties") or {})
-        if not allowed:  # a spec by $ref: its fields are those the adapter reads
-            allowed = None
+        allowed = spec_fields(kind)
         for name, found in ad.listing(client):
-            spec = ad.export(found)
-            if allowed is not None:
-                spec = {k: v for k, v in spec.items() if k in allowed}
+            spec = {k: v for k, v in ad.export(found).items() if k in allowed}
             out.append({"kind": kind, "name": name, "spec": spec})
     return out
 
