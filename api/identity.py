@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 
 from api.base import NanoHandler, query_int, sleep
-from state.errors import Forbidden, Invalid, NanoError, NotFound, Unauthorized
+from state.errors import Forbidden, Invalid, NanoError, NotFound
 from state.identity import TIME_FORMAT
 
 
@@ -38,7 +38,12 @@ class SystemHandler(NanoHandler):
 
 
 class SessionsHandler(NanoHandler):
-    public = True  # login; the GET below checks its session itself
+    read_menu = "user"  # listing every live session is for administrators
+
+    def prepare(self) -> None:
+        if self.request.method == "POST":
+            self.public = True  # the login itself needs no session
+        super().prepare()
 
     async def post(self) -> None:
         spec = self.body("login")
@@ -65,11 +70,6 @@ class SessionsHandler(NanoHandler):
         })
 
     def get(self) -> None:
-        self.session = self.store.session(self.request.headers.get("Nano-Session", ""))
-        if self.session is None:
-            raise Unauthorized("session expired or unknown: log in again")
-        if not self.session.allows("user"):
-            raise Forbidden("listing sessions needs the 'user' menu tag (administrators)")
         self.reply(self.store.list_sessions())
 
     @property
@@ -78,9 +78,15 @@ class SessionsHandler(NanoHandler):
 
 
 class SessionHandler(NanoHandler):
+    def log_path(self) -> str:
+        return "/api/v1/sessions/***"  # the path carries a bearer token
+
     def put(self, token: str) -> None:
-        if token != self.session.token and not self.session.allows("user"):
+        own = token == self.session.token
+        if not own and not self.session.allows("user"):
             raise Forbidden("you may keep alive only your own session")
+        if not own and self.store.session(token) is None:
+            raise NotFound("no such live session")
         self.store.extend_session(token)
         self.quiet()  # keep-alives every minute would flood the log
         self.reply()
@@ -227,7 +233,14 @@ class PasswordHandler(NanoHandler):
         if name != self.user and not self.session.allows("user"):
             raise Forbidden("you may change only your own password")
         spec = self.body("password_change")
-        await self.blocking(self.store.change_password, name, spec["old"], spec["new"])
+        # A wrong old password is a guess like a failed login: slowed down the same way.
+        keys = (f"user:{name}", f"addr:{self.address}")
+        await sleep(self.ctx.throttle.delay(*keys))
+        try:
+            await self.blocking(self.store.change_password, name, spec["old"], spec["new"])
+        except Forbidden:
+            self.ctx.throttle.failed(*keys)
+            raise
         self.audit(f"changed the password of {name}")
         self.reply()
 

@@ -38,6 +38,7 @@ MENU_TAGS = (
     "log",
     "visibility",
 )
+VISIBILITY_FLAGS = ("instance_visible", "media_image_visible", "disk_image_visible")
 NAME_RULE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -184,36 +185,52 @@ class IdentityStore:
 
     def session(self, token: str) -> SessionInfo | None:
         """The live session for a bearer token, or None if unknown or expired. A SHA-256
-        lookup, no password hashing."""
+        lookup, no password hashing: two indexed queries (session with its user's group,
+        then the group's role menus)."""
         if not token:
             return None
+        # Plain tuples: selecting User columns into model rows would overwrite the
+        # session's `user` foreign key with the (unselected, None) User primary key.
         row = (
-            Session.select(Session, User.group)
+            Session.select(
+                Session.handle, Session.user, Session.address, Session.timeout,
+                Session.expires, User.group, UserGroup.instance_visible,
+                UserGroup.media_image_visible, UserGroup.disk_image_visible,
+            )
             .join(User)
+            .join(UserGroup, peewee.JOIN.LEFT_OUTER)
             .where(Session.token_hash == token_digest(token))
+            .tuples()
             .first()
         )
-        if row is None or row.expires < time.time():
+        if row is None:
             return None
-        group = row.user.group_id or ""
-        return self._session_info(
-            token, row.handle, row.user_id, group, row.address, row.timeout, row.expires
-        )
+        handle, user, address, timeout, expires, group, *flags = row
+        if expires < time.time():
+            return None
+        visibility = dict(zip(VISIBILITY_FLAGS, map(bool, flags), strict=True)) if group else {}
+        return SessionInfo(token, handle, user, group or "", self._menu(group), address,
+                           timeout, expires, visibility)
+
+    def _menu(self, group: str | None) -> tuple[str, ...]:
+        """The union of the menus of a group's roles, in MENU_TAGS order."""
+        if not group:
+            return ()
+        roles = Role.select(Role.menu).join(GroupRole).where(GroupRole.group == group)
+        tags = {tag for role in roles for tag in role.menu}
+        return tuple(tag for tag in MENU_TAGS if tag in tags)
 
     def _session_info(
         self, token: str, handle: str, user: str, group: str, address: str, timeout: int,
         expires: float,
     ) -> SessionInfo:
-        menu: tuple[str, ...] = ()
         visibility: dict[str, bool] = {}
         if group:
-            roles = Role.select(Role.menu).join(GroupRole).where(GroupRole.group == group)
-            tags = {tag for role in roles for tag in role.menu}
-            menu = tuple(tag for tag in MENU_TAGS if tag in tags)
             grp = UserGroup.get_or_none(UserGroup.name == group)
             if grp is not None:
                 visibility = _visibility(grp)
-        return SessionInfo(token, handle, user, group, menu, address, timeout, expires, visibility)
+        return SessionInfo(token, handle, user, group, self._menu(group), address, timeout,
+                           expires, visibility)
 
     def extend_session(self, token: str) -> SessionInfo:
         info = self.session(token)
@@ -418,7 +435,8 @@ class IdentityStore:
         """Verify `old` and set `new` (call from a worker thread: argon2 is slow)."""
         row = self._user(name)
         if not verify_password(row.password_hash, old):
-            raise Unauthorized("the old password is wrong")
+            # 403, not 401: the caller's session is fine (401 makes clients log out)
+            raise Forbidden("the old password is wrong: give the current password as 'old'")
         check_password(new, "new password")
         User.update(password_hash=hash_password(new), modified_at=now()).where(
             User.name == name
@@ -430,11 +448,14 @@ class IdentityStore:
         return _visibility(self._group(group))
 
     def set_visibility(self, group: str, flags: dict[str, bool]) -> None:
+        unknown = sorted(set(flags) - set(VISIBILITY_FLAGS))
+        if unknown:
+            raise Invalid(f"unknown visibility flag(s) {', '.join(unknown)}: "
+                          f"choose from {', '.join(VISIBILITY_FLAGS)}")
         grp = self._group(group)
         # The portal sends only the flags that are true: a missing flag means false.
-        grp.instance_visible = bool(flags.get("instance_visible", False))
-        grp.media_image_visible = bool(flags.get("media_image_visible", False))
-        grp.disk_image_visible = bool(flags.get("disk_image_visible", False))
+        for flag in VISIBILITY_FLAGS:
+            setattr(grp, flag, bool(flags.get(flag, False)))
         grp.save()
 
     # -- logs ------------------------------------------------------------------------------
@@ -481,9 +502,13 @@ class IdentityStore:
             query = query.where(LogEntry.time <= before)
         total = query.count()
         rows = query.order_by(LogEntry.id.desc()).offset(start).limit(limit)
+        # id, time and content are the contract; who, from where and on which resource
+        # ride along for clients that want them (the portal ignores extra fields).
         return {
             "logs": [
-                {"id": r.id, "time": format_time(r.time), "content": r.content} for r in rows
+                {"id": r.id, "time": format_time(r.time), "content": r.content,
+                 "user": r.user, "address": r.address, "resource": r.resource}
+                for r in rows
             ],
             "total": total,
         }
@@ -495,8 +520,4 @@ class IdentityStore:
 
 
 def _visibility(grp: UserGroup) -> dict[str, bool]:
-    return {
-        "instance_visible": grp.instance_visible,
-        "media_image_visible": grp.media_image_visible,
-        "disk_image_visible": grp.disk_image_visible,
-    }
+    return {flag: bool(getattr(grp, flag)) for flag in VISIBILITY_FLAGS}

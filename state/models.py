@@ -109,7 +109,7 @@ class Session(Base):
     menu = JSONField(default=list)
     address = peewee.CharField(default="")
     timeout = peewee.IntegerField()
-    expires = peewee.FloatField(index=True)
+    expires = peewee.DoubleField(index=True)  # epoch seconds: REAL (float4) would round to minutes
     created_at = peewee.DateTimeField(default=now)
 
 

@@ -1,0 +1,131 @@
+"""A real `nanod serve` process, stopped with SIGTERM and started again: sessions, users and
+logs survive; the shutdown is clean (exit 0, "shutting down" in the log); the log file
+never holds a password or a session token.
+
+Runs on SQLite (the default file under --data-dir) and on PostgreSQL (--database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tornado.httpclient
+
+from tests.api.identity_helpers import PASSWORD, login_as
+from tests.conftest import ADMIN, ADMIN_PASSWORD, Api
+
+NANOD = str(Path(sys.executable).with_name("nanod"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Nanod:
+    """One `nanod serve` child process; its stdout and stderr go to a file beside the data."""
+
+    def __init__(self, data_dir: Path, port: int, database: str | None) -> None:
+        self.args = [NANOD, "serve", "--data-dir", str(data_dir), "--listen",
+                     f"127.0.0.1:{port}"]
+        if database:
+            self.args += ["--database", database]
+        self.url = f"http://127.0.0.1:{port}"
+        self.output = data_dir.parent / "nanod.out"
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        with open(self.output, "ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
+        client = tornado.httpclient.AsyncHTTPClient()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"nanod exited early:\n{self.output.read_text()}"
+            try:
+                await client.fetch(self.url + "/api/v1/system/", request_timeout=2)
+                return
+            except (OSError, tornado.httpclient.HTTPClientError):
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"nanod did not answer within 30 s:\n{self.output.read_text()}")
+
+    async def stop(self) -> int:
+        """SIGTERM, then the exit code (killed and failed after 20 s)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"nanod ignored SIGTERM:\n{self.output.read_text()}")
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def nanod(tmp_path, database):
+    """A nanod child on a free port; SQLite means the default file under --data-dir."""
+    pg = database if database.startswith("postgres") else None
+    daemon = Nanod(tmp_path / "data", free_port(), pg)
+    yield daemon
+    daemon.kill()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_sessions_users_and_logs_survive_a_restart(nanod, tmp_path):
+    await nanod.start()
+    api = Api(nanod.url)
+    await api.ok("POST", "/system/", {"user": ADMIN, "password": ADMIN_PASSWORD}, session="")
+    admin = await api.login()
+    await api.ok("POST", "/users/bob", {"password": PASSWORD, "nick": "Bob"})
+    await api.ok("POST", "/user_groups/admin/members/bob")
+    bob = await login_as(api, "bob")
+    await api.ok("POST", "/logs/", {"content": "written before the restart"})
+    logs_before = await api.ok("GET", "/logs/?limit=100")
+    # a failed login and an error on a path that carries a token: both reach the log file
+    assert (await api.call("POST", "/sessions/", {"user": "bob", "password": "Wr0ngGuess"},
+                           session="")).code == 401
+    assert (await api.call("GET", f"/sessions/{bob}", session="")).code == 401
+
+    assert await nanod.stop() == 0
+    await nanod.start()
+
+    # the same tokens still work: sessions are stored, not held in memory
+    assert await api.ok("GET", "/users/", session=admin) == [ADMIN, "bob"]
+    assert await api.ok("GET", "/users/bob", session=admin) == {"nick": "Bob", "mail": ""}
+    mine = await api.ok("GET", f"/sessions/{bob}", session=bob)
+    assert mine["user"] == "bob" and mine["group"] == "admin"
+    await api.ok("PUT", f"/sessions/{bob}", session=bob)
+    # passwords too, and the log kept every entry
+    await login_as(api, "bob")
+    logs_after = await api.ok("GET", "/logs/?limit=100", session=admin)
+    assert logs_after["total"] >= logs_before["total"] + 2  # failed login, bob's new login
+    kept = {e["id"]: e["content"] for e in logs_after["logs"]}
+    assert all(kept.get(e["id"]) == e["content"] for e in logs_before["logs"])
+    assert "written before the restart" in kept.values()
+
+    assert await nanod.stop() == 0
+
+    log_file = tmp_path / "data" / "nanod.log"
+    text = log_file.read_text()
+    assert text.count("shutting down") == 2
+    assert " 401 " in text or "-> 401" in text  # the failed requests were logged ...
+    for secret in (ADMIN_PASSWORD, PASSWORD, "Wr0ngGuess", admin, bob):
+        assert secret not in text  # ... without a password or a session token
+    if nanod.args.count("--database") == 0:
+        assert (tmp_path / "data" / "nano.db").exists()
+    assert os.path.getsize(log_file) > 0
