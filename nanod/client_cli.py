@@ -189,7 +189,10 @@ def table(docs: list[dict[str, Any]]) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     kinds = [_kind(args.kind)] if args.kind else None
     client = _connect(args)
-    print(manifests.dump(manifests.export_documents(client, kinds)), end="")
+    skipped: list[str] = []
+    print(manifests.dump(manifests.export_documents(client, kinds, skipped=skipped)), end="")
+    for reason in skipped:
+        print(f"nanod export: left out {reason}", file=sys.stderr)
     return 0
 
 

@@ -509,14 +509,24 @@ def spec_fields(kind: str) -> set[str]:
     return fields
 
 
-def export_documents(client: NanoClient, kinds: Sequence[str] | None = None) -> list[dict]:
-    """The current desired state as manifest documents that apply back unchanged."""
+def export_documents(client: NanoClient, kinds: Sequence[str] | None = None, *,
+                     skipped: list[str] | None = None) -> list[dict]:
+    """The current desired state as manifest documents that apply back unchanged. Kinds
+    this nanod does not serve, or whose schema cannot be built, are left out (and said in
+    `skipped`)."""
     out: list[dict] = []
     for kind in kinds or ORDER:
         ad = adapter(kind)
-        if not ad.available(client):
+        try:
+            allowed = spec_fields(kind)
+        except KeyError as exc:
+            if skipped is not None:
+                skipped.append(f"{kind}: {exc.args[0]}")
             continue
-        allowed = spec_fields(kind)
+        if not ad.available(client):
+            if skipped is not None:
+                skipped.append(f"{kind}: this nanod does not serve it (no route {ad.probe})")
+            continue
         for name, found in ad.listing(client):
             spec = {k: v for k, v in ad.export(found).items() if k in allowed}
             out.append({"kind": kind, "name": name, "spec": spec})
