@@ -44,6 +44,10 @@ def libvirt_names(qemu_dir: Path) -> Iterator[dict[str, str]]:
            "NANO_STORAGE_PATH": str(qemu_dir / "images"), "NANO_VIRT_TYPE": "qemu"}
     yield env
     pool = f"nano-{env['NANO_CELL']}"
+    for domain in virsh("list", "--all", "--name").stdout.split():
+        if f"pool='{pool}'" in virsh("dumpxml", domain).stdout:  # a guest left by a failure
+            virsh("destroy", domain)
+            virsh("undefine", domain, "--snapshots-metadata", "--remove-all-storage")
     virsh("pool-destroy", pool)
     virsh("pool-undefine", pool)
     nets = virsh("net-list", "--all", "--name").stdout.split()
