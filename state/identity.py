@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import peewee
@@ -185,32 +187,21 @@ class IdentityStore:
 
     def session(self, token: str) -> SessionInfo | None:
         """The live session for a bearer token, or None if unknown or expired. A SHA-256
-        lookup, no password hashing: two indexed queries (session with its user's group,
-        then the group's role menus)."""
+        lookup, no password hashing: one indexed query (session, user, group and the
+        group's roles, one row per role), on every authenticated request."""
         if not token:
             return None
-        # Plain tuples: selecting User columns into model rows would overwrite the
-        # session's `user` foreign key with the (unselected, None) User primary key.
-        row = (
-            Session.select(
-                Session.handle, Session.user, Session.address, Session.timeout,
-                Session.expires, User.group, UserGroup.instance_visible,
-                UserGroup.media_image_visible, UserGroup.disk_image_visible,
-            )
-            .join(User)
-            .join(UserGroup, peewee.JOIN.LEFT_OUTER)
-            .where(Session.token_hash == token_digest(token))
-            .tuples()
-            .first()
-        )
-        if row is None:
+        rows = _SESSION_QUERY.execute(token_digest(token))
+        if not rows:
             return None
-        handle, user, address, timeout, expires, group, *flags = row
-        if expires < time.time():
+        handle, user, address, timeout, expires, group, *flags, _ = rows[0]
+        if float(expires) < time.time():
             return None
+        tags = {tag for row in rows if row[-1] for tag in json.loads(row[-1])}
+        menu = tuple(tag for tag in MENU_TAGS if tag in tags)
         visibility = dict(zip(VISIBILITY_FLAGS, map(bool, flags), strict=True)) if group else {}
-        return SessionInfo(token, handle, user, group or "", self._menu(group), address,
-                           timeout, expires, visibility)
+        return SessionInfo(token, handle, user, group or "", menu, address, int(timeout),
+                           float(expires), visibility)
 
     def _menu(self, group: str | None) -> tuple[str, ...]:
         """The union of the menus of a group's roles, in MENU_TAGS order."""
@@ -258,7 +249,7 @@ class IdentityStore:
     # -- roles -----------------------------------------------------------------------------
 
     def list_roles(self) -> list[str]:
-        return [r.name for r in Role.select(Role.name).order_by(Role.name)]
+        return [name for (name,) in _ROLE_NAMES.execute()]
 
     def role(self, name: str) -> dict:
         row = Role.get_or_none(Role.name == name)
@@ -521,3 +512,36 @@ class IdentityStore:
 
 def _visibility(grp: UserGroup) -> dict[str, bool]:
     return {flag: bool(getattr(grp, flag)) for flag in VISIBILITY_FLAGS}
+
+
+class _HotQuery:
+    """A query run on (nearly) every request, its SQL built once per kind of database.
+
+    peewee's query builder costs more than SQLite needs to run these one-row lookups; the
+    SQL text depends only on the dialect, so it is built on first use and then executed
+    with fresh parameters (in the order the builder put them)."""
+
+    def __init__(self, build: Callable[[], peewee.Query]) -> None:
+        self._build = build
+        self._sql: dict[type, str] = {}
+
+    def execute(self, *params: object) -> list[tuple]:
+        database = db.obj
+        sql = self._sql.get(type(database))
+        if sql is None:
+            sql = self._sql[type(database)] = self._build().sql()[0]
+        return database.execute_sql(sql, params).fetchall()
+
+
+_SESSION_QUERY = _HotQuery(lambda: (
+    Session.select(
+        Session.handle, Session.user, Session.address, Session.timeout, Session.expires,
+        User.group, *(getattr(UserGroup, flag) for flag in VISIBILITY_FLAGS), Role.menu,
+    )
+    .join(User)
+    .join(UserGroup, peewee.JOIN.LEFT_OUTER)
+    .join(GroupRole, peewee.JOIN.LEFT_OUTER)
+    .join(Role, peewee.JOIN.LEFT_OUTER)
+    .where(Session.token_hash == "")
+))
+_ROLE_NAMES = _HotQuery(lambda: Role.select(Role.name).order_by(Role.name))
