@@ -144,12 +144,13 @@ class GuestReconciler:
 
     def __init__(self, store: Any, connections: CellConnections,
                  enqueue: Callable[[Key], None], *, poll_seconds: float = 15.0,
-                 agent_retry_seconds: float = 10.0) -> None:
+                 agent_retry_seconds: float = 10.0, stop_grace_seconds: float = 60.0) -> None:
         self.store = store
         self.connections = connections
         self.enqueue = enqueue
         self.poll_seconds = poll_seconds
         self.agent_retry_seconds = agent_retry_seconds
+        self.stop_grace_seconds = stop_grace_seconds
         self._cpu: dict[str, tuple[float, int]] = {}  # guest -> (when, cpu time ns)
 
     def keys(self) -> Iterable[Key]:
@@ -202,6 +203,10 @@ class GuestReconciler:
         wait = self.poll_seconds
         if any(c["type"] == "AgentReady" and not c["status"] for c in conditions):
             wait = self.agent_retry_seconds
+        fresh = self.store.guest_desired(key.id)
+        if fresh and fresh.spec.get("stop_escalate") and fresh.spec.get("power") == "stopped" \
+                and fresh.observed.get("running"):
+            wait = min(wait, self.stop_grace_seconds / 4 or 1.0)
         return Result(requeue_after=wait, actions=tuple(actions))
 
     # -- create ----------------------------------------------------------------------------
@@ -250,6 +255,8 @@ class GuestReconciler:
                       "max_memory": dom.max_memory_bytes,
                       "instance_id": spec.get("instance_id", "")})
         actions.append(Action(Verb.CREATE, key, None, {"domain": dom.name}))
+        self.enqueue(Key("network", desired.cell))  # its DHCP host entry and port forwards
+        self.enqueue(Key("firewall", desired.cell))
         return actions
 
     def _initial_max_vcpus(self, spec: dict[str, Any]) -> int:
@@ -460,7 +467,14 @@ class GuestReconciler:
                 actions.append(Action(Verb.STOP, key, {"running": True}, {"running": False},
                                       reason=spec.get("stop_mode", "shutdown")))
             self.store.record_guest_observed(desired.id, observed={
-                "power_request": spec.get("power_request", 0)})
+                "power_request": spec.get("power_request", 0), "stop_sent_at": time.time()})
+        elif (spec.get("power") == "stopped" and running and spec.get("stop_escalate")
+              and spec.get("stop_mode") == "shutdown"
+              and time.time() - float(obs.get("stop_sent_at") or 0) > self.stop_grace_seconds):
+            # the guest ignored the shutdown for the whole grace period: power it off
+            drv.destroy(name)
+            actions.append(Action(Verb.STOP, key, {"running": True}, {"running": False},
+                                  reason="shutdown ignored: powered off"))
         restart = spec.get("restart") or {}
         if pending(restart.get("counter", 0), obs.get("restart_counter")):
             if running:
@@ -471,6 +485,8 @@ class GuestReconciler:
                 actions.append(Action(Verb.RESTART, key, None, {"mode": restart.get("mode")}))
             self.store.record_guest_observed(desired.id, observed={
                 "restart_counter": restart.get("counter", 0)})
+        if actions:  # taps come and go with the domain: the firewall reads them again
+            self.enqueue(Key("firewall", desired.cell))
         return actions
 
     def _start(self, desired: Any, drv: Any, place: Placement) -> None:
@@ -601,6 +617,8 @@ class GuestReconciler:
         if drv.state(name) is not None:
             raise Unavailable(f"domain {name} still exists after undefine; retrying")
         self.store.finish_guest_delete(desired.id)
+        self.enqueue(Key("network", desired.cell))  # its DHCP host and port forwards go
+        self.enqueue(Key("firewall", desired.cell))
         self._cpu.pop(desired.id, None)
         return Result(actions=(Action(Verb.DELETE, Key("guest", desired.id),
                                       {"domain": name}, None),))

@@ -7,8 +7,10 @@ from typing import Any
 
 from reconciler.cells import CellConnections, CellReconciler
 from reconciler.contract import Key
+from reconciler.firewalls import FirewallReconciler
 from reconciler.guests import GuestReconciler
 from reconciler.loop import Controller
+from reconciler.networking import AddressPoolReconciler, NetworkReconciler
 
 
 def build(store: Any, settings: dict[str, Any]) -> Controller:
@@ -32,7 +34,11 @@ def build(store: Any, settings: dict[str, Any]) -> Controller:
                        offline_after=int(conf.get("offline_after", 3)),
                        probe_seconds=float(conf.get("probe_seconds", 10))),
         GuestReconciler(store, connections, enqueue,
-                        poll_seconds=float(conf.get("guest_poll_seconds", 15))),
+                        poll_seconds=float(conf.get("guest_poll_seconds", 15)),
+                        stop_grace_seconds=float(conf.get("stop_grace_seconds", 60))),
+        NetworkReconciler(store, connections, enqueue),
+        FirewallReconciler(store, connections, enqueue),
+        AddressPoolReconciler(store, enqueue),
     ]
     controller = Controller(reconcilers, workers=int(conf.get("workers", 4)),
                             resync_seconds=float(conf.get("resync_seconds", 30)))

@@ -29,9 +29,12 @@ def ask_power(spec: dict[str, Any], power: str) -> None:
     spec["power_request"] = int(spec.get("power_request", 0)) + 1
 
 
-def ask_stop(spec: dict[str, Any], mode: str) -> None:
+def ask_stop(spec: dict[str, Any], mode: str, *, escalate: bool = False) -> None:
+    """A stop request. `escalate`: a shutdown the guest ignores (no ACPI support, no OS)
+    becomes a power-off after the reconciler's grace period (batch stops)."""
     ask_power(spec, "stopped")
     spec["stop_mode"] = mode
+    spec["stop_escalate"] = escalate
 
 
 class GuestChangeStore(GuestStore):
@@ -247,6 +250,6 @@ class GuestChangeStore(GuestStore):
         if not self._running(row):
             raise Conflict("the guest is not running")
         spec = copy.deepcopy(row.spec or {})
-        ask_stop(spec, "shutdown")
+        ask_stop(spec, "shutdown", escalate=True)
         if not self._write_spec(row, spec):
             raise Conflict("the guest changed concurrently: try again")

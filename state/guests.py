@@ -219,6 +219,9 @@ class GuestDesired:
     observed: dict[str, Any] = field(default_factory=dict)
 
 
+CPU_OVERCOMMIT = 4  # vCPUs placed per host core: cores are shared, memory and disk are not
+
+
 class GuestStore:
     """Mixin of `state.store.Store`: guests (see the module docstring for the contract)."""
 
@@ -373,6 +376,7 @@ class GuestStore:
             "from_image": from_image, "security_policy_group": policy,
             "monitor_secret": "", "instance_id": "",
             "power": "stopped", "power_request": 0, "stop_mode": "shutdown",
+            "stop_escalate": False,
             "restart": {"counter": 0, "mode": "reboot"}, "boot_once": None, "media": "",
             "admin": {"user": admin_user, "password": password, "generation": 0},
             "system_reset": None, "restore": None, "current_snapshot": "", "disk_shrink": {},
@@ -400,7 +404,7 @@ class GuestStore:
             used = pending.get(c.name, [0, 0, 0])
             rooms.append(CellRoom(
                 name=c.name, alive=alive, enabled=c.enabled,
-                cores=int(stats.get("max_cpu", 0)) - used[0],
+                cores=int(stats.get("max_cpu", 0)) * CPU_OVERCOMMIT - used[0],
                 memory=int(stats.get("available_memory", 0)) - used[1],
                 disk=int(stats.get("available_disk", 0)) - used[2]))
         return rooms

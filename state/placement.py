@@ -9,7 +9,8 @@ room it computed for each cell of the pool:
 
 Guests that exist are already inside `available_memory`/`available_disk` (the reconciler
 measures them); CPU cores are not reserved by created guests (cores are overcommitted, as
-in the original), only by pending ones so that a burst of creates spreads over the cells.
+in the original: a cell offers 4 vCPUs per host core, `CPU_OVERCOMMIT` in state/guests.py),
+only by pending ones so that a burst of creates spreads over the cells.
 
 Choice: among the alive and enabled cells where the guest fits, the one with the most free
 memory, then the most free disk, then the most free cores, then the first by name. A

@@ -176,10 +176,11 @@ async def test_placement_picks_the_roomiest_cell_and_counts_pending_guests(api, 
 @pytest.mark.gen_test
 async def test_placement_refusals_name_what_is_short(api):
     await make_pool(api, "pool1", {"cell-a": {"max_cpu": 4}, "cell-b": {"max_cpu": 2}})
-    cores = await api.call("POST", "/guests/", guest_body(cores=8))
+    # cores are shared 4 to 1 (CPU_OVERCOMMIT): cell-a offers 16 vCPUs, cell-b 8
+    cores = await api.call("POST", "/guests/", guest_body(cores=20))
     assert cores.code == 409
-    assert cores.message == ("no cell in compute pool 'pool1' has 8 cores free "
-                             "(best: cell-a with 4 cores)")
+    assert cores.message == ("no cell in compute pool 'pool1' has 20 cores free "
+                             "(best: cell-a with 16 cores)")
     set_cell("cell-a", max_cpu=4, available_disk=50 * GIB)
     set_cell("cell-b", max_cpu=2, available_disk=40 * GIB)
     disk = await api.call("POST", "/guests/", guest_body(disks=[30 * GIB, 30 * GIB]))
@@ -187,10 +188,10 @@ async def test_placement_refusals_name_what_is_short(api):
     assert disk.message == ("no cell in compute pool 'pool1' has 60.0 GiB disk free "
                             "(best: cell-a with 50.0 GiB disk)")
     set_cell("cell-a", max_cpu=4, available_memory=GIB)
-    both = await api.call("POST", "/guests/", guest_body(cores=3, memory=2 * GIB))
+    both = await api.call("POST", "/guests/", guest_body(cores=9, memory=2 * GIB))
     assert both.code == 409 and "at once" in both.message
     assert "cell-a: 1.0 GiB memory free of 2.0 GiB memory needed" in both.message
-    assert "cell-b: 2 cores free of 3 cores needed" in both.message
+    assert "cell-b: 8 cores free of 9 cores needed" in both.message
 
 
 @pytest.mark.gen_test

@@ -1,0 +1,313 @@
+"""Benchmarks of issue 5, each against a baseline measured in the same run:
+
+1. create-to-running latency of one guest through nanod (REST create, reconcile: volume,
+   definition; REST start) against the same volume + define + start done with libvirt
+   directly (goal: ratio <= 1.5);
+2. batch create of 500 guests on 10 simulated cells (libvirt test driver): time until all
+   are created;
+3. console proxy throughput (websocket through nanod) against a direct TCP connection to
+   the same server on loopback (goal: >= 0.8). The proxy is byte-transparent, so the
+   "VNC server" here is a loopback server streaming a fixed amount of bytes.
+
+Run: .venv/bin/python tests/bench/bench_guests.py [--skip-real] [--batch 500]
+Real guests run under TCG in a temporary pool and are removed; nanod runs in-process on a
+free loopback port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import libvirt  # noqa: E402
+import tornado.httpclient  # noqa: E402
+from tornado.websocket import websocket_connect  # noqa: E402
+
+from nanod import config  # noqa: E402
+from nanod.server import Server  # noqa: E402
+from reconciler.guest_xml import DiskSpec, DomainSpec, render_domain_xml  # noqa: E402
+from tests.helpers.testdriver import write_test_cell  # noqa: E402
+
+MiB = 1 << 20
+QOS = {"cpu_priority": "medium", "write_speed": 0, "write_iops": 0, "read_speed": 0,
+       "read_iops": 0, "receive_speed": 0, "send_speed": 0}
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}/api/v1"
+        self.http = tornado.httpclient.AsyncHTTPClient()
+        self.session = ""
+
+    async def call(self, method: str, path: str, body=None):
+        response = await self.http.fetch(
+            self.base + path, method=method, raise_error=False,
+            body=None if body is None and method in ("GET", "DELETE") else json.dumps(body or {}),
+            headers={"Nano-Session": self.session, "Content-Type": "application/json"},
+            allow_nonstandard_methods=True, request_timeout=600)
+        doc = json.loads(response.body)
+        if doc["error_code"]:
+            raise RuntimeError(f"{method} {path}: {doc['message']}")
+        return response.code, doc.get("data")
+
+
+async def start_server(data: Path, reconciler: dict) -> tuple[Server, Client]:
+    settings = config.load(None, {"data_dir": str(data)})
+    settings["reconciler"] = reconciler
+    server = Server(settings)
+    server.listen("127.0.0.1", 0)
+    client = Client(server.port)
+    await client.call("POST", "/system/", {"user": "admin", "password": "Adm1nPassword"})
+    _, login = await client.call("POST", "/sessions/", {"user": "admin",
+                                                         "password": "Adm1nPassword"})
+    client.session = login["session"]
+    return server, client
+
+
+async def wait_for(check, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise TimeoutError
+
+
+def direct_libvirt(pool_path: Path) -> float:
+    """Volume + define + start with libvirt directly, as a tool without nano would."""
+    conn = libvirt.open("qemu:///system")
+    name = f"nano-bench-{uuid.uuid4().hex[:8]}"
+    pool = conn.storagePoolDefineXML(
+        f"<pool type='dir'><name>{name}</name><target><path>{pool_path}</path></target></pool>")
+    pool.build(0)
+    pool.create(0)
+    start = time.perf_counter()
+    pool.createXML(f"<volume><name>{name}-0</name><capacity>{64 * MiB}</capacity>"
+                   "<target><format type='qcow2'/></target></volume>", 0)
+    gid = str(uuid.uuid4())
+    spec = DomainSpec(guest_id=gid, title="direct", vcpus=1, memory_bytes=128 * MiB,
+                      virt_type="qemu", disks=(DiskSpec(index=0, pool=name,
+                                                        volume=f"{name}-0"),),
+                      monitor_secret="abcdefgh")
+    dom = conn.defineXML(render_domain_xml(spec))
+    dom.create()
+    took = time.perf_counter() - start
+    dom.destroy()
+    dom.undefine()
+    for vol in pool.listAllVolumes():
+        vol.delete(0)
+    pool.destroy()
+    pool.undefine()
+    conn.close()
+    return took
+
+
+async def through_nanod(tmp: Path, pool_path: Path) -> list[float]:
+    server, client = await start_server(tmp / "data-real", {
+        "enabled": True, "workers": 4, "resync_seconds": 600, "probe_seconds": 600,
+        "guest_poll_seconds": 600})
+    times = []
+    try:
+        await client.call("POST", "/cells/bench", {"libvirt_uri": "qemu:///system",
+                                                   "virt_type": "qemu",
+                                                   "storage_path": str(pool_path)})
+        await wait_for(lambda: _alive(client, "bench"), 60)
+        await client.call("POST", "/compute_pools/bp", {})
+        await client.call("POST", "/compute_pool_cells/bp/bench", {})
+        for i in range(3):
+            start = time.perf_counter()
+            _, data = await client.call("POST", "/guests/", {
+                "name": f"g{i}", "pool": "bp", "cores": 1, "memory": 128 * MiB,
+                "disks": [64 * MiB], "auto_start": False, "template": "", "modules": [],
+                "qos": QOS})
+            gid = data["id"]
+            await wait_for(lambda gid=gid: _created(client, gid))
+            await client.call("POST", f"/instances/{gid}", {})
+            await wait_for(lambda gid=gid: _running(client, gid))
+            times.append(time.perf_counter() - start)
+            await client.call("DELETE", f"/guests/{gid}", {"force": True})
+            await wait_for(lambda gid=gid: _gone(client, gid))
+    finally:
+        await server.shutdown()
+        _drop_pool("nano-bench")
+    return times
+
+
+def _drop_pool(name: str) -> None:
+    conn = libvirt.open("qemu:///system")
+    try:
+        pool = conn.storagePoolLookupByName(name)
+        for vol in pool.listAllVolumes():
+            vol.delete(0)
+        pool.destroy()
+        pool.undefine()
+    except libvirt.libvirtError:
+        pass
+    conn.close()
+
+
+async def _alive(client, name):
+    return (await client.call("GET", f"/cells/{name}"))[1]["alive"]
+
+
+async def _created(client, gid):
+    code, data = await client.call("GET", f"/guests/{gid}")
+    if data.get("error"):
+        raise RuntimeError(data["error"])
+    return code == 200
+
+
+async def _running(client, gid):
+    return (await client.call("GET", f"/instances/{gid}"))[1]["running"]
+
+
+async def _gone(client, gid):
+    try:
+        await client.call("GET", f"/guests/{gid}")
+    except RuntimeError:
+        return True
+    return False
+
+
+async def batch(tmp: Path, count: int, cells: int) -> float:
+    server, client = await start_server(tmp / "data-batch", {
+        "enabled": True, "workers": 4, "resync_seconds": 600, "probe_seconds": 600,
+        "guest_poll_seconds": 600})
+    try:
+        await client.call("POST", "/compute_pools/sim", {})
+        for i in range(cells):
+            cell = write_test_cell(tmp / f"sim-{i}.xml", cpus=256, memory_kib=1 << 30)
+            await client.call("POST", f"/cells/sim{i}", {"libvirt_uri": cell.uri,
+                                                         "virt_type": "qemu",
+                                                         "storage_path": f"/sim/{i}"})
+        for i in range(cells):
+            await wait_for(lambda i=i: _alive(client, f"sim{i}"), 60)
+            await client.call("POST", f"/compute_pool_cells/sim/sim{i}", {})
+        start = time.perf_counter()
+        _, data = await client.call("POST", "/batch/create_guest/", {
+            "name_rule": "order", "name_prefix": "b", "pool": "sim", "count": count,
+            "cores": 1, "memory": 64 * MiB, "disks": [16 * MiB], "auto_start": False,
+            "template": "", "modules": [], "qos": QOS})
+        task = data["id"]
+
+        async def done():
+            code, entries = await client.call("GET", f"/batch/create_guest/{task}")
+            failed = [e for e in entries if e["status"] == "fail"]
+            if failed:
+                raise RuntimeError(failed[0].get("error"))
+            return code == 200
+
+        await wait_for(done)
+        return time.perf_counter() - start
+    finally:
+        await server.shutdown()
+
+
+def stream_server(total: int) -> tuple[int, threading.Thread]:
+    """A loopback server that sends `total` bytes to each client that connects."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    chunk = os.urandom(1 << 20)
+
+    def serve():
+        for _ in range(2):
+            conn, _ = srv.accept()
+            sent = 0
+            while sent < total:
+                conn.sendall(chunk)
+                sent += len(chunk)
+            conn.close()
+        srv.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return srv.getsockname()[1], thread
+
+
+async def console(tmp: Path, total: int) -> tuple[float, float]:
+    from api.console import Channel, channels
+
+    port, _ = stream_server(total)
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        got = 0
+        while got < total:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            got += len(data)
+    direct = total / (time.perf_counter() - start)
+
+    server, client = await start_server(tmp / "data-console", {
+        "enabled": True, "workers": 2, "resync_seconds": 600, "probe_seconds": 600})
+    try:
+        cell = write_test_cell(tmp / "console-cell.xml", cpus=4, memory_kib=1 << 22)
+        await client.call("POST", "/cells/con", {"libvirt_uri": cell.uri, "virt_type": "qemu",
+                                                 "storage_path": "/sim/con"})
+        token = channels(server.ctx).add(Channel("bench", "con", port,
+                                                 time.monotonic() + 15))
+        start = time.perf_counter()
+        ws = await websocket_connect(f"ws://127.0.0.1:{server.port}/monitor_channels/{token}",
+                                     max_message_size=64 << 20)
+        got = 0
+        while got < total:
+            msg = await ws.read_message()
+            if msg is None:
+                break
+            got += len(msg)
+        proxied = got / (time.perf_counter() - start)
+        ws.close()
+    finally:
+        await server.shutdown()
+    return direct, proxied
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--cells", type=int, default=10)
+    parser.add_argument("--console-mib", type=int, default=512)
+    args = parser.parse_args()
+    base = Path("/var/tmp/nano-tests")
+    base.mkdir(mode=0o755, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=base))
+    tmp.chmod(0o755)
+    try:
+        if not args.skip_real:
+            direct = [direct_libvirt(tmp / f"direct-{i}") for i in range(3)]
+            nano = await through_nanod(tmp, tmp / "nano-pool")
+            print(f"create-to-running, direct libvirt: median {statistics.median(direct):.3f} s")
+            print(f"create-to-running, through nanod:  median {statistics.median(nano):.3f} s")
+            print(f"ratio nanod/direct: {statistics.median(nano) / statistics.median(direct):.2f}"
+                  "  (goal <= 1.5)")
+        took = await batch(tmp, args.batch, args.cells)
+        print(f"batch create of {args.batch} guests on {args.cells} test-driver cells: "
+              f"{took:.1f} s ({args.batch / took:.0f} guests/s)")
+        total = args.console_mib * MiB
+        direct_bps, proxied_bps = await console(tmp, total)
+        print(f"console bytes, direct TCP: {direct_bps / MiB:.0f} MiB/s; through the websocket "
+              f"proxy: {proxied_bps / MiB:.0f} MiB/s; ratio {proxied_bps / direct_bps:.2f} "
+              "(goal >= 0.8)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
