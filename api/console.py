@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import tornado.iostream
 import tornado.websocket
 from tornado.ioloop import IOLoop
 
@@ -24,7 +26,7 @@ from state.errors import NanoError, Unavailable
 
 log = logging.getLogger("nano.api.console")
 CHANNEL_TTL = 15.0
-CHUNK = 256 * 1024
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class MonitorSocket(tornado.websocket.WebSocketHandler):
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.pipe: Any = None
+        self.stream: tornado.iostream.IOStream | None = None
         self.closed = False
 
     def check_origin(self, origin: str) -> bool:
@@ -105,9 +108,25 @@ class MonitorSocket(tornado.websocket.WebSocketHandler):
             log.info("console of guest %s: %s", channel.guest, exc.message)
             self.close(4503, exc.message[:120])
             return
+        if isinstance(self.pipe, socket.socket):
+            # a local cell: read the display's socket on the IOLoop itself
+            self.stream = tornado.iostream.IOStream(self.pipe)
+            IOLoop.current().spawn_callback(self._pump_stream)
+            return
         loop = IOLoop.current()
         threading.Thread(target=self._pump, args=(loop,), daemon=True,
                          name=f"console-{channel.guest[:8]}").start()
+
+    async def _pump_stream(self) -> None:
+        """Display -> browser for a socket: no thread, flow control through the
+        websocket's own write futures."""
+        try:
+            while not self.closed:
+                data = await self.stream.read_bytes(CHUNK, partial=True)
+                await self.write_message(data, binary=True)
+        except (tornado.iostream.StreamClosedError, tornado.websocket.WebSocketClosedError):
+            pass
+        self._ended()
 
     def _pump(self, loop: IOLoop) -> None:
         """Display -> browser, on a thread of its own (the pipe's recv blocks)."""
@@ -137,6 +156,12 @@ class MonitorSocket(tornado.websocket.WebSocketHandler):
         if self.pipe is None:
             return
         data = message if isinstance(message, bytes) else message.encode()
+        if self.stream is not None:
+            try:
+                await self.stream.write(data)
+            except tornado.iostream.StreamClosedError:
+                self.close(1011, "console connection lost")
+            return
         try:
             await IOLoop.current().run_in_executor(self.ctx.executor, self.pipe.sendall, data)
         except OSError:
@@ -144,7 +169,9 @@ class MonitorSocket(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.closed = True
-        if self.pipe is not None:
+        if self.stream is not None:
+            self.stream.close()
+        elif self.pipe is not None:
             try:
                 self.pipe.close()
             except OSError:
