@@ -400,10 +400,16 @@ class GuestReconciler:
         if running:
             live_xml = drv.domain_xml(name) or ""
             live = parse_domain_xml(live_xml)
-            for change in diff_domain(want, live):
+            want_live = want
+            once = spec.get("boot_once") or {}
+            if obs.get("boot_once_running") and once.get("source") and not spec.get("media"):
+                # booted once from media: that media stays in the drive until it stops
+                want_live = self._domain_spec(desired, drv, place, max_vcpus=max_vcpus,
+                                              max_memory=max_memory, media_id=once["source"])
+            for change in diff_domain(want_live, live):
                 if change.field in ("generation", "title"):
                     continue
-                if not change.live or not self._apply_live(desired, drv, want, change):
+                if not change.live or not self._apply_live(desired, drv, want_live, change):
                     pending_restart.append(change)
                 else:
                     actions.append(Action(Verb.UPDATE, key, {change.field: change.before},
@@ -521,7 +527,7 @@ class GuestReconciler:
                                            max_memory=max_memory)
                 drv.define(render_domain_xml(normal))
             self.store.record_guest_observed(desired.id, observed={
-                "boot_once_request": once.get("request")})
+                "boot_once_request": once.get("request"), "boot_once_running": True})
         else:
             drv.start(name)
 
@@ -633,13 +639,18 @@ class GuestReconciler:
         state = drv.state(name)
         running = state == "running"
         observed: dict[str, Any] = {"running": running, "state": state or "missing",
+                                    "boot_once_running": bool(running and fresh.observed.get(
+                                        "boot_once_running")),
                                     "display_protocol": (spec.get("template_spec") or {})
                                     .get("control") or "vnc"}
         live_xml = drv.domain_xml(name) or ""
         live = parse_domain_xml(live_xml) if live_xml else None
         media = live.media.source if live and live.media else None
         observed["media_attached"] = bool(media)
-        observed["media_source"] = spec.get("media", "") if media else ""
+        source = spec.get("media", "")
+        if media and not source and observed["boot_once_running"]:
+            source = (spec.get("boot_once") or {}).get("source", "")
+        observed["media_source"] = source if media else ""
         port = live.graphics_port if live and running else None
         observed["display_port"] = port or 0
         address = fresh.interfaces[0]["address"] if fresh.interfaces else ""

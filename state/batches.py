@@ -88,10 +88,12 @@ class BatchStore:
         guests = []
         with db.atomic():
             task = self._new_task(session, "create_guest", spec)
+            rooms = self._cell_rooms(plan["pool"])  # type: ignore[attr-defined]
             for position in range(count):
                 name: Any = {"order": f"{prefix}_{position}", "MAC": by_mac,
                              "address": by_address}[rule]
-                row = self.insert_guest(plan, name, batch=task.id)  # type: ignore[attr-defined]
+                row = self.insert_guest(plan, name, batch=task.id,  # type: ignore[attr-defined]
+                                        rooms=rooms)
                 BatchEntry.create(task=task.id, position=position, guest=row.id, name=row.name,
                                   status="creating")
                 guests.append({"id": row.id, "name": row.name, "cell": row.cell})

@@ -52,7 +52,7 @@ def open_database(url: str) -> peewee.Database:
             pragmas={
                 "journal_mode": "wal",
                 "foreign_keys": 1,
-                "busy_timeout": 10000,
+                "busy_timeout": 30000,
                 "synchronous": "normal",
             },
         )

@@ -117,6 +117,7 @@ its group's `instance_visible` flag is on; every function taking a `SessionInfo`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import secrets
 import string
 import uuid
@@ -424,14 +425,22 @@ class GuestStore:
                            "choose another name")
 
     def insert_guest(self, plan: dict[str, Any], name: str | Callable[[str, dict], str], *,
-                     batch: str = "") -> Guest:
+                     batch: str = "", rooms: list[CellRoom] | None = None) -> Guest:
         """Place, allocate and insert one planned guest; call inside a transaction (batch
         creates call it once per guest in one). `name` may be a function of the guest's
-        MAC and allocated addresses (batch name rules). Returns the new row."""
+        MAC and allocated addresses (batch name rules). `rooms`: the cells' room, kept up
+        to date here across a batch (so a batch reads the pool's pending guests once, not
+        once per guest). Returns the new row."""
         spec = copy.deepcopy(plan["spec"])
         need = Need(cores=spec["cores"], memory=spec["memory"], disk=sum(spec["disks"]))
-        cell = choose_cell(plan["pool"], self._cell_rooms(plan["pool"]), need,
-                           pinned=plan["cell"])
+        if rooms is None:
+            rooms = self._cell_rooms(plan["pool"])
+        cell = choose_cell(plan["pool"], rooms, need, pinned=plan["cell"])
+        for i, room in enumerate(rooms):
+            if room.name == cell:
+                rooms[i] = dataclasses.replace(room, cores=room.cores - need.cores,
+                                               memory=room.memory - need.memory,
+                                               disk=room.disk - need.disk)
         guest_id = str(uuid.uuid4())
         spec["ethernet_address"] = spec["ethernet_address"] or self._new_mac()
         spec["monitor_secret"] = generate_secret(8)

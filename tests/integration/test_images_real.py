@@ -1,0 +1,136 @@
+"""Images reaching a real cell: a qcow2 uploaded through the API becomes a guest's system
+disk on the local libvirtd (streamed there as a volume, checked, then copied), an ISO made
+with pycdlib is inserted into and ejected from a running guest, a guest boots once from
+media, a system reset makes the disk from an image again, and cached copies are removed
+once nobody needs them. The libvirt test driver cannot stream volumes (checked in
+tests/drivers/test_volumes.py), so distribution is real-libvirt only."""
+
+from __future__ import annotations
+
+import subprocess
+
+import libvirt
+import pytest
+
+from tests.api.test_compute import until
+from tests.api.test_images import create, make_iso, sha1, upload
+from tests.integration.test_guests_real import (  # noqa: F401  (fixtures)
+    cell,
+    created,
+    guest_body,
+    instance,
+    system,
+)
+
+pytestmark = pytest.mark.integration
+MiB = 1 << 20
+
+
+@pytest.fixture
+def settings(settings):
+    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 5,
+                              "probe_seconds": 1, "offline_after": 3,
+                              "guest_poll_seconds": 1}
+    return settings
+
+
+def qcow2_with_data(path) -> bytes:
+    """A 48 MiB qcow2 whose first MiB holds a recognisable pattern."""
+    raw = path.with_suffix(".raw")
+    with open(raw, "wb") as fh:
+        fh.write(b"nano-image-pattern" * 58000)
+        fh.truncate(48 * MiB)
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
+                    str(path)], check=True)
+    return path.read_bytes()
+
+
+def volumes(conn, prefix=""):
+    pool = conn.storagePoolLookupByName("nano-local-g")
+    pool.refresh(0)
+    return {v.name(): v for v in pool.listAllVolumes() if v.name().startswith(prefix)}
+
+
+@pytest.mark.gen_test(timeout=300)
+async def test_guest_from_image_media_and_reset(api, cell, system, tmp_path):  # noqa: F811
+    image = qcow2_with_data(tmp_path / "base.qcow2")
+    disk_id = await create(api, "disk", "base-disk", description="pattern", tags=["test"])
+    reply = await upload(api, "disk", disk_id, image, checksum=sha1(image),
+                         filename="base.qcow2")
+    assert reply.code == 0, reply.message
+
+    body = guest_body("from-img", modules=[], disks=[64 * MiB], from_image=disk_id)
+    del body["cloud_init"]
+    gid = (await api.ok("POST", "/guests/", body))["id"]
+    data = await created(api, gid)
+    assert data["from_image"] == disk_id
+    disk = volumes(system)[f"nano-{gid}-disk0"]
+    assert disk.info()[1] == 64 * MiB  # grown to the requested size
+    base = tmp_path / "base.qcow2"
+    same = subprocess.run(["qemu-img", "compare", "-q", "-U", str(base), disk.path()])
+    assert same.returncode == 0, "the system disk does not hold the image's data"
+
+    # once the guest exists, the cached image copy on the cell is removed
+    async def cache_dropped():
+        return not volumes(system, f"nano-disk-{disk_id}")
+
+    await until(cache_dropped, timeout=30, what="cached image copy removed")
+
+    # media: an ISO made here, inserted into the running guest, then ejected
+    iso = make_iso(label="NANOMEDIA")
+    media_id = await create(api, "media", "tools-iso")
+    assert (await upload(api, "media", media_id, iso, filename="tools.iso")).code == 0
+    await api.ok("POST", f"/instances/{gid}", {})
+    await instance(api, gid, True)
+    await api.ok("POST", f"/instances/{gid}/media", {"source": media_id, "type": 0})
+
+    async def inserted():
+        data = await api.ok("GET", f"/instances/{gid}")
+        return data if data["media_attached"] else None
+
+    data = await until(inserted, timeout=30, what="media attached")
+    assert data["media_source"] == media_id
+    dom = system.lookupByName(f"nano-{gid}")
+    assert f"nano-media-{media_id}-v1" in dom.XMLDesc(0)
+    media_volume = volumes(system)[f"nano-media-{media_id}-v1"]
+    assert media_volume.info()[1] == len(iso)
+    await api.ok("DELETE", f"/instances/{gid}/media")
+
+    async def ejected():
+        data = await api.ok("GET", f"/instances/{gid}")
+        return not data["media_attached"]
+
+    await until(ejected, timeout=30, what="media ejected")
+
+    # one boot from media: the live domain boots from the cdrom, the definition does not
+    await api.ok("DELETE", f"/instances/{gid}", {"reboot": False, "force": True})
+    await instance(api, gid, False)
+    await api.ok("POST", f"/instances/{gid}", {"from_media": True, "source": media_id})
+    await instance(api, gid, True)
+    live = dom.XMLDesc(0)
+    assert "<boot dev='cdrom'/>" in live and f"nano-media-{media_id}-v1" in live
+    assert "<boot dev='cdrom'/>" not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+    # system reset from the image makes the system disk again
+    await api.ok("DELETE", f"/instances/{gid}", {"reboot": False, "force": True})
+    await instance(api, gid, False)
+    before = volumes(system)[f"nano-{gid}-disk0"].key()
+    await api.ok("PUT", f"/guests/{gid}/system/", {"from_image": disk_id})
+
+    async def reset_done():
+        vols = volumes(system)
+        vol = vols.get(f"nano-{gid}-disk0")
+        if vol is None:
+            return False
+        return subprocess.run(["qemu-img", "compare", "-q", "-U", str(base),
+                               vol.path()]).returncode == 0 and vol.info()[1] == 64 * MiB
+
+    await until(reset_done, timeout=60, what="system disk made again from the image")
+    assert before  # (same path, new contents: the key of a dir volume is its path)
+
+    await api.ok("DELETE", f"/guests/{gid}", {"force": True})
+
+    async def nothing_left():
+        return not volumes(system, f"nano-{gid}")
+
+    await until(nothing_left, timeout=60, what="guest volumes removed")
