@@ -256,6 +256,9 @@ class CellReconciler:
             log.info("cell %s is now %s", spec.name, "online" if observed["alive"] else "offline")
             for guest in self.store.guest_ids_on_cell(spec.name):
                 self.enqueue(Key("guest", guest))
+        if observed.get("alive"):  # networks and firewall are checked at the probe's pace
+            self.enqueue(Key("network", spec.name))
+            self.enqueue(Key("firewall", spec.name))
         return Result(requeue_after=self.probe_seconds, actions=tuple(actions),
                       note="alive" if observed.get("alive") else f"unreachable: {last_error}")
 

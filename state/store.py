@@ -12,6 +12,8 @@ from state.console import ConsoleStore
 from state.guest_changes import GuestChangeStore
 from state.identity import IdentityStore
 from state.images import ImageStore
+from state.netconfig import NetConfigStore
+from state.netstatus import NetStatusStore
 from state.networks import NetworkStore
 from state.replicas import ReplicaStore
 from state.snapshots import SnapshotStore
@@ -19,8 +21,10 @@ from state.status import StatusStore
 from state.templates import TemplateStore
 
 
-class Store(IdentityStore, ComputeStore, ImageStore, NetworkStore, GuestChangeStore,
-            SnapshotStore, TemplateStore, BatchStore, StatusStore, ReplicaStore, ConsoleStore):
+# NetStatusStore first: its record_cell wraps ComputeStore's (see state/netstatus.py)
+class Store(NetStatusStore, IdentityStore, ComputeStore, ImageStore, NetworkStore,
+            GuestChangeStore, SnapshotStore, TemplateStore, BatchStore, StatusStore, ReplicaStore,
+            ConsoleStore, NetConfigStore):
     """Facade over the database opened by `state.db.open_database`."""
 
     def __init__(self, *, session_timeout: int = 180, limits: dict | None = None,
