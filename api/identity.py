@@ -49,11 +49,14 @@ class SessionsHandler(NanoHandler):
         spec = self.body("login")
         user, address = spec["user"], self.address
         keys = (f"user:{user}", f"addr:{address}")
-        await sleep(self.ctx.throttle.delay(*keys))
+        wait = self.ctx.throttle.delay(*keys)
+        # Counted as failed until it succeeds: attempts sent in parallel see each other
+        # and wait longer and longer, instead of all passing before any has failed.
+        self.ctx.throttle.failed(*keys)
+        await sleep(wait)
         try:
             await self.blocking(self.store.authenticate, user, spec["password"])
         except NanoError as exc:
-            self.ctx.throttle.failed(*keys)
             self.store.add_log(f"failed login for {user!r} from {address}: {exc.message}",
                                user=user, address=address, resource="/sessions/")
             raise
@@ -235,12 +238,11 @@ class PasswordHandler(NanoHandler):
         spec = self.body("password_change")
         # A wrong old password is a guess like a failed login: slowed down the same way.
         keys = (f"user:{name}", f"addr:{self.address}")
-        await sleep(self.ctx.throttle.delay(*keys))
-        try:
-            await self.blocking(self.store.change_password, name, spec["old"], spec["new"])
-        except Forbidden:
-            self.ctx.throttle.failed(*keys)
-            raise
+        wait = self.ctx.throttle.delay(*keys)
+        self.ctx.throttle.failed(*keys)  # until it succeeds, as for a login
+        await sleep(wait)
+        await self.blocking(self.store.change_password, name, spec["old"], spec["new"])
+        self.ctx.throttle.succeeded(*keys)
         self.audit(f"changed the password of {name}")
         self.reply()
 

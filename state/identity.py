@@ -121,6 +121,7 @@ class IdentityStore:
     """Mixin of `state.store.Store`: identity and access."""
 
     session_timeout: int = 180
+    _init_lock = threading.Lock()
 
     # -- system ------------------------------------------------------------------------
 
@@ -144,7 +145,9 @@ class IdentityStore:
         check_password(password)
         menu = check_menu(list(MENU_TAGS) if not menu else menu)
         password_hash = hash_password(password)
-        with db.atomic():
+        # The lock closes the window between "no user yet" and the insert for concurrent
+        # first-run requests (PostgreSQL's READ COMMITTED would let two through).
+        with self._init_lock, db.atomic():
             if User.select().exists():
                 raise Conflict("the system is already initialized: log in instead")
             Role.get_or_create(name=role, defaults={"menu": menu})
@@ -172,8 +175,9 @@ class IdentityStore:
         timeout = int(timeout or self.session_timeout)
         row = User.get_by_id(user)
         token = secrets.token_hex(16)  # 128 random bits
-        handle = secrets.token_hex(4)
+        handle = secrets.token_hex(8)  # the public id in GET /sessions/; unique
         expires = time.time() + timeout
+        self.purge_sessions()  # logins are rare enough to keep the table small this way
         Session.create(
             token_hash=token_digest(token),
             handle=handle,

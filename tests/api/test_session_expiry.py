@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from state.models import Session
 from tests.conftest import ADMIN, ADMIN_PASSWORD
 
 TIMEOUT = 1
@@ -44,3 +45,5 @@ async def test_sessions_expire_after_the_configured_timeout_unless_kept_alive(ap
     fresh = await api.ok("POST", "/sessions/", {"user": ADMIN, "password": ADMIN_PASSWORD},
                          session="")
     assert await api.ok("GET", "/roles/", session=fresh["session"]) == ["super"]
+    # expired sessions are purged from the store, not only refused
+    assert Session.select().count() == 1

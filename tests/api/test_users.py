@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from state.models import Session, User
 from tests.api.identity_helpers import PASSWORD, log_contents, login_as, make_user
 from tests.conftest import ADMIN, ADMIN_PASSWORD
 
@@ -35,6 +36,12 @@ async def test_user_lifecycle(api):
 
     # a new user has no group yet: it shows in no group's member list
     assert await api.ok("GET", "/user_groups/admin/members/") == [ADMIN]
+
+    # stored secrets: an argon2id hash, never the password; sessions by SHA-256 digest only
+    stored = User.get_by_id("akumas").password_hash
+    assert stored.startswith("$argon2id$") and PASSWORD not in stored
+    assert not Session.select().where(Session.token_hash == api.session).exists()
+    assert Session.select().count() == 1
 
     await api.ok("DELETE", "/users/nano.user_1-x")
     assert await api.ok("GET", "/users/") == [ADMIN, "akumas"]
