@@ -1,0 +1,634 @@
+"""Media (ISO) and disk (qcow2) images: metadata in the store, files on the management node.
+
+Called by the image routes (`api/images.py`); later by the image reconciler, which sends
+the current version of an image to cells (`reconciler/drivers/volumes.py`).
+
+Files (`ImageFiles`), all under the data directory:
+
+    images/media/<id>.<version>.iso      the current file of a media image
+    images/disk/<id>.<version>.qcow2     the current file of a disk image
+    images/tmp/<id>.<random>.part        uploads being received (same filesystem: the
+                                         finished file is moved into place with os.replace)
+    import/media/*.iso                   dropped here by an operator, imported by
+    import/disk/*.qcow2                  PATCH /media_images/ and PATCH /disk_images/
+
+A file is never named after anything a client sent: only our ids and versions. A version
+is installed complete or not at all, so a failed or interrupted upload leaves the previous
+version as it was; each completed upload bumps `Image.version` and removes the previous
+file (a download in progress keeps reading it through its open descriptor).
+
+Visibility (COMPATIBILITY.md): a caller sees an image it owns, or one of its own group when
+the group's `media_image_visible`/`disk_image_visible` flag is on; every image function
+takes the caller's `SessionInfo` and answers "not found" for images it may not see.
+Names are unique per kind within a group.
+
+One process owns the image directory: concurrent uploads to one image are refused by the
+API's in-process guard, and the version bump is conditional (`WHERE version = base`), so
+metadata never describes a file that another upload replaced.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import stat
+import tempfile
+import time
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+import peewee
+
+from state.db import db
+from state.errors import Conflict, Invalid, NotFound
+from state.identity import NAME_RULE, SessionInfo, check_name, format_time
+from state.models import Guest, Image, User, UserGroup, now
+
+log = logging.getLogger(__name__)
+
+HASH_CHUNK = 1 << 20
+MAX_TAGS = 32
+MAX_TAG_LENGTH = 64
+MAX_DESCRIPTION = 4096
+STALE_SECONDS = 3600.0
+"""Temp files and unreferenced files older than this are removed by a sync: younger ones
+may belong to an upload that is finishing right now."""
+
+_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_STORED = re.compile(r"^(?P<id>[0-9a-f-]{36})\.(?P<version>\d+)\.(?P<ext>iso|qcow2)$")
+_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class ImageKind:
+    """What differs between media and disk images."""
+
+    name: str  # "media" | "disk"
+    label: str  # for messages
+    ext: str  # file extension in the store and in the import directory
+    flag: str  # the group visibility flag
+    menu: str  # the menu tag needed to change images of this kind
+
+    def sniff(self, head: bytes) -> str | None:
+        """Why a file starting with `head` (at least `HEAD_BYTES`) is not of this kind."""
+        if self.name == "disk":
+            if head[:4] != b"QFI\xfb":
+                return "not a qcow2 file (its first bytes are not the qcow2 magic 'QFI\\xfb')"
+            return None
+        if head[32769:32774] != b"CD001":
+            return "not an ISO 9660 image (no 'CD001' volume descriptor at offset 32769)"
+        return None
+
+
+HEAD_BYTES = 32774
+MEDIA = ImageKind("media", "media image", "iso", "media_image_visible", "media")
+DISK = ImageKind("disk", "disk image", "qcow2", "disk_image_visible", "image")
+KINDS = {k.name: k for k in (MEDIA, DISK)}
+
+
+def image_status(row: Image) -> dict[str, Any]:
+    """The API's ImageStatus (+ the `checksum` extension) of one image row."""
+    return {
+        "id": row.id,
+        "name": row.name,
+        "owner": row.owner,
+        "group": row.group,
+        "description": row.description,
+        "tags": list(row.tags or []),
+        "created": row.version > 0,
+        "progress": row.progress,
+        "create_time": format_time(row.created_at),
+        "modify_time": format_time(row.modified_at),
+        "size": row.size,
+        "checksum": row.checksum,
+    }
+
+
+def check_tags(tags: list[str]) -> list[str]:
+    out: list[str] = []
+    for tag in tags:
+        tag = tag.strip()
+        if not tag or len(tag) > MAX_TAG_LENGTH or "," in tag or "\x00" in tag:
+            raise Invalid(
+                f"invalid tag {tag!r}: tags are 1-{MAX_TAG_LENGTH} characters without commas"
+            )
+        if tag not in out:
+            out.append(tag)
+    if len(out) > MAX_TAGS:
+        raise Invalid(f"too many tags: at most {MAX_TAGS}")
+    return out
+
+
+def import_name(filename: str, ext: str) -> str | None:
+    """The image name for an imported file: its stem with odd characters replaced by '_'
+    (spaces, non-ASCII, anything a name may not hold); None if nothing usable is left."""
+    stem = filename[: -len(ext) - 1]
+    name = _NAME_BAD.sub("_", stem).strip("._-")[:64].strip("._-")
+    return name if NAME_RULE.match(name or "") else None
+
+
+# -- files --------------------------------------------------------------------------------
+
+
+def sha1_of(fd: int) -> str:
+    """SHA-1 hex of an open file from its start (blocking: call from a worker thread)."""
+    digest = hashlib.sha1()
+    offset = 0
+    while True:
+        block = os.pread(fd, HASH_CHUNK, offset)
+        if not block:
+            return digest.hexdigest()
+        digest.update(block)
+        offset += len(block)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class ImageFiles:
+    """The image directories of one data directory (see the module docstring)."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.root = os.path.join(os.path.abspath(data_dir), "images")
+        self.tmp = os.path.join(self.root, "tmp")
+        self.imports = os.path.join(os.path.abspath(data_dir), "import")
+
+    def kind_dir(self, kind: ImageKind) -> str:
+        return os.path.join(self.root, kind.name)
+
+    def import_dir(self, kind: ImageKind) -> str:
+        return os.path.join(self.imports, kind.name)
+
+    def ensure(self) -> None:
+        for path in (self.tmp, self.kind_dir(MEDIA), self.kind_dir(DISK),
+                     self.import_dir(MEDIA), self.import_dir(DISK)):
+            os.makedirs(path, mode=0o750, exist_ok=True)
+
+    def path(self, kind: ImageKind, image_id: str, version: int) -> str:
+        if not _ID.match(image_id) or version < 1:
+            raise ValueError(f"not an image id/version: {image_id!r} {version}")
+        return os.path.join(self.kind_dir(kind), f"{image_id}.{version}.{kind.ext}")
+
+    def temp(self, image_id: str) -> tuple[int, str]:
+        """A new private temp file for an upload: (fd, path). Opened O_EXCL by mkstemp."""
+        self.ensure()
+        return tempfile.mkstemp(prefix=f"{image_id}.", suffix=".part", dir=self.tmp)
+
+    def install(self, kind: ImageKind, image_id: str, version: int, temp_path: str) -> str:
+        """Move a complete, synced temp file into place atomically; returns its path."""
+        final = self.path(kind, image_id, version)
+        os.replace(temp_path, final)
+        _fsync_dir(self.kind_dir(kind))
+        return final
+
+    def remove(self, kind: ImageKind, image_id: str, *, except_version: int = 0) -> None:
+        """Remove the files of an image (all versions but `except_version`)."""
+        try:
+            names = os.listdir(self.kind_dir(kind))
+        except FileNotFoundError:
+            return
+        for name in names:
+            match = _STORED.match(name)
+            if match and match["id"] == image_id and int(match["version"]) != except_version:
+                _unlink(os.path.join(self.kind_dir(kind), name))
+
+    def cleanup(self, kind: ImageKind, current: dict[str, int],
+                keep_temp: Collection[str] = ()) -> list[str]:
+        """Remove stale leftovers of crashes: temp files and files of no current version.
+        Only files older than STALE_SECONDS go, so an upload finishing now is safe."""
+        removed: list[str] = []
+        cutoff = time.time() - STALE_SECONDS
+        candidates: list[tuple[str, bool]] = []
+        for folder, is_tmp in ((self.tmp, True), (self.kind_dir(kind), False)):
+            try:
+                candidates += [(e.path, is_tmp) for e in os.scandir(folder)]
+            except FileNotFoundError:
+                continue
+        for path, is_tmp in candidates:
+            name = os.path.basename(path)
+            if is_tmp:
+                if not name.endswith(".part") or path in keep_temp:
+                    continue
+            else:
+                match = _STORED.match(name)
+                if not match or match["ext"] != kind.ext:
+                    continue
+                if current.get(match["id"]) == int(match["version"]):
+                    continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+                _unlink(path)
+                removed.append(name)
+        return removed
+
+
+class UploadFile:
+    """One upload being received into a private temp file.
+
+    `write` (to the file) and `digest` (size, SHA-1, header for the sniff) take the same
+    blocks in the same order; each blocks and may run in a worker thread of its own, so
+    the hash of one block overlaps the write of the next and nothing is read back. Every
+    WRITEBACK_BYTES the written range is handed to the kernel's writeback (and dropped from
+    the page cache): the final fsync waits for little, and a big upload does not push
+    everything else out of memory."""
+
+    WRITEBACK_BYTES = 32 << 20
+
+    def __init__(self, files: ImageFiles, kind: ImageKind, image_id: str) -> None:
+        self.kind = kind
+        self.fd, self.path = files.temp(image_id)
+        self.size = 0
+        self._written = 0
+        self._synced_to = 0
+        self._sha1 = hashlib.sha1()
+        self._head = bytearray()
+
+    def write(self, pieces: list[bytes | memoryview]) -> None:
+        """Append `pieces` to the file (one writev, no joining copy)."""
+        total = sum(len(p) for p in pieces)
+        written = os.writev(self.fd, pieces)
+        if written < total:  # short write (rare): finish it piece by piece
+            rest = memoryview(b"".join(pieces))[written:]
+            while rest:
+                rest = rest[os.write(self.fd, rest):]
+        self._written += total
+        if self._written - self._synced_to >= self.WRITEBACK_BYTES:
+            os.posix_fadvise(self.fd, self._synced_to, self._written - self._synced_to,
+                             os.POSIX_FADV_DONTNEED)
+            self._synced_to = self._written
+
+    def digest(self, pieces: list[bytes | memoryview]) -> None:
+        """Count and hash `pieces` (the same as given to `write`, in the same order)."""
+        for data in pieces:
+            self._sha1.update(data)
+            if len(self._head) < HEAD_BYTES:
+                self._head += data[: HEAD_BYTES - len(self._head)]
+            self.size += len(data)
+
+    def finish(self, checksum: str | None) -> str:
+        """Sync and close the file and check it; returns its SHA-1. Raises Invalid (and
+        leaves the temp file for `discard`) when it is not what it should be."""
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        if self.size == 0:
+            raise Invalid("the uploaded file is empty")
+        problem = self.kind.sniff(bytes(self._head))
+        if problem:
+            raise Invalid(f"the uploaded file is {problem}")
+        sha1 = self._sha1.hexdigest()
+        if checksum is not None and checksum != sha1:
+            raise Invalid(
+                f"checksum mismatch: the received file has SHA-1 {sha1}, the 'checksum' field "
+                f"says {checksum}; the image keeps its previous file"
+            )
+        return sha1
+
+    def discard(self) -> None:
+        """Forget the upload: close and remove the temp file (safe to call twice)."""
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+        _unlink(self.path)
+
+
+# -- the store mixin -------------------------------------------------------------------------
+
+
+class ImageStore:
+    """Mixin of `state.store.Store`: media and disk images."""
+
+    # -- reading --------------------------------------------------------------------------
+
+    @staticmethod
+    def _visible(kind: ImageKind, session: SessionInfo) -> peewee.Expression:
+        cond = Image.owner == session.user
+        if session.group and session.visibility.get(kind.flag):
+            cond = cond | (Image.group == session.group)
+        return (Image.kind == kind.name) & cond
+
+    def _image(self, kind: ImageKind, image_id: str, session: SessionInfo) -> Image:
+        row = None
+        if _ID.match(image_id):  # anything else cannot be ours (and may hold a NUL)
+            row = Image.get_or_none((Image.id == image_id) & self._visible(kind, session))
+        if row is None:
+            raise NotFound(f"no {kind.label} with id {image_id!r} that you can see")
+        return row
+
+    def list_images(self, kind: ImageKind, session: SessionInfo,
+                    tags: Collection[str] = ()) -> list[dict[str, Any]]:
+        """The images of `kind` the caller sees, by name; with `tags`, those carrying any
+        of them."""
+        rows = Image.select().where(self._visible(kind, session)).order_by(Image.name, Image.id)
+        wanted = set(tags)
+        return [image_status(r) for r in rows if not wanted or wanted & set(r.tags or [])]
+
+    def image(self, kind: ImageKind, image_id: str, session: SessionInfo) -> dict[str, Any]:
+        return image_status(self._image(kind, image_id, session))
+
+    def image_file(self, kind: ImageKind, image_id: str, session: SessionInfo) -> dict[str, Any]:
+        """What a download needs: name, version, size, checksum; NotFound until uploaded."""
+        row = self._image(kind, image_id, session)
+        if row.version < 1:
+            raise NotFound(f"{kind.label} {row.name!r} has no file yet: upload one first")
+        return {"name": row.name, "version": row.version, "size": row.size,
+                "checksum": row.checksum}
+
+    # -- owner and group ------------------------------------------------------------------
+
+    def _assign(self, session: SessionInfo, owner: str | None,
+                group: str | None) -> tuple[str, str]:
+        """Owner and group of a new or moved image. Default: the caller and its group.
+        Only administrators (menu tag 'user') may hand images to other users or groups:
+        otherwise anyone could take names in another group's namespace."""
+        owner = owner or session.user
+        group = group or session.group
+        check_name("owner", owner)
+        if group:
+            check_name("group", group)
+        admin = session.allows("user")
+        if owner != session.user and not admin:
+            raise Invalid(f"you may not give an image to {owner!r}: leave 'owner' empty or "
+                          "ask an administrator")
+        if group != session.group and not admin:
+            raise Invalid(f"you may not put an image into group {group!r}: use your own "
+                          f"group {session.group!r} or ask an administrator")
+        if not User.select().where(User.name == owner).exists():
+            raise NotFound(f"no user named {owner!r} to own the image")
+        if not group:
+            raise Invalid("an image needs a group: the owner belongs to none, give 'group'")
+        if not UserGroup.select().where(UserGroup.name == group).exists():
+            raise NotFound(f"no user group named {group!r}")
+        return owner, group
+
+    @staticmethod
+    def _check_unique(kind: ImageKind, group: str, name: str, *, but: str = "") -> None:
+        query = Image.select().where((Image.kind == kind.name) & (Image.group == group)
+                                     & (Image.name == name) & (Image.id != but))
+        if query.exists():
+            raise Conflict(f"a {kind.label} named {name!r} already exists in group {group!r}: "
+                           "choose another name")
+
+    # -- changes --------------------------------------------------------------------------
+
+    def create_image(self, kind: ImageKind, spec: dict[str, Any], session: SessionInfo) -> str:
+        """A new image without a file (upload one next); returns its id."""
+        check_name(kind.label, spec["name"])
+        owner, group = self._assign(session, spec.get("owner"), spec.get("group"))
+        description = _description(spec.get("description", ""))
+        tags = check_tags(spec.get("tags", []))
+        image_id = str(uuid.uuid4())
+        try:
+            with db.atomic():
+                self._check_unique(kind, group, spec["name"])
+                Image.create(id=image_id, kind=kind.name, name=spec["name"], owner=owner,
+                             group=group, description=description, tags=tags)
+        except peewee.IntegrityError:  # a concurrent create took the name
+            self._check_unique(kind, group, spec["name"])
+            raise
+        return image_id
+
+    def check_clone_source(self, guest_id: str, session: SessionInfo) -> None:
+        """A disk image cloned from a guest: refused until the guests issue lands."""
+        row = None if "\x00" in guest_id else Guest.get_or_none(Guest.id == guest_id)
+        visible = row is not None and (
+            row.owner == session.user
+            or (row.group == session.group and session.visibility.get("instance_visible"))
+        )
+        if not visible:
+            raise NotFound(f"no guest {guest_id!r} that you can see to clone a disk image from")
+        raise Conflict("cloning from a guest is not available yet: create the disk image "
+                       "without 'guest' and upload a qcow2 file to it")
+
+    def modify_image(self, kind: ImageKind, image_id: str, spec: dict[str, Any],
+                     session: SessionInfo) -> str:
+        """Change name, owner, group, description or tags; returns the (new) name."""
+        with db.atomic():
+            row = self._image(kind, image_id, session)
+            name = spec.get("name") or row.name
+            check_name(kind.label, name)
+            owner, group = row.owner, row.group
+            if spec.get("owner") or spec.get("group"):
+                owner, group = self._assign(session, spec.get("owner") or row.owner,
+                                            spec.get("group") or row.group)
+            self._check_unique(kind, group, name, but=row.id)
+            row.name, row.owner, row.group = name, owner, group
+            if "description" in spec:
+                row.description = _description(spec["description"])
+            if "tags" in spec:
+                row.tags = check_tags(spec["tags"])
+            row.generation += 1
+            row.modified_at = now()
+            row.save()
+        return name
+
+    def delete_image(self, kind: ImageKind, image_id: str, session: SessionInfo,
+                     files: ImageFiles) -> str:
+        """Remove an image and its files; returns its name. Blocking (file removal)."""
+        with db.atomic():
+            row = self._image(kind, image_id, session)
+            row.delete_instance()
+        files.remove(kind, image_id)
+        return row.name
+
+    # -- uploads ----------------------------------------------------------------------------
+
+    def begin_upload(self, kind: ImageKind, image_id: str, session: SessionInfo) -> dict:
+        """The image a file is about to be uploaded to: {id, name, version}."""
+        row = self._image(kind, image_id, session)
+        Image.update(progress=0).where(Image.id == row.id).execute()
+        return {"id": row.id, "name": row.name, "version": row.version}
+
+    def record_upload_progress(self, image_id: str, progress: int) -> None:
+        Image.update(progress=max(0, min(99, progress))).where(Image.id == image_id).execute()
+
+    def abort_upload(self, image_id: str) -> None:
+        """An upload failed: progress back to what the current file says."""
+        Image.update(progress=peewee.Case(None, [(Image.version > 0, 100)], 0)).where(
+            Image.id == image_id
+        ).execute()
+
+    def commit_upload(self, kind: ImageKind, image_id: str, base_version: int, upload: UploadFile,
+                      sha1: str, files: ImageFiles) -> int:
+        """Install a finished upload as version base_version + 1 and drop the previous file;
+        returns the new version. Blocking: call from a worker thread."""
+        version = base_version + 1
+        final = files.install(kind, image_id, version, upload.path)
+        try:
+            changed = (
+                Image.update(version=version, size=upload.size, checksum=sha1, progress=100,
+                             modified_at=now(), generation=Image.generation + 1)
+                .where((Image.id == image_id) & (Image.version == base_version))
+                .execute()
+            )
+        except BaseException:
+            _unlink(final)
+            raise
+        if changed != 1:
+            _unlink(final)
+            if Image.get_or_none(Image.id == image_id) is None:
+                raise NotFound(f"the {kind.label} was deleted during the upload")
+            raise Conflict(f"another upload of this {kind.label} finished first: try again")
+        files.remove(kind, image_id, except_version=version)
+        return version
+
+    # -- sync ---------------------------------------------------------------------------------
+
+    def sync_images(self, kind: ImageKind, session: SessionInfo, files: ImageFiles, *,
+                    owner: str | None = None, group: str | None = None,
+                    busy: Collection[str] = (), busy_temp: Collection[str] = ()
+                    ) -> dict[str, list]:
+        """Import the `*.<ext>` files of the import directory, drop images whose file is
+        gone from the store, clean stale leftovers. Blocking: call from a worker thread.
+
+        Imported files are moved (hard link + unlink, or copy when linking is not allowed)
+        into the store and named by id; the import file's own name only becomes the image
+        name, sanitised. Symlinks, non-regular files, hidden files (a leading '.': copy
+        under such a name, then rename) and files that are not of the kind are skipped
+        and stay where they are. Images still waiting for their first upload (and those
+        in `busy`) are never dropped."""
+        owner, group = self._assign(session, owner, group)
+        store_dir_existed = os.path.isdir(files.kind_dir(kind))
+        files.ensure()
+        imported: list[dict[str, Any]] = []
+        skipped: list[dict[str, str]] = []
+        folder = files.import_dir(kind)
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            shown = os.fsdecode(entry.name).encode("utf-8", "backslashreplace").decode()
+            if entry.name.startswith("."):
+                continue  # hidden: possibly still being copied
+            if not entry.name.lower().endswith("." + kind.ext):
+                skipped.append({"file": shown, "reason": f"not a *.{kind.ext} file"})
+                continue
+            try:
+                result = self._import_one(kind, files, entry.path, entry.name, owner, group)
+            except (Invalid, Conflict) as exc:
+                skipped.append({"file": shown, "reason": exc.message})
+                continue
+            except OSError as exc:
+                skipped.append({"file": shown, "reason": f"cannot import: {exc.strerror}"})
+                continue
+            imported.append({"file": shown, **result})
+        removed = []
+        current: dict[str, int] = {}
+        for row in Image.select(Image.id, Image.name, Image.version).where(
+            Image.kind == kind.name
+        ):
+            current[row.id] = row.version
+            if row.version < 1 or row.id in busy or not store_dir_existed:
+                continue
+            if not os.path.exists(files.path(kind, row.id, row.version)):
+                if Image.delete().where((Image.id == row.id)
+                                        & (Image.version == row.version)).execute():
+                    removed.append({"id": row.id, "name": row.name})
+                    log.warning("%s %s (%s): its file is gone; removed", kind.label, row.name,
+                                row.id)
+        cleaned = files.cleanup(kind, current, busy_temp)
+        return {"imported": imported, "skipped": skipped, "removed": removed,
+                "cleaned": cleaned}
+
+    def _import_one(self, kind: ImageKind, files: ImageFiles, path: str, filename: str,
+                    owner: str, group: str) -> dict[str, Any]:
+        name = import_name(os.fsdecode(filename), kind.ext)
+        if name is None:
+            raise Invalid("no usable image name in the file name")
+        self._check_unique(kind, group, name)
+        # O_NOFOLLOW: a symlink fails here, whatever it points to; O_NONBLOCK: a FIFO
+        # does not hang the sync. The checks below run on what was opened, not the name.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Invalid("symbolic links are not imported") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Invalid("not a regular file")
+            problem = kind.sniff(os.pread(fd, HEAD_BYTES, 0))
+            if problem:
+                raise Invalid(f"the file is {problem}")
+            image_id = str(uuid.uuid4())
+            final = files.path(kind, image_id, 1)
+            try:
+                # Link the very inode we opened and checked, not whatever the name holds now.
+                os.link(f"/proc/self/fd/{fd}", final)
+                sha1, size = sha1_of(fd), st.st_size
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.ENOENT):
+                    raise
+                sha1, size = _copy_into(fd, final, files)
+            try:
+                with db.atomic():
+                    self._check_unique(kind, group, name)
+                    Image.create(id=image_id, kind=kind.name, name=name, owner=owner,
+                                 group=group, version=1, size=size, checksum=sha1, progress=100,
+                                 tags=[], description="")
+            except BaseException:
+                _unlink(final)
+                raise
+        finally:
+            os.close(fd)
+        try:  # the import name goes only if it still names the file we imported
+            now_st = os.lstat(path)
+            if (now_st.st_dev, now_st.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return {"id": image_id, "name": name, "size": size, "checksum": sha1}
+
+
+def _copy_into(fd: int, final: str, files: ImageFiles) -> tuple[str, int]:
+    """Copy an open file into the store (when a hard link is not possible); (sha1, size)."""
+    out_fd, temp = tempfile.mkstemp(suffix=".part", dir=files.tmp)
+    digest = hashlib.sha1()
+    size = 0
+    try:
+        while True:
+            block = os.pread(fd, HASH_CHUNK, size)
+            if not block:
+                break
+            digest.update(block)
+            view = memoryview(block)
+            while view:
+                view = view[os.write(out_fd, view):]
+            size += len(block)
+        os.fsync(out_fd)
+    except BaseException:
+        os.close(out_fd)
+        _unlink(temp)
+        raise
+    os.close(out_fd)
+    os.replace(temp, final)
+    return digest.hexdigest(), size
+
+
+def _description(value: str) -> str:
+    if len(value) > MAX_DESCRIPTION:
+        raise Invalid(f"description too long: at most {MAX_DESCRIPTION} characters")
+    if "\x00" in value:
+        raise Invalid("description may not contain NUL characters")
+    return value

@@ -1,0 +1,322 @@
+"""Benchmark: image file upload and download through a real nanod, against `cp`.
+
+    .venv/bin/python tests/bench/bench_images.py [--size-mib 1024] [--small-mib 256]
+                                                  [--dir /var/tmp] [--repeat 3]
+
+Starts `nanod serve` as a subprocess (SQLite, reconciler off) with its data directory in
+a temp directory under --dir, and in the same run, on the same disk:
+- cp: `cp SRC DST`, and `cp` followed by an fsync of DST (nanod syncs an upload before
+  it installs it, so "cp + fsync" is the like-for-like floor);
+- upload: POST /media_images/{id}/file/ (streamed multipart, checked, synced, moved into
+  place), MiB/s and ratio to cp, with a lean client (sendfile from the page cache, so the
+  client costs almost nothing) and with `curl -F image=@SRC`;
+- download: GET /media_images/{id}/file/ into a file, with a lean client (recv_into +
+  write) and with `curl -o DST`;
+- nanod's peak RSS (VmHWM of /proc/PID/status, reset through /proc/PID/clear_refs before
+  each phase) while it receives a --small-mib file and a --size-mib file: it should not
+  grow with the file.
+Every copy is checked by SHA-1. The files (source, copies, the image store) are removed at
+the end and nanod is stopped by its pid. Not part of the test run (ARCHITECTURE.md §5:
+timing is measured, never asserted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "Bench1Password"
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_source(path: Path, size: int) -> str:
+    """Random bytes with an ISO 9660 volume descriptor where nanod sniffs for it."""
+    digest = hashlib.sha1()
+    with open(path, "wb") as fh:
+        written = 0
+        while written < size:
+            block = bytearray(os.urandom(min(8 * MiB, size - written)))
+            if written == 0:
+                block[32769:32774] = b"CD001"
+            fh.write(block)
+            digest.update(block)
+            written += len(block)
+    return digest.hexdigest()
+
+
+def sha1_file(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as fh:
+        while block := fh.read(8 * MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Nanod:
+    """`nanod serve` in a subprocess, and a tiny JSON client for it."""
+
+    def __init__(self, workdir: Path, max_upload: int) -> None:
+        self.port = free_port()
+        self.data = workdir / "data"
+        config = workdir / "nanod.yaml"
+        config.write_text(json.dumps({  # JSON is YAML
+            "listen": f"127.0.0.1:{self.port}", "data_dir": str(self.data),
+            "log_level": "warning", "reconciler": {"enabled": False},
+            "images": {"max_upload_bytes": max_upload},
+        }))
+        self.base = f"http://127.0.0.1:{self.port}/api/v1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nanod", "serve", "--config", str(config)], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=open(workdir / "nanod.err", "wb"))
+        self.session = ""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.call("GET", "/system/")
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"nanod did not start: see {workdir / 'nanod.err'}") from None
+                time.sleep(0.1)
+        self.call("POST", "/system/", {"user": "admin", "password": PASSWORD})
+        self.session = self.call("POST", "/sessions/", {"user": "admin", "password": PASSWORD,
+                                                        "nonce": "b"})["session"]
+
+    def call(self, method: str, path: str, body: object = None) -> object:
+        request = urllib.request.Request(
+            self.base + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Nano-Session": self.session})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            doc = json.loads(response.read())
+        if doc["error_code"]:
+            raise SystemExit(f"{method} {path}: {doc['message']}")
+        return doc.get("data")
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
+
+    def curl(self, *args: str) -> float:
+        start = time.perf_counter()
+        done = subprocess.run(["curl", "-sS", "--fail-with-body", "-H",
+                               f"Nano-Session: {self.session}", *args],
+                              capture_output=True, check=False)
+        elapsed = time.perf_counter() - start
+        if done.returncode:
+            raise SystemExit(f"curl {' '.join(args)} failed: {done.stderr.decode()}")
+        if done.stdout.startswith(b"{"):
+            doc = json.loads(done.stdout)
+            if doc["error_code"]:
+                raise SystemExit(f"curl {' '.join(args)}: {doc['message']}")
+        return elapsed
+
+    def curl_upload(self, image_id: str, source: Path) -> float:
+        return self.curl("-F", f"image=@{source};type=application/octet-stream",
+                         f"{self.base}/media_images/{image_id}/file/")
+
+    def curl_download(self, image_id: str, target: Path) -> float:
+        return self.curl("-o", str(target), f"{self.base}/media_images/{image_id}/file/")
+
+    def _request(self, head: str) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        sock.sendall(head.encode())
+        return sock
+
+    @staticmethod
+    def _response(sock: socket.socket) -> tuple[bytes, bytes]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(65536)
+            if not more:
+                raise SystemExit(f"connection closed: {data[:200]!r}")
+            data += more
+        head, _, rest = data.partition(b"\r\n\r\n")
+        return head, rest
+
+    def upload(self, image_id: str, source: Path) -> float:
+        """A lean client: the file goes from the page cache to the socket with sendfile,
+        so what is measured is nanod, not the client."""
+        boundary = "benchBoundary7MA4YWxkTrZu0gW"
+        opening = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+                   f"filename=\"{source.name}\"\r\nContent-Type: application/octet-stream"
+                   "\r\n\r\n").encode()
+        closing = f"\r\n--{boundary}--\r\n".encode()
+        length = len(opening) + source.stat().st_size + len(closing)
+        start = time.perf_counter()
+        sock = self._request(
+            f"POST /api/v1/media_images/{image_id}/file/ HTTP/1.1\r\nHost: bench\r\n"
+            f"Nano-Session: {self.session}\r\nContent-Length: {length}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n")
+        with sock, open(source, "rb") as fh:
+            sock.sendall(opening)
+            sock.sendfile(fh)
+            sock.sendall(closing)
+            head, body = self._response(sock)
+            elapsed = time.perf_counter() - start
+        if b'"error_code": 0' not in body:
+            raise SystemExit(f"upload failed: {head!r} {body[:300]!r}")
+        return elapsed
+
+    def download(self, image_id: str, target: Path) -> float:
+        """A lean client: recv_into one buffer, write to the target file."""
+        start = time.perf_counter()
+        sock = self._request(f"GET /api/v1/media_images/{image_id}/file/ HTTP/1.1\r\n"
+                             f"Host: bench\r\nNano-Session: {self.session}\r\n\r\n")
+        with sock, open(target, "wb") as out:
+            head, rest = self._response(sock)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            out.write(rest)
+            left = length - len(rest)
+            buf = memoryview(bytearray(4 * MiB))
+            while left:
+                got = sock.recv_into(buf, min(len(buf), left))
+                if not got:
+                    raise SystemExit("download cut short")
+                out.write(buf[:got])
+                left -= got
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def timed_cp(source: Path, target: Path, *, sync: bool) -> float:
+    start = time.perf_counter()
+    subprocess.run(["cp", str(source), str(target)], check=True)
+    if sync:
+        fd = os.open(target, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    elapsed = time.perf_counter() - start
+    target.unlink()
+    return elapsed
+
+
+def rate(size: int, seconds: float) -> str:
+    return f"{size / MiB / seconds:7.0f} MiB/s ({seconds:6.2f} s)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--small-mib", type=int, default=256)
+    parser.add_argument("--dir", default=tempfile.gettempdir(),
+                        help="where the temp directory goes (one disk for everything)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    size, small = args.size_mib * MiB, args.small_mib * MiB
+    if shutil.which("curl") is None:
+        sys.exit("cannot run: curl is not installed")
+    workdir = Path(tempfile.mkdtemp(prefix="nano-bench-images-", dir=args.dir))
+    nanod: Nanod | None = None
+    try:
+        big_src, small_src = workdir / "big.iso", workdir / "small.iso"
+        print(f"making {args.size_mib} MiB and {args.small_mib} MiB source files in {workdir}")
+        big_sha1 = make_source(big_src, size)
+        make_source(small_src, small)
+        os.sync()
+        nanod = Nanod(workdir, max_upload=2 * size)
+        image = nanod.call("POST", "/media_images/", {"name": "bench"})["id"]  # type: ignore[index]
+        small_image = nanod.call("POST", "/media_images/", {"name": "small"})["id"]  # type: ignore[index]
+
+        # peak RSS while receiving a small and a big file (first uploads of each)
+        nanod.reset_peak()
+        idle = nanod.peak_rss_mib()
+        nanod.reset_peak()
+        nanod.upload(small_image, small_src)
+        rss_small = nanod.peak_rss_mib()
+        nanod.reset_peak()
+        first_big = nanod.upload(image, big_src)
+        rss_big = nanod.peak_rss_mib()
+
+        # Each measurement starts with no dirty pages left by the one before (os.sync).
+        del first_big
+        cp: list[float] = []
+        cp_sync: list[float] = []
+        up: list[float] = []
+        down: list[float] = []
+        curl_up: list[float] = []
+        curl_down: list[float] = []
+        copy = workdir / "copy.iso"
+
+        def check_copy() -> None:
+            if sha1_file(copy) != big_sha1:
+                raise SystemExit("the downloaded file differs from the source")
+            copy.unlink()
+
+        for _ in range(args.repeat):
+            os.sync()
+            cp.append(timed_cp(big_src, copy, sync=False))
+            os.sync()
+            cp_sync.append(timed_cp(big_src, copy, sync=True))
+            os.sync()
+            up.append(nanod.upload(image, big_src))
+            os.sync()
+            down.append(nanod.download(image, copy))
+            check_copy()
+            os.sync()
+            curl_up.append(nanod.curl_upload(image, big_src))
+            os.sync()
+            curl_down.append(nanod.curl_download(image, copy))
+            check_copy()
+        status = nanod.call("GET", f"/media_images/{image}")
+        if status["checksum"] != big_sha1:  # type: ignore[index]
+            raise SystemExit("nanod's checksum differs from the source")
+
+        t_cp, t_cps = statistics.median(cp), statistics.median(cp_sync)
+        print(f"\nfile: {args.size_mib} MiB, median of {args.repeat}; one disk: {workdir}; "
+              f"{os.cpu_count()} CPUs")
+        print(f"  cp                       {rate(size, t_cp)}")
+        print(f"  cp + fsync               {rate(size, t_cps)}")
+        for label, samples in (("upload (lean client)", up), ("download (lean client)", down),
+                               ("upload (curl -F)", curl_up), ("download (curl -o)", curl_down)):
+            t = statistics.median(samples)
+            print(f"  {label:24s} {rate(size, t)}  = {t_cp / t:.2f} x cp, "
+                  f"{t_cps / t:.2f} x cp+fsync")
+        print("  goal: >= 0.5 x cp")
+        print("nanod peak RSS (VmHWM):")
+        print(f"  idle after start   {idle:7.1f} MiB")
+        print(f"  {args.small_mib:5d} MiB upload   {rss_small:7.1f} MiB")
+        print(f"  {args.size_mib:5d} MiB upload   {rss_big:7.1f} MiB  "
+              f"(growth vs small: {rss_big - rss_small:+.1f} MiB)")
+    finally:
+        if nanod is not None:
+            nanod.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"removed {workdir}")
+
+
+if __name__ == "__main__":
+    main()
