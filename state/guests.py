@@ -530,6 +530,8 @@ class GuestStore:
             "ethernet_address": spec.get("ethernet_address", ""),
             "network_address": spec.get("network_address", ""),
             "ports": list(spec.get("ports", [])), "from_image": spec.get("from_image", ""),
+            # extension: which cell port forwards to which guest port, as observed
+            "port_forwards": list(obs.get("ports", [])),
             "security_policy_group": spec.get("security_policy_group", ""),
             "monitor_secret": spec.get("monitor_secret", ""),
             "display_protocol": obs.get("display_protocol")

@@ -55,6 +55,14 @@ def libvirt_names(qemu_dir: Path) -> Iterator[dict[str, str]]:
         if tag in net:
             virsh("net-destroy", net)
             virsh("net-undefine", net)
+    # nanod was stopped before its reconcilers could remove their nft tables
+    from reconciler.drivers.networks import delete_nft_table
+    from reconciler.drivers.nft import NftFirewall
+    from reconciler.drivers.shell import LocalShell
+    from reconciler.networking import nat_table
+
+    delete_nft_table(LocalShell(), "ip", nat_table(env["NANO_NET"]))
+    NftFirewall(LocalShell()).remove()
 
 
 def served_copy(nanod: Nanod, tmp_path: Path) -> tuple[Path, list[str]]:
