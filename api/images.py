@@ -6,12 +6,14 @@ Semantics: ../shared/api/COMPATIBILITY.md. Files are reached both at the documen
 `/media_images/{id}/file/`, `/disk_images/{id}/file/`.
 
 Uploads (POST, multipart/form-data, the file in field `image`, optionally its SHA-1 hex in
-`checksum`, before or after the file) are streamed: `api.multipart` cuts the body as it
-arrives, file bytes are written to a private temp file in ~1 MiB blocks by the API thread
-pool (one block in flight while the next is received; the SHA-1 is computed in the same
-step), and only when the whole body has arrived and checked out (multipart complete,
-qcow2/ISO header sniffed, checksum equal) is the file moved into place
-(`state.images.ImageFiles.install`, os.replace). The size limit
+`checksum`, before or after the file) are streamed: the connection reads the body in
+1 MiB pieces, `api.multipart` cuts it as it arrives (file bytes leave it as views, not
+copies), and every 4 MiB block goes to the API thread pool as two jobs that run in
+parallel: one appends it to a private temp file (writev), the other updates the SHA-1.
+One block is in flight while the next is received, so memory stays at a few blocks
+whatever the file size. Only when the whole body has arrived and checked out (multipart
+complete, qcow2/ISO header sniffed, checksum equal) is the file synced and moved into
+place (`state.images.ImageFiles.install`, os.replace). The size limit
 `settings["images"]["max_upload_bytes"]` is enforced from Content-Length before a byte is
 read, by the connection while streaming, and by counting file bytes. A failure or a
 client that goes away leaves the previous version as it was and no temp file.
@@ -260,7 +262,11 @@ class ImageFileHandler(ImageRoute):
         self._expected = int(length) if length.isdigit() else 0
         self._parser = MultipartParser(boundary)
         self._target = target
-        self._upload = UploadFile(state.files, self.kind, target["id"])
+        try:
+            self._upload = UploadFile(state.files, self.kind, target["id"])
+        except OSError as exc:
+            self.store.abort_upload(target["id"])
+            raise Internal(f"cannot receive the upload: {exc.strerror}") from exc
         state.uploading.add(target["id"])
         state.temps.add(self._upload.path)
         self._receiving = True

@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -36,6 +37,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "Bench1Password"
@@ -114,6 +116,11 @@ class Nanod:
 
     def reset_peak(self) -> None:
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time nanod used so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -212,7 +219,14 @@ class Nanod:
                 self.proc.wait()
 
 
-def timed_cp(source: Path, target: Path, *, sync: bool) -> float:
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_cp(source: Path, target: Path, *, sync: bool) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of cp)."""
+    cpu = children_cpu()
     start = time.perf_counter()
     subprocess.run(["cp", str(source), str(target)], check=True)
     if sync:
@@ -221,7 +235,7 @@ def timed_cp(source: Path, target: Path, *, sync: bool) -> float:
         os.close(fd)
     elapsed = time.perf_counter() - start
     target.unlink()
-    return elapsed
+    return elapsed, children_cpu() - cpu
 
 
 def rate(size: int, seconds: float) -> str:
@@ -263,12 +277,7 @@ def main() -> None:
 
         # Each measurement starts with no dirty pages left by the one before (os.sync).
         del first_big
-        cp: list[float] = []
-        cp_sync: list[float] = []
-        up: list[float] = []
-        down: list[float] = []
-        curl_up: list[float] = []
-        curl_down: list[float] = []
+        runs: dict[str, list[tuple[float, float]]] = {}  # label -> [(wall, cpu)]
         copy = workdir / "copy.iso"
 
         def check_copy() -> None:
@@ -276,35 +285,41 @@ def main() -> None:
                 raise SystemExit("the downloaded file differs from the source")
             copy.unlink()
 
+        def through_nanod(label: str, step: Any) -> None:
+            cpu = nanod.cpu_seconds()
+            wall = step()
+            runs.setdefault(label, []).append((wall, nanod.cpu_seconds() - cpu))
+
         for _ in range(args.repeat):
             os.sync()
-            cp.append(timed_cp(big_src, copy, sync=False))
+            runs.setdefault("cp", []).append(timed_cp(big_src, copy, sync=False))
             os.sync()
-            cp_sync.append(timed_cp(big_src, copy, sync=True))
+            runs.setdefault("cp + fsync", []).append(timed_cp(big_src, copy, sync=True))
             os.sync()
-            up.append(nanod.upload(image, big_src))
+            through_nanod("upload (lean client)", lambda: nanod.upload(image, big_src))
             os.sync()
-            down.append(nanod.download(image, copy))
+            through_nanod("download (lean client)", lambda: nanod.download(image, copy))
             check_copy()
             os.sync()
-            curl_up.append(nanod.curl_upload(image, big_src))
+            through_nanod("upload (curl -F)", lambda: nanod.curl_upload(image, big_src))
             os.sync()
-            curl_down.append(nanod.curl_download(image, copy))
+            through_nanod("download (curl -o)", lambda: nanod.curl_download(image, copy))
             check_copy()
         status = nanod.call("GET", f"/media_images/{image}")
         if status["checksum"] != big_sha1:  # type: ignore[index]
             raise SystemExit("nanod's checksum differs from the source")
 
-        t_cp, t_cps = statistics.median(cp), statistics.median(cp_sync)
+        t_cp = statistics.median(w for w, _ in runs["cp"])
+        t_cps = statistics.median(w for w, _ in runs["cp + fsync"])
         print(f"\nfile: {args.size_mib} MiB, median of {args.repeat}; one disk: {workdir}; "
-              f"{os.cpu_count()} CPUs")
-        print(f"  cp                       {rate(size, t_cp)}")
-        print(f"  cp + fsync               {rate(size, t_cps)}")
-        for label, samples in (("upload (lean client)", up), ("download (lean client)", down),
-                               ("upload (curl -F)", curl_up), ("download (curl -o)", curl_down)):
-            t = statistics.median(samples)
-            print(f"  {label:24s} {rate(size, t)}  = {t_cp / t:.2f} x cp, "
-                  f"{t_cps / t:.2f} x cp+fsync")
+              f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+        print(f"  {'':24s} {'throughput':>24s}   {'vs cp':>6s} {'vs cp+fsync':>11s}  CPU s")
+        for label, samples in runs.items():
+            t = statistics.median(w for w, _ in samples)
+            cpu = statistics.median(c for _, c in samples)
+            who = "cp" if label.startswith("cp") else "nanod"
+            print(f"  {label:24s} {rate(size, t)}   {t_cp / t:6.2f} {t_cps / t:11.2f}  "
+                  f"{cpu:5.2f} ({who})")
         print("  goal: >= 0.5 x cp")
         print("nanod peak RSS (VmHWM):")
         print(f"  idle after start   {idle:7.1f} MiB")
