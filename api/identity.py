@@ -241,7 +241,8 @@ class PasswordHandler(NanoHandler):
         wait = self.ctx.throttle.delay(*keys)
         self.ctx.throttle.failed(*keys)  # until it succeeds, as for a login
         await sleep(wait)
-        await self.blocking(self.store.change_password, name, spec["old"], spec["new"])
+        await self.blocking(lambda: self.store.change_password(
+            name, spec["old"], spec["new"], keep_token=self.session.token))
         self.ctx.throttle.succeeded(*keys)
         self.audit(f"changed the password of {name}")
         self.reply()
@@ -285,6 +286,13 @@ def _query_time(handler: NanoHandler, name: str) -> dt.datetime | None:
 
 class LogsHandler(NanoHandler):
     menu = "log"
+
+    def required_menu(self) -> str | None:
+        # the portal posts an entry after most actions, for every user: any session may
+        # add one (it is recorded as theirs); reading and deleting need 'log'
+        if self.request.method == "POST":
+            return None
+        return super().required_menu()
 
     def get(self) -> None:
         self.reply(

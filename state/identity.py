@@ -189,12 +189,36 @@ class IdentityStore:
         )
         return self._session_info(token, handle, user, row.group_id or "", address, timeout, expires)
 
+    # Authenticated reads are the hot path (the portal polls every second): a session is
+    # read from the database at most once per SESSION_CACHE_SECONDS per process. Changes to
+    # a user's roles or group therefore reach its live sessions within that time; removals
+    # (user deleted, member removed, session ended) clear the cache at once.
+    SESSION_CACHE_SECONDS = 1.0
+    _session_cache: dict[str, tuple[float, SessionInfo]] = {}
+
+    def forget_cached_sessions(self) -> None:
+        self._session_cache.clear()
+
     def session(self, token: str) -> SessionInfo | None:
         """The live session for a bearer token, or None if unknown or expired. A SHA-256
         lookup, no password hashing: one indexed query (session, user, group and the
-        group's roles, one row per role), on every authenticated request."""
+        group's roles, one row per role), cached for SESSION_CACHE_SECONDS."""
         if not token:
             return None
+        now_ = time.monotonic()
+        hit = self._session_cache.get(token)
+        if hit is not None and now_ - hit[0] < self.SESSION_CACHE_SECONDS:
+            return hit[1] if hit[1].expires >= time.time() else None
+        info = self._read_session(token)
+        if info is None:
+            self._session_cache.pop(token, None)
+        else:
+            if len(self._session_cache) > 10000:
+                self._session_cache.clear()
+            self._session_cache[token] = (now_, info)
+        return info
+
+    def _read_session(self, token: str) -> SessionInfo | None:
         rows = _SESSION_QUERY.execute(token_digest(token))
         if not rows:
             return None
@@ -233,6 +257,7 @@ class IdentityStore:
             raise Unauthorized("session expired or unknown: log in again")
         expires = time.time() + info.timeout
         Session.update(expires=expires).where(Session.token_hash == token_digest(token)).execute()
+        self._session_cache.pop(token, None)
         return info
 
     def list_sessions(self) -> list[dict]:
@@ -262,6 +287,7 @@ class IdentityStore:
         return {"menu": list(row.menu)}
 
     def create_role(self, name: str, menu: list[str]) -> None:
+        self.forget_cached_sessions()  # menus and flags reach live sessions now
         check_name("role", name)
         menu = check_menu(menu)
         with db.atomic():
@@ -270,11 +296,13 @@ class IdentityStore:
             Role.create(name=name, menu=menu)
 
     def modify_role(self, name: str, menu: list[str]) -> None:
+        self.forget_cached_sessions()  # menus and flags reach live sessions now
         menu = check_menu(menu)
         if not Role.update(menu=menu).where(Role.name == name).execute():
             raise NotFound(f"no role named {name!r}")
 
     def delete_role(self, name: str) -> None:
+        self.forget_cached_sessions()  # menus and flags reach live sessions now
         with db.atomic():
             if Role.get_or_none(Role.name == name) is None:
                 raise NotFound(f"no role named {name!r}")
@@ -321,6 +349,7 @@ class IdentityStore:
         return roles
 
     def create_group(self, name: str, display: str, roles: list[str]) -> None:
+        self.forget_cached_sessions()  # menus and flags reach live sessions now
         check_name("group", name)
         with db.atomic():
             if UserGroup.get_or_none(UserGroup.name == name):
@@ -331,6 +360,7 @@ class IdentityStore:
                 GroupRole.create(group=grp, role=role)
 
     def modify_group(self, name: str, display: str | None, roles: list[str] | None) -> None:
+        self.forget_cached_sessions()  # menus and flags reach live sessions now
         with db.atomic():
             grp = self._group(name)
             if display is not None:
@@ -343,6 +373,7 @@ class IdentityStore:
                     GroupRole.create(group=grp, role=role)
 
     def delete_group(self, name: str) -> None:
+        self.forget_cached_sessions()  # menus and flags reach live sessions now
         with db.atomic():
             grp = self._group(name)
             members = [u.name for u in grp.members]
@@ -358,6 +389,7 @@ class IdentityStore:
         return self.group(name)["member"]
 
     def add_member(self, group: str, user: str) -> None:
+        self.forget_cached_sessions()  # menus and flags reach live sessions now
         with db.atomic():
             grp = self._group(group)
             row = self._user(user)
@@ -372,6 +404,7 @@ class IdentityStore:
             row.save()
 
     def remove_member(self, group: str, user: str) -> None:
+        self.forget_cached_sessions()  # menus and flags reach live sessions now
         with db.atomic():
             self._group(group)
             row = self._user(user)
@@ -380,6 +413,7 @@ class IdentityStore:
             row.group = None
             row.save()
             Session.delete().where(Session.user == user).execute()
+            self.forget_cached_sessions()
 
     # -- users -----------------------------------------------------------------------------
 
@@ -424,9 +458,10 @@ class IdentityStore:
         with db.atomic():
             self._user(name)
             Session.delete().where(Session.user == name).execute()
+            self.forget_cached_sessions()
             User.delete_by_id(name)
 
-    def change_password(self, name: str, old: str, new: str) -> None:
+    def change_password(self, name: str, old: str, new: str, *, keep_token: str = "") -> None:
         """Verify `old` and set `new` (call from a worker thread: argon2 is slow)."""
         row = self._user(name)
         if not verify_password(row.password_hash, old):
@@ -436,6 +471,12 @@ class IdentityStore:
         User.update(password_hash=hash_password(new), modified_at=now()).where(
             User.name == name
         ).execute()
+        # a new password ends the user's other sessions (someone may have had the old one)
+        query = Session.delete().where(Session.user == name)
+        if keep_token:
+            query = query.where(Session.token_hash != token_digest(keep_token))
+        query.execute()
+        self.forget_cached_sessions()
 
     # -- visibility ------------------------------------------------------------------------
 
@@ -443,6 +484,7 @@ class IdentityStore:
         return _visibility(self._group(group))
 
     def set_visibility(self, group: str, flags: dict[str, bool]) -> None:
+        self.forget_cached_sessions()  # menus and flags reach live sessions now
         unknown = sorted(set(flags) - set(VISIBILITY_FLAGS))
         if unknown:
             raise Invalid(f"unknown visibility flag(s) {', '.join(unknown)}: "

@@ -327,13 +327,18 @@ async def test_a_session_without_the_menu_tag_may_read_but_not_change(api):
         ("PUT", "/users/admin", {"nick": "pwned"}, "user"),
         ("DELETE", "/users/admin", None, "user"),
         ("PUT", "/resource_visibilities/", {"instance_visible": True}, "visibility"),
-        ("POST", "/logs/", {"content": "fake"}, "log"),
         ("DELETE", "/logs/", {"entries": []}, "log"),
     ]
     for method, path, body, tag in denied:
         reply = await api.call(method, path, body, session=viewer)
         assert reply.code == 403, (method, path, reply.code, reply.message)
         assert f"do not grant '{tag}'" in reply.message, reply.message
+
+    # the portal posts a log entry after most actions, for every user: allowed, and
+    # recorded under the poster's name
+    await api.ok("POST", "/logs/", {"content": "viewer did something"}, session=viewer)
+    logs = (await api.ok("GET", "/logs/"))["logs"]
+    assert any(e["content"] == "viewer did something" and e["user"] == "viewer" for e in logs)
 
     # nothing changed
     assert await api.ok("GET", "/roles/") == ["super", "viewer_role"]
