@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 
 import libvirt
@@ -59,14 +60,18 @@ def cell(api, io_loop, server, system, qemu_dir):
             if dom.isActive():
                 dom.destroy()
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-    try:
-        pool = system.storagePoolLookupByName("nano-local-g")
-        for vol in pool.listAllVolumes():
-            vol.delete(0)
-        pool.destroy()
-        pool.undefine()
-    except libvirt.libvirtError:
-        pass
+    for _attempt in range(20):  # volume jobs still under way make libvirt refuse a while
+        try:
+            pool = system.storagePoolLookupByName("nano-local-g")
+            for vol in pool.listAllVolumes():
+                vol.delete(0)
+            pool.destroy()
+            pool.undefine()
+            break
+        except libvirt.libvirtError as exc:
+            if "no storage pool" in str(exc):
+                break
+            time.sleep(0.5)
     default = _default_network(system)
     if default is not None and was is not None:  # as the test found it
         default.setAutostart(int(was[1]))
@@ -237,8 +242,14 @@ async def test_guest_lifecycle_on_real_qemu(api, cell, system):
 
     await until(gone, timeout=60, what="guest deleted")
     assert f"nano-{gid}" not in [d.name() for d in system.listAllDomains()]
-    pool.refresh(0)
-    assert not [v.name() for v in pool.listAllVolumes() if gid in v.name()]
+    async def volumes_gone():
+        try:
+            pool.refresh(0)
+        except libvirt.libvirtError:  # deletions under way
+            return False
+        return not [v.name() for v in pool.listAllVolumes() if gid in v.name()]
+
+    await until(volumes_gone, timeout=30, what="volumes removed")
 
 
 @pytest.mark.gen_test(timeout=300)
