@@ -158,6 +158,14 @@ class ImagesHandler(ImageRoute):
         if spec.get("guest"):
             self.store.check_clone_source(spec["guest"], self.caller)
         image_id = self.store.create_image(self.kind, spec, self.caller)
+        if spec.get("guest"):
+            # cloned from a stopped guest's system disk by the reconciler: 202 + progress
+            self.store.mark_clone(image_id, spec["guest"])
+            self.ctx.enqueue(Key("image", image_id))
+            self.audit(f"cloning {self.kind.label} {spec['name']} ({image_id}) from guest "
+                       f"{spec['guest']}")
+            self.reply({"id": image_id}, status=202)
+            return
         self.audit(f"created {self.kind.label} {spec['name']} ({image_id})")
         self.reply({"id": image_id})
 

@@ -9,6 +9,7 @@ from reconciler.cells import CellConnections, CellReconciler
 from reconciler.contract import Key
 from reconciler.firewalls import FirewallReconciler
 from reconciler.guests import GuestReconciler
+from reconciler.images import ImageReconciler
 from reconciler.loop import Controller
 from reconciler.networking import AddressPoolReconciler, NetworkReconciler
 
@@ -39,6 +40,7 @@ def build(store: Any, settings: dict[str, Any]) -> Controller:
         NetworkReconciler(store, connections, enqueue),
         FirewallReconciler(store, connections, enqueue),
         AddressPoolReconciler(store, enqueue),
+        ImageReconciler(store, connections, enqueue),
     ]
     controller = Controller(reconcilers, workers=int(conf.get("workers", 4)),
                             resync_seconds=float(conf.get("resync_seconds", 30)))

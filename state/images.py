@@ -47,7 +47,7 @@ import peewee
 from state.db import db
 from state.errors import Conflict, Invalid, NotFound
 from state.identity import NAME_RULE, SessionInfo, check_name, format_time
-from state.models import Guest, Image, User, UserGroup, now
+from state.models import Image, User, UserGroup, now
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def image_status(row: Image) -> dict[str, Any]:
         "modify_time": format_time(row.modified_at),
         "size": row.size,
         "checksum": row.checksum,
+        **({"error": row.last_error} if row.last_error else {}),
     }
 
 
@@ -410,18 +411,6 @@ class ImageStore:
             self._check_unique(kind, group, spec["name"])
             raise
         return image_id
-
-    def check_clone_source(self, guest_id: str, session: SessionInfo) -> None:
-        """A disk image cloned from a guest: refused until the guests issue lands."""
-        row = None if "\x00" in guest_id else Guest.get_or_none(Guest.id == guest_id)
-        visible = row is not None and (
-            row.owner == session.user
-            or (row.group == session.group and session.visibility.get("instance_visible"))
-        )
-        if not visible:
-            raise NotFound(f"no guest {guest_id!r} that you can see to clone a disk image from")
-        raise Conflict("cloning from a guest is not available yet: create the disk image "
-                       "without 'guest' and upload a qcow2 file to it")
 
     def modify_image(self, kind: ImageKind, image_id: str, spec: dict[str, Any],
                      session: SessionInfo) -> str:

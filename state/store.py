@@ -7,6 +7,7 @@ each lives in its own module of `state/` and works on the models of `state/model
 from __future__ import annotations
 
 from state.batches import BatchStore
+from state.clones import CloneStore
 from state.compute import ComputeStore
 from state.console import ConsoleStore
 from state.guest_changes import GuestChangeStore
@@ -22,7 +23,7 @@ from state.templates import TemplateStore
 
 
 # NetStatusStore first: its record_cell wraps ComputeStore's (see state/netstatus.py)
-class Store(NetStatusStore, IdentityStore, ComputeStore, ImageStore, NetworkStore,
+class Store(CloneStore, NetStatusStore, IdentityStore, ComputeStore, ImageStore, NetworkStore,
             GuestChangeStore, SnapshotStore, TemplateStore, BatchStore, StatusStore, ReplicaStore,
             ConsoleStore, NetConfigStore):
     """Facade over the database opened by `state.db.open_database`."""

@@ -197,14 +197,18 @@ async def test_disk_image_search_by_tags(api):
 
 
 @pytest.mark.gen_test
-async def test_clone_from_guest_is_refused_honestly(api):
+async def test_clone_from_guest_needs_a_created_stopped_guest(api):
+    """The clone itself runs on a real cell (tests/integration/test_images_real.py)."""
     missing = await api.call("POST", "/disk_images/", {"name": "c1", "guest": "nope"})
     assert missing.code == 404 and "no guest 'nope'" in missing.message
     from state.models import Guest
 
     Guest.create(id="g-1", name="vm1", pool="p", owner="admin", group="admin")
-    exists = await api.call("POST", "/disk_images/", {"name": "c1", "guest": "g-1"})
-    assert exists.code == 409 and "cloning from a guest is not available yet" in exists.message
+    creating = await api.call("POST", "/disk_images/", {"name": "c1", "guest": "g-1"})
+    assert creating.code == 409 and "not created yet" in creating.message
+    Guest.update(observed={"created": True, "running": True}).where(Guest.id == "g-1").execute()
+    running = await api.call("POST", "/disk_images/", {"name": "c1", "guest": "g-1"})
+    assert running.code == 409 and "stop it" in running.message
     assert await api.ok("GET", "/disk_image_search/") == []
 
 

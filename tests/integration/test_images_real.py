@@ -131,6 +131,27 @@ async def test_guest_from_image_media_and_reset(api, cell, system, tmp_path):  #
     await until(reset_done, timeout=60, what="system disk made again from the image")
     assert before  # (same path, new contents: the key of a dir volume is its path)
 
+    # a disk image cloned back from the stopped guest: 202, progress, then the same data
+    reply = await api.call("POST", "/disk_images/", {"name": "cloned", "guest": gid,
+                                                     "description": "from from-img"})
+    assert reply.status == 202 and reply.code == 0, reply.message
+    clone_id = reply.data["id"]
+
+    async def cloned():
+        reply = await api.call("GET", f"/disk_images/{clone_id}")
+        assert not reply.data.get("error"), reply.data
+        return reply.data if reply.status == 200 and reply.data["created"] else None
+
+    clone = await until(cloned, timeout=60, what="disk image cloned from the guest")
+    download = await api.http.fetch(api.base + f"/disk_images/{clone_id}/file/",
+                                    headers={"Nano-Session": api.session},
+                                    request_timeout=60)
+    clone_file = tmp_path / "clone.qcow2"
+    clone_file.write_bytes(download.body)
+    assert clone["size"] == len(download.body) and clone["checksum"] == sha1(download.body)
+    assert subprocess.run(["qemu-img", "compare", "-q", str(base),
+                           str(clone_file)]).returncode == 0
+
     await api.ok("DELETE", f"/guests/{gid}", {"force": True})
 
     async def nothing_left():

@@ -1,0 +1,99 @@
+"""The image reconciler: disk images cloned from a stopped guest's system disk.
+
+Key `image/<id>`. A pending clone (state/clones.py) is pulled from the guest's cell with a
+libvirt download stream (the same path for local and remote cells), written to a temporary
+file beside the image store and installed as version 1, with progress from the bytes
+received. Registered by reconciler/kinds.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from reconciler.cells import CellConnections
+from reconciler.contract import Action, Key, Result, Verb
+from reconciler.guests import placement_of, volume_name
+from state.errors import NanoError, Unavailable
+
+log = logging.getLogger("nano.reconciler.images")
+
+
+class ImageReconciler:
+    kind = "image"
+
+    def __init__(self, store: Any, connections: CellConnections,
+                 enqueue: Callable[[Key], None]) -> None:
+        self.store = store
+        self.connections = connections
+        self.enqueue = enqueue
+
+    def keys(self) -> Iterable[Key]:
+        return [Key("image", i) for i in self.store.clone_jobs()]
+
+    def reconcile(self, key: Key) -> Result:
+        job = self.store.clone_job(key.id)
+        if job is None:
+            return Result()
+        guest = self.store.guest_desired(job["guest"])
+        if guest is None:
+            self.store.record_clone(key.id, phase="failed",
+                                    error=f"the source guest {job['guest']} no longer exists")
+            return Result()
+        if guest.observed.get("running"):
+            self.store.record_clone(key.id, phase="waiting",
+                                    error=f"guest {guest.name} is running: stop it to clone")
+            return Result(requeue_after=10.0, note="source guest running")
+        cell = self.store.cell_spec(guest.cell)
+        if cell is None or not cell.observed.get("alive"):
+            raise Unavailable(f"cell {guest.cell} of guest {guest.name} is not reachable")
+        from reconciler.drivers.domains import LibvirtGuests
+        from reconciler.drivers.volumes import download_volume
+        from state.images import DISK, ImageFiles
+
+        link = self.connections.link(cell)
+        pool = placement_of(guest, cell).pool
+        volume = volume_name(guest.id, 0)
+        info = LibvirtGuests(link.hypervisor).volume(pool, volume)
+        if info is None:
+            self.store.record_clone(key.id, phase="failed",
+                                    error=f"the system disk of guest {guest.name} is missing")
+            return Result()
+        files = ImageFiles(self.store.data_dir)
+        files.ensure()
+        final = files.path(DISK, key.id, 1)
+        self.store.record_clone(key.id, phase="cloning", progress=1, error="")
+        done = threading.Event()
+        watcher = threading.Thread(target=self._watch, daemon=True,
+                                   args=(key.id, os.path.dirname(final), info.allocation, done))
+        watcher.start()
+        try:
+            size, sha1 = download_volume(link.hypervisor, pool, volume, final)
+        except NanoError as exc:
+            self.store.record_clone(key.id, phase="failed", error=exc.message)
+            raise
+        finally:
+            done.set()
+            watcher.join(timeout=5)
+        if not self.store.finish_clone(key.id, size, sha1):
+            os.unlink(final)  # the image was deleted while we copied
+            return Result()
+        log.info("disk image %s cloned from guest %s (%d bytes)", key.id, guest.name, size)
+        return Result(actions=(Action(Verb.CREATE, key, None, {
+            "from_guest": guest.id, "size": size, "sha1": sha1}),))
+
+    def _watch(self, image_id: str, folder: str, total: int, done: threading.Event) -> None:
+        """Progress from the size of the download's temporary file."""
+        while not done.wait(0.5):
+            parts = glob.glob(os.path.join(folder, ".volume-*.part"))
+            if not parts or total <= 0:
+                continue
+            try:
+                have = max(os.path.getsize(p) for p in parts)
+            except OSError:
+                continue
+            self.store.record_clone(image_id, progress=min(99, 100 * have // total))
