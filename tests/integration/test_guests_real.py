@@ -205,6 +205,31 @@ async def test_guest_lifecycle_on_real_qemu(api, cell, system):
     smaller = await api.call("PUT", f"/guests/{gid}/disks/resize/0", {"size": 32 * MiB})
     assert smaller.code == 400
 
+    # shrink compacts the qcow2 file of the stopped guest (qemu-img convert on the cell)
+    await api.ok("PUT", f"/guests/{gid}/disks/shrink/0", {})
+
+    async def compacted():
+        rec = (await api.call("GET", f"/guests/{gid}")).data
+        return rec if rec.get("phase") == "stopped" and observed_of(gid).get(
+            "disk_shrink", {}).get("0") else None
+
+    await until(compacted, timeout=30, what="disk compacted")
+    check = subprocess.run(["qemu-img", "check", "-q", "-U", vol.path()])
+    assert check.returncode == 0 and qemu_img_size(vol.path()) == 96 * MiB
+
+    # a password reset needs the guest agent: the stored password changes, and the guest
+    # says why it is not set yet
+    auth = await api.ok("PUT", f"/guests/{gid}/auth", {"password": "N3w-password"})
+    assert auth["password"] == "N3w-password"
+    assert (await api.ok("GET", f"/guests/{gid}/auth"))["password"] == "N3w-password"
+
+    async def agent_condition():
+        conds = {c["type"]: c for c in conditions_of(gid)}
+        return conds.get("AgentReady")
+
+    agent = await until(agent_condition, timeout=30, what="AgentReady condition")
+    assert agent["status"] is False and "guest agent" in agent["message"]
+
     # snapshots of the stopped guest
     await api.ok("POST", f"/instances/{gid}/snapshots/", {"name": "s1", "description": "one"})
 
@@ -232,6 +257,14 @@ async def test_guest_lifecycle_on_real_qemu(api, cell, system):
         return [s.getName() for s in dom.listAllSnapshots()] == ["s1"]
 
     await until(s2_gone, timeout=30, what="snapshot s2 deleted")
+
+    # one boot from the network (PXE): the live domain boots from it, the definition not
+    await api.ok("POST", f"/instances/{gid}", {"from_network": True})
+    await instance(api, gid, True)
+    assert "<boot dev='network'/>" in dom.XMLDesc(0)
+    assert "<boot dev='network'/>" not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    await api.ok("DELETE", f"/instances/{gid}", {"reboot": False, "force": True})
+    await instance(api, gid, False)
 
     # delete: nothing of it stays behind
     await api.ok("DELETE", f"/guests/{gid}", {"force": True})
@@ -297,3 +330,16 @@ async def test_console_channel_reads_the_vnc_greeting(api, cell, server, monkeyp
     assert (await binary.read_message()).startswith(b"RFB 003.00")
     binary.close()
     await api.ok("DELETE", f"/guests/{gid}", {"force": True})
+
+
+def observed_of(gid):  # what the reconciler recorded
+    from state.models import Guest
+
+    return Guest.get_by_id(gid).observed or {}
+
+
+def conditions_of(gid):
+    from state.models import Guest
+
+    return Guest.get_by_id(gid).conditions or []
+
