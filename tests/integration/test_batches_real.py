@@ -9,26 +9,16 @@ import os
 import signal
 import time
 
-import libvirt
 import pytest
 
 from nanod import config
 from state.db import close_database
 from tests.conftest import ADMIN, ADMIN_PASSWORD
+from tests.integration.conftest import remove_cell_leftovers
 from tests.integration.test_faults import call, free_port, login, serve, wait
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
-
-
-@pytest.fixture
-def system():
-    try:
-        conn = libvirt.open("qemu:///system")
-    except libvirt.libvirtError as exc:
-        pytest.skip(f"qemu:///system is not reachable here: {exc}")
-    yield conn
-    conn.close()
 
 
 def prepare(data, qemu_dir) -> None:
@@ -43,22 +33,6 @@ def prepare(data, qemu_dir) -> None:
     (data / "nanod.yaml").write_text(
         "reconciler: {workers: 4, resync_seconds: 2, probe_seconds: 1, offline_after: 3, "
         "guest_poll_seconds: 2, stop_grace_seconds: 3}\n")
-
-
-def cleanup(system, qemu_dir) -> None:
-    for dom in system.listAllDomains():
-        if dom.name().startswith("nano-") and "pool='nano-local-b'" in dom.XMLDesc(0):
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-    try:
-        pool = system.storagePoolLookupByName("nano-local-b")
-        for vol in pool.listAllVolumes():
-            vol.delete(0)
-        pool.destroy()
-        pool.undefine()
-    except libvirt.libvirtError:
-        pass
 
 
 def test_batch_create_survives_a_killed_nanod(tmp_path, qemu_dir, system):
@@ -128,4 +102,4 @@ def test_batch_create_survives_a_killed_nanod(tmp_path, qemu_dir, system):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-        cleanup(system, qemu_dir)
+        remove_cell_leftovers(system, "nano-local-b")

@@ -13,7 +13,6 @@ from tests.integration.test_guests_real import (  # noqa: F401  (fixtures)
     created,
     guest_body,
     instance,
-    system,
 )
 
 pytestmark = pytest.mark.integration

@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 
 import libvirt
 import pytest
 
 from tests.api.test_compute import until
+from tests.integration.conftest import remove_cell_leftovers
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -25,16 +25,6 @@ def settings(settings):
                               "probe_seconds": 1, "offline_after": 3,
                               "guest_poll_seconds": 1}
     return settings
-
-
-@pytest.fixture
-def system():
-    try:
-        conn = libvirt.open("qemu:///system")
-    except libvirt.libvirtError as exc:
-        pytest.skip(f"qemu:///system is not reachable here: {exc}")
-    yield conn
-    conn.close()
 
 
 @pytest.fixture
@@ -55,23 +45,7 @@ def cell(api, io_loop, server, system, qemu_dir):
     yield "local-g"
     if server.controller:
         server.controller.stop(10.0)
-    for dom in system.listAllDomains():
-        if dom.name().startswith("nano-") and _ours(dom, qemu_dir):
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-    for _attempt in range(20):  # volume jobs still under way make libvirt refuse a while
-        try:
-            pool = system.storagePoolLookupByName("nano-local-g")
-            for vol in pool.listAllVolumes():
-                vol.delete(0)
-            pool.destroy()
-            pool.undefine()
-            break
-        except libvirt.libvirtError as exc:
-            if "no storage pool" in str(exc):
-                break
-            time.sleep(0.5)
+    remove_cell_leftovers(system, "nano-local-g")
     default = _default_network(system)
     if default is not None and was is not None:  # as the test found it
         default.setAutostart(int(was[1]))
@@ -84,10 +58,6 @@ def _default_network(system):
         return system.networkLookupByName("default")
     except libvirt.libvirtError:
         return None
-
-
-def _ours(dom, qemu_dir) -> bool:
-    return str(qemu_dir) in dom.XMLDesc(0) or "nano-local-g" in dom.XMLDesc(0)
 
 
 async def _alive(api, name):

@@ -46,6 +46,7 @@ from reconciler.networking import (
 from tests.api.test_compute import until
 from tests.helpers import tinyguest
 from tests.helpers.netns import netns_unusable
+from tests.integration.conftest import remove_cell_leftovers
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -59,16 +60,6 @@ def settings(settings):
                               "guest_poll_seconds": 1}
     settings["limits"] = {**settings.get("limits", {}), "guest_ports": list(PORTS)}
     return settings
-
-
-@pytest.fixture
-def system():
-    try:
-        conn = libvirt.open("qemu:///system")
-    except libvirt.libvirtError as exc:
-        pytest.skip(f"qemu:///system is not reachable here: {exc}")
-    yield conn
-    conn.close()
 
 
 @dataclass
@@ -151,19 +142,7 @@ def clean_lab(lab: NetLab, server: Any, system: Any) -> None:
             dom.destroy()
         except libvirt.libvirtError:
             pass
-    for dom in system.listAllDomains():
-        if dom.name().startswith("nano-") and str(lab.qemu_dir) in dom.XMLDesc(0):
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-    try:
-        pool = system.storagePoolLookupByName(f"nano-{lab.cell}")
-        for vol in pool.listAllVolumes():
-            vol.delete(0)
-        pool.destroy()
-        pool.undefine()
-    except libvirt.libvirtError:
-        pass
+    remove_cell_leftovers(system, f"nano-{lab.cell}")
     try:
         net = system.networkLookupByName(lab.network)
         if net.isActive():
