@@ -42,3 +42,26 @@ def remove_cell_leftovers(conn: libvirt.virConnect, pool_name: str) -> None:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
                 return
             time.sleep(0.5)
+
+
+@pytest.fixture(autouse=True)
+def default_network_as_found() -> Iterator[None]:
+    """Cells of pools without an address pool start libvirt's `default` network (and mark
+    it autostart): put it back as the test found it."""
+    try:
+        conn = libvirt.open("qemu:///system")
+        net = conn.networkLookupByName("default")
+        was = (bool(net.isActive()), bool(net.autostart()))
+    except libvirt.libvirtError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            net.setAutostart(int(was[1]))
+            if net.isActive() and not was[0]:
+                net.destroy()
+        except libvirt.libvirtError:
+            pass
+        conn.close()

@@ -39,25 +39,11 @@ def cell(api, io_loop, server, system, qemu_dir):
         await api.ok("POST", "/compute_pools/gp", {})
         await api.ok("POST", "/compute_pool_cells/gp/local-g", {})
 
-    default = _default_network(system)
-    was = (default.isActive(), default.autostart()) if default else None
     io_loop.run_sync(setup)
     yield "local-g"
     if server.controller:
         server.controller.stop(10.0)
     remove_cell_leftovers(system, "nano-local-g")
-    default = _default_network(system)
-    if default is not None and was is not None:  # as the test found it
-        default.setAutostart(int(was[1]))
-        if default.isActive() and not was[0]:
-            default.destroy()
-
-
-def _default_network(system):
-    try:
-        return system.networkLookupByName("default")
-    except libvirt.libvirtError:
-        return None
 
 
 async def _alive(api, name):
