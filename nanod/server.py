@@ -91,6 +91,7 @@ class Server:
         max_upload = int(self.settings["images"]["max_upload_bytes"])
         self.http = tornado.httpserver.HTTPServer(
             self.app, max_body_size=max_upload, idle_connection_timeout=120,
+            chunk_size=1 << 20,  # image uploads arrive in 1 MiB pieces, not 64 KiB
         )
         sockets = tornado.netutil.bind_sockets(port, address=host)
         self.http.add_sockets(sockets)

@@ -278,8 +278,9 @@ class GuestReconciler:
         from reconciler.drivers.domains import LibvirtGuests
 
         drv = LibvirtGuests(link.hypervisor)
-        have = drv.volume(place.pool, name)
-        if replica and have and have.capacity == source["size"]:
+        # a recorded replica was checked by size and SHA-1 when it was made; the volume's
+        # capacity cannot say (for qcow2 it is the virtual size, not the file's)
+        if replica and drv.volume(place.pool, name) is not None:
             return name
         size, sha1 = upload_volume(link.hypervisor, place.pool, name, source["path"],
                                    fmt="qcow2" if kind == "disk" else "raw")
