@@ -53,9 +53,14 @@ class PoolWant:
 
 def desired_pools(spec: CellSpec) -> list[PoolWant]:
     """Pools a cell needs: its local path as a `dir` pool, and every storage pool of its
-    compute pool as a `netfs` pool (NFS) mounted under /var/lib/nano/mnt."""
+    compute pool: NFS as a `netfs` pool mounted under /var/lib/nano/mnt, a shared
+    directory as a `dir` pool on that directory."""
     pools = [PoolWant(local_pool_name(spec.name), "dir", spec.storage_path)]
     for sp in spec.shared_storage:
+        if sp["type"] == "dir":  # a directory the cells already share
+            pools.append(PoolWant(shared_pool_name(sp["name"]), "dir", sp["target"],
+                                  shared=True))
+            continue
         pools.append(PoolWant(shared_pool_name(sp["name"]), "netfs", shared_mount(sp["name"]),
                               host=sp["host"], source=sp["target"], shared=True))
     return pools

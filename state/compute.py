@@ -296,7 +296,9 @@ class ComputeStore:
         pool_row = self._pool(pool)
         path = (row.spec or {}).get("storage_path", DEFAULT_STORAGE_PATH)
         if pool_row.storage:
-            return {"mode": "nfs", "system": [], "data": []}
+            storage = StoragePool.get_or_none(StoragePool.name == pool_row.storage)
+            mode = storage.type if storage else "nfs"
+            return {"mode": mode, "system": [], "data": []}
         return {"mode": "local", "system": [path], "data": [path]}
 
     def set_cell_storage(self, pool: str, name: str, path: str) -> None:
@@ -537,10 +539,20 @@ def _normalize_cell_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_storage_spec(spec: dict[str, Any]) -> dict[str, str]:
+    """`nfs`: an export every cell of the pool mounts (libvirt netfs pool). `dir`
+    (extension): a directory every cell of the pool already sees as shared storage (a
+    cluster file system or an NFS mount the operator made); nano only makes it a libvirt
+    dir pool on each cell."""
     kind = spec.get("type", "nfs")
+    host, target = spec.get("host", "") or "", spec.get("target", "") or ""
+    if kind == "dir":
+        if not target.startswith("/") or ".." in target.split("/"):
+            raise Invalid("target: must be the absolute path of the shared directory on "
+                          "every cell, without '..'")
+        return {"type": kind, "host": "", "target": target.rstrip("/") or "/"}
     if kind != "nfs":
-        raise Invalid(f"type: {kind!r} is not supported; use 'nfs' (ceph is not available)")
-    host, target = spec.get("host", ""), spec.get("target", "")
+        raise Invalid(f"type: {kind!r} is not supported; use 'nfs', or 'dir' for a directory "
+                      "the cells already share (ceph is not available)")
     if not host:
         raise Invalid("host: is required for an nfs storage pool (the NFS server)")
     if not target.startswith("/"):

@@ -155,7 +155,11 @@ async def test_storage_pools_and_refusals(api, tmp_path):
     ceph = await api.call("POST", "/storage_pools/c1", {**body, "type": "ceph"})
     assert ceph.code == 400 and "type" in ceph.message
     missing = await api.call("POST", "/storage_pools/c2", {"type": "nfs"})
-    assert missing.code == 400 and "host" in missing.message and "target" in missing.message
+    assert missing.code == 400 and "target" in missing.message
+    no_host = await api.call("POST", "/storage_pools/c2", {"type": "nfs", "target": "/e"})
+    assert no_host.code == 400 and "host" in no_host.message
+    relative = await api.call("POST", "/storage_pools/c2", {"type": "dir", "target": "x/y"})
+    assert relative.code == 400 and "absolute" in relative.message
 
     await api.ok("POST", "/compute_pools/shared", {"storage": "nfs1", "failover": True})
     in_use = await api.call("PUT", "/storage_pools/nfs1", {**body, "host": "other"})

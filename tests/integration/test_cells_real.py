@@ -41,7 +41,8 @@ def libvirt_pools(server):
     yield conn
     if server.controller:
         server.controller.stop(10.0)
-    mine = {"nano-local-t", "nano-local-n", "nano-remote", "nano-shared-nfs-x"}
+    mine = {"nano-local-t", "nano-local-n", "nano-remote", "nano-shared-nfs-x",
+            "nano-x1", "nano-x2", "nano-shared-dirshare"}
     for name in set(conn.listStoragePools() + conn.listDefinedStoragePools()) - before:
         if name not in mine:  # other tests' pools (run in parallel) are theirs
             continue
@@ -147,3 +148,50 @@ async def test_ssh_cell_goes_offline_and_recovers(api, tmp_path, libvirt_pools, 
         await api.ok("DELETE", "/compute_pool_cells/rp/remote", {})
     finally:
         sshd.stop()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_shared_directory_pool_between_two_cells(api, tmp_path, libvirt_pools, qemu_dir):
+    """The stand-in for NFS here (no NFS client in this kernel): a storage pool of type
+    `dir` on a directory both cells see. Both cells attach it, and a guest of the pool
+    keeps its disk there, where either cell finds it."""
+    shared = qemu_dir / "shared"
+    await api.ok("POST", "/storage_pools/dirshare", {"type": "dir", "target": str(shared)})
+    await api.ok("POST", "/compute_pools/sp", {"storage": "dirshare", "failover": True})
+    for name in ("x1", "x2"):
+        await api.ok("POST", f"/cells/{name}", {"libvirt_uri": "qemu:///system",
+                                                "virt_type": "qemu",
+                                                "storage_path": str(qemu_dir / name)})
+        await cell_record(api, name, lambda r: r["alive"], f"cell {name} alive")
+        await api.ok("POST", f"/compute_pool_cells/sp/{name}", {})
+
+    async def attached(name):
+        st = await api.ok("GET", f"/compute_pool_cells/sp/{name}")
+        return st["storage"] if st["storage"] and st["storage"][0]["attached"] else None
+
+    for name in ("x1", "x2"):
+        assert await until(lambda n=name: attached(n), timeout=30,
+                           what=f"{name} attached") == [{"name": "nano-shared-dirshare",
+                                                        "attached": True}]
+    assert (await api.ok("GET", "/compute_cell_status/sp/x1/storages/"))["mode"] == "dir"
+
+    gid = (await api.ok("POST", "/guests/", {
+        "name": "on-shared", "pool": "sp", "cores": 1, "memory": 64 << 20,
+        "disks": [32 << 20], "auto_start": False, "template": "", "modules": []}))["id"]
+
+    async def created():
+        reply = await api.call("GET", f"/guests/{gid}")
+        return reply.data if reply.status == 200 else None
+
+    await until(created, timeout=60, what="guest on shared storage created")
+    assert (shared / f"nano-{gid}-disk0").is_file()
+    await api.ok("DELETE", f"/guests/{gid}", {"force": True})
+
+    async def gone():
+        return (await api.call("GET", f"/guests/{gid}")).code == 404
+
+    await until(gone, timeout=60, what="guest deleted")
+    assert not (shared / f"nano-{gid}-disk0").exists()
+    for name in ("x1", "x2"):
+        await api.ok("DELETE", f"/compute_pool_cells/sp/{name}", {})
+
