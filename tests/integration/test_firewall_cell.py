@@ -45,7 +45,6 @@ from tests.integration.test_networks_real import (  # noqa: F401  (fixtures)
     hosts_become,
     make_lab,
     settings,
-    system,
     tcp_from,
     tiny_image,
 )
