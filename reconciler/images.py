@@ -44,6 +44,10 @@ class ImageReconciler:
             self.store.record_clone(key.id, phase="failed",
                                     error=f"the source guest {job['guest']} no longer exists")
             return Result()
+        if guest.observed_generation < guest.generation or guest.phase == "creating":
+            # a change of the guest (a system reset, a restore) is still being made
+            self.store.record_clone(key.id, phase="waiting", error="")
+            return Result(requeue_after=2.0, note="source guest converging")
         if guest.observed.get("running"):
             self.store.record_clone(key.id, phase="waiting",
                                     error=f"guest {guest.name} is running: stop it to clone")

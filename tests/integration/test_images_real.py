@@ -120,6 +120,11 @@ async def test_guest_from_image_media_and_reset(api, cell, system, tmp_path):  #
     await api.ok("PUT", f"/guests/{gid}/system/", {"from_image": disk_id})
 
     async def reset_done():
+        from state.models import Guest
+
+        done = (Guest.get_by_id(gid).observed or {}).get("system_reset_generation")
+        if not done:  # the old disk holds the same data: wait for the reset itself
+            return False
         vols = volumes(system)
         vol = vols.get(f"nano-{gid}-disk0")
         if vol is None:
