@@ -47,12 +47,14 @@ class PoolHandler(NanoHandler):
 
     def post(self, name: str) -> None:
         self.store.create_pool(name, self.body("compute_pool"))
+        self.ctx.enqueue(Key("compute_pool", name))
         self.audit(f"created compute pool {name}")
         self.reply()
 
     def put(self, name: str) -> None:
         cells = self.store.modify_pool(name, self.body("compute_pool"))
         _enqueue_cells(self, cells)
+        self.ctx.enqueue(Key("compute_pool", name))
         self.audit(f"modified compute pool {name}")
         self.reply()
 
@@ -123,11 +125,13 @@ class StoragePoolHandler(NanoHandler):
 
     def post(self, name: str) -> None:
         self.store.create_storage(name, self.body("storage_pool"))
+        self.ctx.enqueue(Key("storage_pool", name))
         self.audit(f"created storage pool {name}")
         self.reply()
 
     def put(self, name: str) -> None:
         self.store.modify_storage(name, self.body("storage_pool_modify"))
+        self.ctx.enqueue(Key("storage_pool", name))
         self.audit(f"modified storage pool {name}")
         self.reply()
 

@@ -257,6 +257,11 @@ class CellReconciler:
             phase = "online" if alive else "offline"
         self.store.record_cell(spec.name, generation=spec.generation, observed=observed,
                                conditions=conditions, phase=phase, last_error=last_error)
+        # the pools' status is derived from their cells
+        if spec.pool:
+            self.enqueue(Key("compute_pool", spec.pool))
+        for shared in spec.shared_storage:
+            self.enqueue(Key("storage_pool", shared["name"]))
         if bool(prev.get("alive")) != bool(observed.get("alive")):
             log.info("cell %s is now %s", spec.name, "online" if observed["alive"] else "offline")
             for guest in self.store.guest_ids_on_cell(spec.name):

@@ -12,6 +12,7 @@ from reconciler.guests import GuestReconciler
 from reconciler.images import ImageReconciler
 from reconciler.loop import Controller
 from reconciler.networking import AddressPoolReconciler, NetworkReconciler
+from reconciler.pools import ComputePoolReconciler, StoragePoolReconciler
 
 
 def build(store: Any, settings: dict[str, Any]) -> Controller:
@@ -41,6 +42,8 @@ def build(store: Any, settings: dict[str, Any]) -> Controller:
         FirewallReconciler(store, connections, enqueue),
         AddressPoolReconciler(store, enqueue),
         ImageReconciler(store, connections, enqueue),
+        ComputePoolReconciler(store),
+        StoragePoolReconciler(store),
     ]
     controller = Controller(reconcilers, workers=int(conf.get("workers", 4)),
                             resync_seconds=float(conf.get("resync_seconds", 30)))

@@ -16,6 +16,7 @@ from state.images import ImageStore
 from state.netconfig import NetConfigStore
 from state.netstatus import NetStatusStore
 from state.networks import NetworkStore
+from state.poolstatus import PoolStatusStore
 from state.replicas import ReplicaStore
 from state.snapshots import SnapshotStore
 from state.status import StatusStore
@@ -23,7 +24,7 @@ from state.templates import TemplateStore
 
 
 # NetStatusStore first: its record_cell wraps ComputeStore's (see state/netstatus.py)
-class Store(CloneStore, NetStatusStore, IdentityStore, ComputeStore, ImageStore, NetworkStore,
+class Store(CloneStore, PoolStatusStore, NetStatusStore, IdentityStore, ComputeStore, ImageStore, NetworkStore,
             GuestChangeStore, SnapshotStore, TemplateStore, BatchStore, StatusStore, ReplicaStore,
             ConsoleStore, NetConfigStore):
     """Facade over the database opened by `state.db.open_database`."""

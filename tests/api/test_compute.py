@@ -87,6 +87,16 @@ async def test_pool_with_cells_and_statistics(api, tmp_path):
     assert await api.ok("GET", "/instance_status/p1/") == []
     assert await api.ok("GET", "/instance_status/p1/cell-a/") == []
 
+    async def pool_ready():
+        items = await api.ok("GET", "/resource_status/")
+        pool = next(i for i in items if i["kind"] == "ComputePool" and i["name"] == "p1")
+        ready = {c["type"]: c for c in pool["conditions"]}.get("Ready")
+        return pool if ready and ready["status"] and pool["phase"] == "ready" else None
+
+    pool_status = await until(pool_ready, what="compute pool p1 ready")
+    ready = {c["type"]: c for c in pool_status["conditions"]}["Ready"]
+    assert ready["message"] == "2 of 2 cells online"
+
     await api.ok("PUT", "/compute_pool_cells/p1/cell-b", {"enable": False})
     assert {c["name"]: c["enabled"] for c in await api.ok("GET", "/compute_pool_cells/p1")} \
         == {"cell-a": True, "cell-b": False}
