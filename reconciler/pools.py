@@ -23,8 +23,8 @@ def compute_pool_status(view: dict[str, Any]) -> tuple[str, bool, str, str]:
     online = [c["name"] for c in cells if c["alive"]]
     offline = [c["name"] for c in cells if not c["alive"]]
     usable = [c["name"] for c in cells if c["alive"] and c["enabled"]]
-    if not view["enabled"]:
-        return "disabled", False, "Disabled", "the pool is disabled"
+    if not view["enabled"]:  # as desired: converged, not broken
+        return "disabled", True, "Disabled", "the pool is disabled: it takes no new guests"
     if not cells:
         return "empty", False, "NoCells", "add a cell to the pool"
     if not usable:

@@ -19,7 +19,7 @@ def test_compute_pool_status_table():
     assert (phase, ready, reason) == ("unavailable", False, "NoUsableCell")
     assert "offline: b" in message
     assert compute_pool_status({"enabled": False, "cells": [cell("a")]})[:2] == ("disabled",
-                                                                               False)
+                                                                               True)
 
 
 def test_storage_pool_status_table():
