@@ -372,6 +372,7 @@ class ComputePoolKind(NamedKind):
 
 
 CELL_FIELDS = ("address", "libvirt_uri", "virt_type", "storage_path", "bridge", "ssh")
+CELL_NETWORK_WAIT = 60.0  # seconds a delete waits for the cell's pool network to be removed
 
 
 class CellKind(NamedKind):
@@ -432,9 +433,30 @@ class CellKind(NamedKind):
                 self._join(client, name, spec["pool"])
 
     def delete(self, client: NanoClient, name: str, found: Found, ctx: ApplyContext) -> None:
+        """Leave the compute pool, wait until the network reconciler removed what the pool's
+        address pool made on the cell (its libvirt network and NAT table), then unregister:
+        an unregistered cell is forgotten, and nothing would remove them any more."""
         if found.spec.get("pool"):
             self._leave(client, name, found.spec["pool"])
+            self._wait_networks_gone(client, name, max(ctx.wait_seconds, CELL_NETWORK_WAIT),
+                                     ctx)
         super().delete(client, name, found, ctx)
+
+    def _wait_networks_gone(self, client: NanoClient, name: str, seconds: float,
+                            ctx: ApplyContext) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            data = client.get(self.path(name)) or {}
+            observed = (data.get("status") or {}).get("observed") or {}
+            owned = sorted((observed.get("address_network") or {}).get("owned") or {})
+            if not owned:
+                return
+            if time.monotonic() >= deadline:
+                ctx.notes.append(f"Cell/{name}: network(s) {', '.join(owned)} still on the "
+                                 f"cell after {seconds:.0f} s (unreachable, or guests plugged "
+                                 "in): left there")
+                return
+            time.sleep(0.5)
 
 
 # -- networks and policies ---------------------------------------------------------------------
@@ -654,6 +676,7 @@ GUEST_RESTART_FIELDS = ("cores", "memory")
 GUEST_FIELDS = ("pool", *GUEST_RESTART_FIELDS, "disks", "auto_start", "from_image", "qos",
                 *GUEST_REPLACE_FIELDS)
 GUEST_DELETE_WAIT = 120.0  # seconds a delete waits for the reconciler to remove a guest
+GUEST_LIVE_FIELDS = ("power", "media", "snapshots")  # applied through /instances/ routes
 QOS_ROUTES = {"cpu_priority": "cpu", "write_speed": "disk", "write_iops": "disk",
               "read_speed": "disk", "read_iops": "disk", "receive_speed": "network",
               "send_speed": "network"}
@@ -667,7 +690,22 @@ class GuestKind(IdKind):
     growing a disk needs the guest stopped; a new `from_image` resets the system disk
     (destructive); a smaller disk cannot be had (the API only compacts files) and fails;
     fields fixed at creation (template, modules, addresses, ...) replace the guest: it is
-    deleted and created again. power, media and snapshots are reconciled live."""
+    deleted and created again. power, media and snapshots are reconciled live.
+
+    `power: stopped` asks for an ACPI shutdown that the reconciler turns into a power-off
+    when the guest ignores it for its grace period (`reconciler.stop_grace_seconds`, 60 s by
+    default): the same stop as `/batch/stop_guest/`. A guest with an operating system shuts
+    down cleanly; one without (still in its firmware, hung, no ACPI support) would ignore
+    the plain shutdown of `DELETE /instances/{id}` forever, so a manifest saying `stopped`
+    would never converge and `--wait` would always time out; a forced stop every time would
+    cut the power of guests that could have shut down cleanly.
+
+    The API takes snapshots of stopped guests and inserts media into running ones, so a
+    guest being started gets its snapshots before the start and its media once it is
+    observed running, one being stopped its media before the stop and its snapshots once it
+    is observed stopped (within `--wait`; without it they follow at the next apply). A new
+    guest (also a replacement) is created stopped, so one with media needs `power: running`:
+    anything else is refused before the guest is created or the old one deleted."""
 
     kind = "Guest"
     probe = "/guest_search/"
@@ -790,8 +828,9 @@ class GuestKind(IdKind):
 
     def create(self, client: NanoClient, name: str, spec: Mapping[str, Any],
                ctx: ApplyContext) -> None:
+        self._creatable(spec)
         data = client.ok("POST", "/guests/", self._body(client, name, spec))
-        later = [f for f in ("power", "media", "snapshots") if spec.get(f)]
+        later = [f for f in GUEST_LIVE_FIELDS if spec.get(f)]
         if spec.get("power") == "stopped":
             later.remove("power")
         if not later:
@@ -804,16 +843,57 @@ class GuestKind(IdKind):
                                                        **client.ok("GET", self.path(data["id"]))}))
         fields = [f for f in later if not matches(spec[f], found.spec.get(f),
                                                   unordered=f in self.unordered)]
-        self._live(client, found, spec, fields)
+        self._live(client, name, found, spec, fields, ctx)
 
-    def _live(self, client: NanoClient, found: Found, spec: Mapping[str, Any],
-              fields: list[str]) -> None:
+    def _observed_running(self, client: NanoClient, ident: str) -> bool | None:
+        """Whether the reconciler observed the guest running (None: not created, gone)."""
+        reply = client.call("GET", self.path(ident))
+        if reply.code != 0 or reply.status != 200:
+            return None
+        return bool((reply.data or {}).get("running"))
+
+    def _wait_power(self, client: NanoClient, ident: str, running: bool,
+                    seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while self._observed_running(client, ident) is not running:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+    def _stop(self, client: NanoClient, ident: str) -> None:
+        """A shutdown that becomes a power-off after the grace period (see the class)."""
+        task = client.ok("POST", "/batch/stop_guest/", {"guest": [ident]})
+        for entry in client.ok("GET", f"/batch/stop_guest/{p(task['id'])}") or []:
+            if entry.get("status") == "fail":
+                raise ManifestError(f"spec.power: cannot stop the guest: {entry.get('error')}")
+
+    def _live(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
+              fields: list[str], ctx: ApplyContext) -> None:
+        """power, media, snapshots. Snapshots are taken of stopped guests and media goes into
+        running ones: a guest being started gets its snapshots first and its media once it
+        is observed running; one being stopped its media first and its snapshots once it is
+        observed stopped."""
+        if "power" not in fields:
+            self._media_and_snapshots(client, found, spec, fields)
+            return
+        running = spec["power"] == "running"
+        first, then = ("snapshots", "media") if running else ("media", "snapshots")
+        self._media_and_snapshots(client, found, spec, [f for f in fields if f == first])
+        if running:
+            client.ok("POST", f"/instances/{p(found.id)}", {})
+        else:
+            self._stop(client, found.id)
+        if then in fields:
+            if not self._wait_power(client, found.id, running, ctx.wait_seconds):
+                ctx.notes.append(f"Guest/{name}: {then} follow once the guest is "
+                                 f"{spec['power']}: apply again (or use --wait)")
+                return
+            self._media_and_snapshots(client, found, spec, [then])
+
+    def _media_and_snapshots(self, client: NanoClient, found: Found, spec: Mapping[str, Any],
+                             fields: list[str]) -> None:
         ident = p(found.id)
-        if "power" in fields:
-            if spec["power"] == "running":
-                client.ok("POST", f"/instances/{ident}", {})
-            else:
-                client.ok("DELETE", f"/instances/{ident}", {"reboot": False, "force": False})
         if "media" in fields:
             if spec.get("media"):
                 media = self._ids(client, "MediaImage").get(spec["media"])
@@ -830,10 +910,21 @@ class GuestKind(IdKind):
             for snap in sorted(have - set(want)):
                 client.ok("DELETE", f"/instances/{ident}/snapshots/{p(snap)}", {})
 
+    @staticmethod
+    def _creatable(spec: Mapping[str, Any]) -> None:
+        """Refuse, before anything changes, what a new guest cannot get: it is created
+        stopped, and the API inserts media into running guests only."""
+        if spec.get("media") and spec.get("power") != "running":
+            raise ManifestError(
+                f"spec.media: a new guest is created stopped and media goes into running "
+                f"guests only: a guest with media {spec['media']!r} needs power: running "
+                "(or media: null)")
+
     def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
                fields: list[str], ctx: ApplyContext) -> None:
         classes = {f: self.classify(f, found.spec.get(f), spec.get(f))[0] for f in fields}
         if Effect.REPLACE in classes.values():
+            self._creatable(spec)
             client.ok("DELETE", self.path(found.id), {"force": True})
             self._wait_gone(client, found.id, max(ctx.wait_seconds, GUEST_DELETE_WAIT))
             self.create(client, name, spec, ctx)
@@ -871,8 +962,8 @@ class GuestKind(IdKind):
             if image is None:
                 raise ManifestError(f"spec.from_image: no DiskImage named {spec['from_image']!r}")
             client.ok("PUT", f"/guests/{ident}/system", {"from_image": image})
-        self._live(client, found, spec, [f for f in fields if f in ("power", "media",
-                                                                      "snapshots")])
+        self._live(client, name, found, spec, [f for f in fields if f in GUEST_LIVE_FIELDS],
+                   ctx)
 
     def _wait_gone(self, client: NanoClient, ident: str, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -78,7 +78,13 @@ class StatusStore:
                 out.append(_status("Snapshot", row.name, str(row.id), row, guest=row.guest_id))
         for row in Image.select().order_by(Image.kind, Image.name):
             if _sees(viewer, row.owner, row.group, _IMAGE_FLAGS.get(row.kind)):
-                out.append(_status(_IMAGE_KINDS.get(row.kind, "Image"), row.name, row.id, row))
+                # Only a clone still to be made (state/clones.py clone_jobs) is reconciled;
+                # any other image is converged as stored (uploads finish in the request).
+                settled = {} if row.source_guest and row.version == 0 else {
+                    "observed_generation": row.generation,
+                    "phase": "created" if row.phase == "pending" else row.phase}
+                out.append(_status(_IMAGE_KINDS.get(row.kind, "Image"), row.name, row.id, row,
+                                   **settled))
         for row in SecurityPolicyGroup.select().order_by(SecurityPolicyGroup.name):
             if row.is_global or _sees(viewer, row.owner, row.group, None):
                 out.append(_status("SecurityPolicyGroup", row.name, row.id, row))

@@ -80,15 +80,21 @@ class Nanod:
 
 
 @pytest.fixture
-def nanod(tmp_path: Path) -> Iterator[Nanod]:
+def nanod_config() -> str:
+    """The server's config file; a test module overrides this fixture to change settings."""
+    return ("reconciler: {workers: 2, resync_seconds: 2, probe_seconds: 1, "
+            "offline_after: 2}\n")
+
+
+@pytest.fixture
+def nanod(tmp_path: Path, nanod_config: str) -> Iterator[Nanod]:
     data = tmp_path / "data"
     done = subprocess.run([NANOD, "init", "--data-dir", str(data), "--user", ADMIN,
                            "--password", ADMIN_PASSWORD, "--no-local-cell"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     conf = tmp_path / "nanod.yaml"
-    conf.write_text("reconciler: {workers: 2, resync_seconds: 2, probe_seconds: 1, "
-                    "offline_after: 2}\n")
+    conf.write_text(nanod_config)
     port = free_port()
     proc = subprocess.Popen([NANOD, "serve", "--config", str(conf), "--data-dir", str(data),
                              "--listen", f"127.0.0.1:{port}"],

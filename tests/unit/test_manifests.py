@@ -10,8 +10,8 @@ import pytest
 
 import specs
 from nanod import manifests
-from nanod.client import ClientConfig
-from nanod.kinds import ADAPTERS, ORDER, Effect, matches
+from nanod.client import ClientConfig, Reply
+from nanod.kinds import ADAPTERS, ORDER, ApplyContext, Effect, Found, ManifestError, matches
 from reconciler.contract import Action, Key, Verb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +145,67 @@ def test_guest_changes_are_classified():
         Effect.DESTRUCTIVE, "deletes snapshot(s) b")
     assert guest.classify("snapshots", ["a"], ["a", "b"])[0] is Effect.LIVE
     assert guest.classify("qos", {}, {"cpu_priority": "high"})[0] is Effect.LIVE
+
+
+class FakeGuestApi:
+    """What the Guest adapter calls on one guest "g"; with `follows`, the guest is observed
+    at once in the power state last asked for (an instant reconciler)."""
+
+    def __init__(self, running: bool, follows: bool = True) -> None:
+        self.running, self.follows, self.calls = running, follows, []
+
+    def call(self, method, path, body=None):
+        return Reply(200, 0, "", {"created": True, "running": self.running})
+
+    def ok(self, method, path, body=None):
+        if method != "GET":
+            self.calls.append(f"{method} {path}")
+        if path == "/media_images/":
+            return [{"id": "m1", "name": "iso"}]
+        if path == "/batch/stop_guest/":
+            self.running = self.running and not self.follows
+            return {"id": "t1"}
+        if path == "/batch/stop_guest/t1":
+            return [{"id": "g", "status": "stopping"}]
+        if (method, path) == ("POST", "/instances/g"):
+            self.running = self.running or self.follows
+        return None
+
+
+def test_guest_power_orders_snapshots_and_media():
+    """Snapshots are taken of stopped guests, media goes into running ones."""
+    guest, wait = ADAPTERS["Guest"], ApplyContext(wait_seconds=5)
+    fields = ["media", "power", "snapshots"]
+    api = FakeGuestApi(running=False)
+    guest.update(api, "g", Found("g", {"power": "stopped", "media": None, "snapshots": []}),
+                 {"power": "running", "media": "iso", "snapshots": ["s1"]}, fields, wait)
+    assert api.calls == ["POST /instances/g/snapshots/", "POST /instances/g",
+                         "POST /instances/g/media"]
+    api = FakeGuestApi(running=True)
+    guest.update(api, "g", Found("g", {"power": "running", "media": "iso", "snapshots": ["s0"]}),
+                 {"power": "stopped", "media": None, "snapshots": ["s1"]}, fields, wait)
+    assert api.calls == ["DELETE /instances/g/media", "POST /batch/stop_guest/",
+                         "POST /instances/g/snapshots/", "DELETE /instances/g/snapshots/s0"]
+    # without --wait, what needs the new power state follows at the next apply
+    api, now = FakeGuestApi(running=True, follows=False), ApplyContext()
+    guest.update(api, "g", Found("g", {"power": "running", "snapshots": []}),
+                 {"power": "stopped", "snapshots": ["s1"]}, ["power", "snapshots"], now)
+    assert api.calls == ["POST /batch/stop_guest/"]
+    assert now.notes == ["Guest/g: snapshots follow once the guest is stopped: apply again "
+                         "(or use --wait)"]
+
+
+def test_a_new_guest_with_media_must_run():
+    """A new guest (a replacement too) is created stopped; media goes into running guests
+    only: refused before anything is created or deleted."""
+    guest, api = ADAPTERS["Guest"], FakeGuestApi(running=False)
+    spec = {"pool": "p", "cores": 1, "memory": 1, "disks": [1], "media": "iso"}
+    with pytest.raises(ManifestError, match="needs power: running"):
+        guest.create(api, "g", spec, ApplyContext())
+    with pytest.raises(ManifestError, match="needs power: running"):
+        guest.update(api, "g", Found("g", {"disks": [1]}), {**spec, "disks": [1, 1]},
+                     ["disks"], ApplyContext())
+    assert api.calls == []
 
 
 def test_address_pool_range_removal_is_destructive():
