@@ -216,7 +216,7 @@ class CellHandler(NanoHandler):
         self.audit(f"modified cell {name}")
         self.reply()
 
-    def delete(self, name: str) -> None:
+    async def delete(self, name: str) -> None:
         record = self.store.cell_record(name)
         if record["pool"]:
             raise Conflict(f"cell {name!r} is in compute pool {record['pool']!r}: remove it "
@@ -224,6 +224,11 @@ class CellHandler(NanoHandler):
         self.store.unregister_cell(name)
         self.ctx.enqueue(Key("cell", name))
         self.audit(f"unregistered cell {name}")
+        # the reconciler removes what nano made on the cell, then the record: wait a little
+        # (without blocking the IOLoop) so a client usually sees it gone when we answer
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and not self.store.cell_gone(name):
+            await asyncio.sleep(0.1)
         self.reply()
 
 

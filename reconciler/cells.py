@@ -221,6 +221,8 @@ class CellReconciler:
         if spec is None:  # unregistered: forget the connection
             self.connections.drop(key.id)
             return Result()
+        if spec.deleting:
+            return self._unregister(spec)
         prev = spec.observed
         now = time.time()
         conditions = self.store.cell_conditions(spec.name)
@@ -271,6 +273,26 @@ class CellReconciler:
             self.enqueue(Key("firewall", spec.name))
         return Result(requeue_after=self.probe_seconds, actions=tuple(actions),
                       note="alive" if observed.get("alive") else f"unreachable: {last_error}")
+
+    def _unregister(self, spec: CellSpec) -> Result:
+        """Remove the cell's own storage pool (only when it holds no volumes: nothing of a
+        guest is ever removed here), then forget the cell. An unreachable cell is forgotten
+        all the same: the host is leaving nano, and its pool is reported in the log."""
+        actions: list[Action] = []
+        name = local_pool_name(spec.name)
+        try:
+            link = self.connections.link(spec)
+            link.hypervisor.pool_state(name)
+            link.hypervisor.delete_pool(name)
+            actions.append(Action(Verb.DELETE, Key("storage_pool", f"{spec.name}/{name}"),
+                                  {"path": spec.storage_path}, None, reason="cell unregistered"))
+        except NanoError as exc:
+            if exc.code != 404:
+                log.warning("cell %s unregistered; its pool %s stays: %s", spec.name, name,
+                            exc.message)
+        self.connections.drop(spec.name)
+        self.store.finish_cell_delete(spec.name)
+        return Result(actions=tuple(actions), note="unregistered")
 
     def _converge(self, spec: CellSpec, link: CellLink, prev: dict[str, Any],
                   now: float) -> tuple[dict[str, Any], list[Action]]:

@@ -185,7 +185,10 @@ class ComputeStore:
         check_name("cell", name)
         spec = _normalize_cell_spec(spec)
         with db.atomic():
-            if Cell.get_or_none(Cell.name == name):
+            existing = Cell.get_or_none(Cell.name == name)
+            if existing is not None and existing.deleting:
+                raise Conflict(f"cell {name!r} is being unregistered: try again in a moment")
+            if existing is not None:
                 raise Conflict(f"cell {name!r} is already registered: use PUT to change it")
             Cell.create(name=name, spec=spec)
 
@@ -201,17 +204,29 @@ class ComputeStore:
             row.save()
 
     def unregister_cell(self, name: str) -> None:
+        """Deletion is a state: the cell is marked, the reconciler removes what nano made
+        on it (its storage pool) and then the record (`finish_cell_delete`)."""
         with db.atomic():
             row = self._cell(name)
             if row.pool:
                 raise Conflict(f"cell {name!r} is in compute pool {row.pool!r}: remove it from "
                                "the pool first")
-            row.delete_instance()
+            if not row.deleting:
+                row.deleting = True
+                row.generation += 1
+                row.phase = "deleting"
+                row.save()
+
+    def cell_gone(self, name: str) -> bool:
+        return Cell.get_or_none(Cell.name == name) is None
+
+    def finish_cell_delete(self, name: str) -> None:
+        Cell.delete().where((Cell.name == name) & (Cell.deleting == True)).execute()  # noqa: E712
 
     def cells(self, pool: str | None = None, *, unallocated: bool = False) -> list[dict]:
         query = Cell.select().order_by(Cell.name)
         if unallocated:
-            query = query.where(Cell.pool == "")
+            query = query.where((Cell.pool == "") & (Cell.deleting == False))  # noqa: E712
         elif pool is not None:
             self._pool(pool)
             query = query.where(Cell.pool == pool)

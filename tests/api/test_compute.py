@@ -153,6 +153,10 @@ async def test_cell_in_another_pool_is_refused(api, tmp_path):
     assert refused.code == 409 and "pa" in refused.message
     gone = await api.call("DELETE", "/cells/cell-x")
     assert gone.code == 409 and "remove it from the pool first" in gone.message
+    await api.ok("DELETE", "/compute_pool_cells/pa/cell-x", {})
+    await api.ok("DELETE", "/cells/cell-x")  # the reconciler removes its pool, then the record
+    assert (await api.call("GET", "/cells/cell-x")).code == 404
+    assert (await api.call("DELETE", "/cells/cell-x")).code == 404
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -242,8 +242,8 @@ def test_guest_manifest_power_media_snapshots_replace(names, nanod: Nanod, tmp_p
     out = applied(nanod, folder)
     assert out[-1] == "ok=5 changed=0 failed=0", out
 
-    # deleted: nothing the test made stays in libvirt but the cell's (empty) storage pool,
-    # which an unregistered cell leaves behind (the fixture removes it)
+    # deleted: nothing the test made stays in libvirt (an unregistered cell's own empty
+    # storage pool is removed by the reconciler; the fixture would catch a leftover)
     done = nanod.run("delete", "-f", str(folder), "--wait", "120")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok=0 changed=5 failed=0" in lines(done.stdout), done.stdout

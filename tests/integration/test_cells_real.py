@@ -83,6 +83,12 @@ async def test_local_cell_facts_and_storage(api, tmp_path, libvirt_pools):
     assert stat["max_cpu"] >= 1 and stat["max_disk"] > 0 and stat["max_memory"] > 0
     await api.ok("DELETE", "/compute_pool_cells/real/local-t", {})
     await api.ok("DELETE", "/compute_pools/real")
+    # unregistering removes the cell's own (empty) libvirt pool, never the files in it
+    await api.ok("DELETE", "/cells/local-t")
+    assert (await api.call("GET", "/cells/local-t")).code == 404
+    assert "nano-local-t" not in libvirt_pools.listStoragePools() + \
+        libvirt_pools.listDefinedStoragePools()
+    assert images.is_dir()
 
 
 @pytest.mark.gen_test(timeout=90)
