@@ -43,31 +43,12 @@ from reconciler.guest_xml import (
     render_graphics_xml,
     render_metadata_xml,
 )
+from tests.helpers.templates import TEMPLATES
 
 MiB = 1 << 20
 SECURE = libvirt.VIR_DOMAIN_XML_SECURE
 INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE
 LIVE_AND_CONFIG = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
-
-TEMPLATES: dict[str, dict[str, str]] = {  # COMPATIBILITY.md "Resources", plus variants
-    "default": dict(
-        os_type="linux",
-        disk_bus="scsi",
-        nic_model="virtio",
-        display="vga",
-        control="vnc",
-        usb="",
-        tablet="usb",
-    ),
-    "centos7": dict(disk_bus="scsi", usb="nec-xhci"),
-    "centos6": dict(disk_bus="sata", usb="nec-xhci"),
-    "windows2012": dict(os_type="windows", disk_bus="sata", nic_model="e1000", usb="nec-xhci"),
-    "general": dict(disk_bus="sata", nic_model="rtl8139"),
-    "legacy": dict(disk_bus="ide", nic_model="rtl8139", display="cirrus", tablet=""),
-    "spice-qxl": dict(display="qxl", control="spice", tablet="virtio"),
-    "virtio-gpu": dict(display="virtio"),
-    "headless": dict(display="none", tablet=""),
-}
 
 
 @dataclass

@@ -32,24 +32,10 @@ from reconciler.firewall import (
     validate_rule,
 )
 from state.errors import Invalid
+from tests.helpers.nft_samples import load_sample
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nft"
 MAC = "00:16:3e:11:22:33"
-
-
-def load_sample(*groups: str) -> list[GuestPolicy]:
-    data = json.loads((FIXTURES / "sample-policies.json").read_text())
-    return [
-        validate_policy(
-            item["mac"],
-            item["default_action"],
-            item["rules"],
-            internal_if=item.get("internal_if"),
-            external_if=item.get("external_if"),
-        )
-        for group in groups
-        for item in data[group]
-    ]
 
 
 def fixture(name: str) -> str:

@@ -44,72 +44,11 @@ from reconciler.guest_xml import (
     render_metadata_xml,
     restart_required,
 )
+from tests.helpers.templates import TEMPLATES
 
 GUEST = "2e8f2e23-d0e4-4db2-842c-f3f191252bc3"
 MAC = "00:16:3e:12:34:56"
 MiB = 1 << 20
-
-# COMPATIBILITY.md "Resources": the default templates, and the default for template "".
-TEMPLATES: dict[str, dict[str, object]] = {
-    "default": dict(
-        os_type="linux",
-        disk_bus="scsi",
-        nic_model="virtio",
-        display="vga",
-        control="vnc",
-        usb="",
-        tablet="usb",
-    ),
-    "centos7": dict(
-        os_type="linux",
-        disk_bus="scsi",
-        nic_model="virtio",
-        display="vga",
-        control="vnc",
-        usb="nec-xhci",
-        tablet="usb",
-    ),
-    "centos6": dict(
-        os_type="linux",
-        disk_bus="sata",
-        nic_model="virtio",
-        display="vga",
-        control="vnc",
-        usb="nec-xhci",
-        tablet="usb",
-    ),
-    "windows2012": dict(
-        os_type="windows",
-        disk_bus="sata",
-        nic_model="e1000",
-        display="vga",
-        control="vnc",
-        usb="nec-xhci",
-        tablet="usb",
-    ),
-    "general": dict(
-        os_type="linux",
-        disk_bus="sata",
-        nic_model="rtl8139",
-        display="vga",
-        control="vnc",
-        usb="",
-        tablet="usb",
-    ),
-    "legacy": dict(
-        os_type="linux",
-        disk_bus="ide",
-        nic_model="rtl8139",
-        display="cirrus",
-        control="vnc",
-        usb="",
-        tablet="",
-    ),
-    "spice-qxl": dict(display="qxl", control="spice", tablet="virtio"),
-    "virtio-gpu": dict(display="virtio"),
-    "headless": dict(display="none", tablet=""),
-}
-
 
 def make_spec(template: str = "default", /, **overrides: object) -> DomainSpec:
     """A full guest: system + data disk (one volume, one file), seed ISO, a NIC with
@@ -137,7 +76,7 @@ def make_spec(template: str = "default", /, **overrides: object) -> DomainSpec:
         ),
         generation=7,
     )
-    values.update(TEMPLATES[template])
+    values.update({**TEMPLATES["default"], **TEMPLATES[template]})
     values.update(overrides)
     return DomainSpec(**values)  # type: ignore[arg-type]
 
