@@ -13,6 +13,7 @@ what was wrong.
 
 from __future__ import annotations
 
+import mmap
 import re
 from dataclasses import dataclass, field
 from email.message import Message
@@ -47,9 +48,11 @@ class PartStart:
 @dataclass(frozen=True)
 class PartData:
     """Some bytes of the current part's content, in order. Usually a view into the chunk
-    given to `feed` (no copy): use it, or copy it, before the next call."""
+    given to `feed` (no copy), starting at index `at` of it (-1: a copy the parser made);
+    use it, or copy it, before the chunk changes."""
 
     data: bytes | memoryview
+    at: int = -1
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ class MultipartParser:
         # A CRLF is put before the body so the first boundary looks like every other one.
         self._delimiter = _CRLF + b"--" + boundary
         self._buf = _CRLF
+        self._held_from_chunk = False  # _buf is the end of the last window fed
         self._state = _State.PREAMBLE
         self._max_header_bytes = max_header_bytes
         self._max_parts = max_parts
@@ -154,45 +158,64 @@ class MultipartParser:
         """The closing boundary was seen; anything after it is ignored (epilogue)."""
         return self._state is _State.DONE
 
-    def feed(self, chunk: bytes) -> list[Event]:
+    @property
+    def withheld(self) -> int:
+        """Bytes received but not yet given out: a possible start of a delimiter."""
+        return len(self._buf)
+
+    def feed(self, chunk: bytes | bytearray | mmap.mmap, start: int = 0,
+             end: int | None = None, *, held_in_place: bool = False) -> list[Event]:
+        """Parse `chunk[start:end]`, the next bytes of the body. `chunk` is bytes, a
+        bytearray or an mmap (something with `find`); a window lets a reader that fills
+        one big buffer piece by piece parse each piece in place. Part data comes back as
+        views into `chunk`: the caller keeps `chunk` unchanged until it is done with
+        them.
+
+        `held_in_place` says the bytes held back from the previous call (`withheld`) are
+        still in `chunk`, right before `start` (the previous window of the same buffer):
+        they are then given out as part of one view with what follows them."""
         if self._state is _State.DONE:
             return []
+        end = len(chunk) if end is None else end
         events: list[Event] = []
         delim = self._delimiter
-        buf = chunk
+        buf, pos = chunk, start
+        if self._buf and held_in_place and self._held_from_chunk:
+            if start < len(self._buf) or chunk[start - len(self._buf):start] != self._buf:
+                raise ValueError("held_in_place: the held-back bytes are not before start")
+            pos, self._buf = start - len(self._buf), b""
         if self._buf:
             tail = self._buf
             # In a part's content the carried tail is short (< one delimiter): when no
             # delimiter can start in it, it is content and the chunk is scanned in place,
             # without copying it behind the tail.
-            if (self._state is _State.BODY and len(chunk) >= len(delim)
-                    and (tail + chunk[: len(delim) - 1]).find(delim) < 0):
+            if (self._state is _State.BODY and end - start >= len(delim)
+                    and (tail + chunk[start:start + len(delim) - 1]).find(delim) < 0):
                 events.append(PartData(tail))
             else:
-                buf = tail + chunk
+                buf, pos, end = tail + chunk[start:end], 0, len(tail) + end - start
         view = memoryview(buf)
-        pos = 0
         keep = len(delim) + 1  # enough to recognise a split delimiter plus "--" or CRLF
         while True:
             state = self._state
             if state is _State.PREAMBLE:
-                found = buf.find(delim, pos)
+                found = buf.find(delim, pos, end)
                 if found < 0:
-                    pos = max(pos, len(buf) - keep)
+                    pos = max(pos, end - keep)
                     break
                 pos = found + len(delim)
                 self._state = _State.AFTER_BOUNDARY
             elif state is _State.AFTER_BOUNDARY:
                 # "--" closes the body; otherwise optional transport padding, then CRLF.
-                if len(buf) - pos < 2:
+                if end - pos < 2:
                     break
-                if buf.startswith(b"--", pos):
+                if buf[pos:pos + 2] == b"--":
                     self._state = _State.DONE
-                    pos = len(buf)
+                    pos = end
                     break
-                eol = buf.find(_CRLF, pos, pos + 256)
+                eol = buf.find(_CRLF, pos, min(end, pos + 256))
                 if eol < 0:
-                    if len(buf) - pos >= 256:
+                    if end - pos >= 256:
                         raise MultipartError("malformed multipart boundary line")
                     break
                 if buf[pos:eol].strip(b" \t"):
@@ -200,38 +223,40 @@ class MultipartParser:
                 pos = eol + 2
                 self._state = _State.HEADERS
             elif state is _State.HEADERS:
-                if buf.startswith(_CRLF, pos):  # a part without headers
-                    end, block = pos + 2, b""
+                if buf[pos:pos + 2] == _CRLF:  # a part without headers
+                    header_end, block = pos + 2, b""
                 else:
-                    found = buf.find(_CRLF + _CRLF, pos, pos + self._max_header_bytes + 4)
+                    found = buf.find(_CRLF + _CRLF, pos,
+                                     min(end, pos + self._max_header_bytes + 4))
                     if found < 0:
-                        if len(buf) - pos > self._max_header_bytes:
+                        if end - pos > self._max_header_bytes:
                             raise MultipartError(
                                 f"a part's headers exceed {self._max_header_bytes} bytes"
                             )
                         break
-                    end, block = found + 4, buf[pos:found]
+                    header_end, block = found + 4, bytes(buf[pos:found])
                 events.append(self._start(_parse_headers(block)))
-                pos = end
+                pos = header_end
                 self._state = _State.BODY
             elif state is _State.BODY:
-                found = buf.find(delim, pos)
+                found = buf.find(delim, pos, end)
                 if found < 0:
                     # Everything but a possible delimiter prefix at the end is content.
-                    safe = len(buf) - len(delim) + 1
+                    safe = end - len(delim) + 1
                     if safe > pos:
-                        events.append(PartData(view[pos:safe]))
+                        events.append(PartData(view[pos:safe], pos if buf is chunk else -1))
                         pos = safe
                     break
                 if found > pos:
-                    events.append(PartData(view[pos:found]))
+                    events.append(PartData(view[pos:found], pos if buf is chunk else -1))
                 events.append(PartEnd())
                 pos = found + len(delim)
                 self._state = _State.AFTER_BOUNDARY
             else:  # DONE
-                pos = len(buf)
+                pos = end
                 break
-        self._buf = buf[pos:]
+        self._buf = bytes(buf[pos:end])
+        self._held_from_chunk = buf is chunk
         return events
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ refused with a reason, and agreement with Tornado's buffering parser on random b
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 
@@ -39,14 +40,36 @@ def encode(fields: list[tuple[str, str | None, bytes]], boundary: bytes = BOUNDA
     return b"".join(out)
 
 
-def parse(body: bytes, cuts: list[int] | None = None,
-          boundary: bytes = BOUNDARY) -> list[tuple[str, str | None, bytes]]:
-    """Feed `body` cut at `cuts` and reassemble the parts."""
+def parse(body: bytes, cuts: list[int] | None = None, boundary: bytes = BOUNDARY, *,
+          window: str = "") -> list[tuple[str, str | None, bytes]]:
+    """Feed `body` cut at `cuts` and reassemble the parts. With `window` ("bytearray" or
+    "mmap"), each piece is fed as a window of one reused buffer of that type (as the
+    upload handler reads), which is scribbled over after each feed: the parser must keep
+    nothing of it. With "in place", the pieces are successive windows of one buffer that
+    holds the whole body, fed with `held_in_place` (as the handler reads within one of
+    its buffers)."""
     parser = MultipartParser(boundary)
-    events = []
+    events: list = []
     last = 0
+    scratch = mmap.mmap(-1, len(body) + 16) if window == "mmap" else bytearray(len(body) + 16)
+    if window == "in place":  # one buffer holds the body; the windows follow each other
+        scratch = mmap.mmap(-1, len(body) + 1)
+        scratch[:len(body)] = body
     for cut in [*(cuts or []), len(body)]:
-        events += parser.feed(body[last:cut])
+        if window == "in place":
+            fed = parser.feed(scratch, last, cut, held_in_place=True)
+            for event in fed:
+                if isinstance(event, PartData) and event.at >= 0:
+                    assert bytes(event.data) == scratch[event.at:event.at + len(event.data)]
+            events += fed
+        elif window:
+            offset = 3 + last % 5
+            scratch[offset:offset + cut - last] = body[last:cut]
+            fed = parser.feed(scratch, offset, offset + cut - last)
+            events += [PartData(bytes(e.data)) if isinstance(e, PartData) else e for e in fed]
+            scratch[:] = b"\r\n--" * (len(scratch) // 4) + b"\0" * (len(scratch) % 4)
+        else:
+            events += parser.feed(body[last:cut])
         last = cut
     parser.close()
     parts: list[tuple[str, str | None, bytes]] = []
@@ -78,23 +101,26 @@ def test_whole_body_in_one_chunk():
     assert parse(encode(FIELDS)) == FIELDS
 
 
-def test_every_two_chunk_split_gives_the_same_parts():
+@pytest.mark.parametrize("window", ["", "bytearray", "mmap", "in place"])
+def test_every_two_chunk_split_gives_the_same_parts(window):
     body = encode(FIELDS)
     for cut in range(len(body) + 1):
-        assert parse(body, [cut]) == FIELDS, cut
+        assert parse(body, [cut], window=window) == FIELDS, cut
 
 
-def test_byte_by_byte():
+@pytest.mark.parametrize("window", ["", "bytearray", "mmap", "in place"])
+def test_byte_by_byte(window):
     body = encode(FIELDS)
-    assert parse(body, list(range(1, len(body)))) == FIELDS
+    assert parse(body, list(range(1, len(body))), window=window) == FIELDS
 
 
-def test_content_with_boundary_prefixes_is_kept():
+@pytest.mark.parametrize("window", ["", "bytearray", "mmap", "in place"])
+def test_content_with_boundary_prefixes_is_kept(window):
     tricky = b"\r\n--" + BOUNDARY[:-1] + b"\r\n-" + b"\r\n\r\n--" + b"\r" * 50 + b"--"
     fields = [("image", "x.iso", tricky), ("checksum", None, b"\r\n")]
     body = encode(fields)
     for cut in range(len(body) + 1):
-        assert parse(body, [cut]) == fields
+        assert parse(body, [cut], window=window) == fields
 
 
 def test_preamble_epilogue_and_transport_padding():
@@ -106,6 +132,33 @@ def test_preamble_epilogue_and_transport_padding():
 
 def test_first_boundary_at_very_start_and_after_a_crlf():
     assert parse(b"\r\n" + encode(FIELDS)) == FIELDS
+
+
+def test_held_in_place_gives_one_view_per_window():
+    """Within one buffer, what a window held back comes out with the next one: content
+    arrives as one view per window, each starting where the previous one ended."""
+    body = encode([("image", "x.iso", os.urandom(100_000))])
+    buf = mmap.mmap(-1, len(body))
+    buf[:] = body
+    parser = MultipartParser(BOUNDARY)
+    spans = []
+    first = 0
+    for start in range(0, len(body), 7_000):
+        for event in parser.feed(buf, start, min(len(body), start + 7_000), held_in_place=True):
+            if isinstance(event, PartData):
+                if start < 14_000:  # the parser's own leading CRLF: copies, then the tail
+                    first += len(event.data)
+                    continue
+                assert event.at >= 0
+                spans.append((event.at, event.at + len(event.data)))
+    assert parser.done
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert first + spans[-1][1] - spans[0][0] == 100_000
+    with pytest.raises(ValueError):
+        other = MultipartParser(BOUNDARY)
+        other.feed(body, 0, 200)
+        other.feed(body, 200, 400)
+        other.feed(bytes(len(body)), 400, 500, held_in_place=True)
 
 
 def test_part_data_leaves_while_streaming_and_memory_stays_bounded():
@@ -182,8 +235,9 @@ def test_parse_boundary():
             parse_boundary(bad)
 
 
+@pytest.mark.parametrize("window", ["", "bytearray", "mmap", "in place"])
 @pytest.mark.parametrize("seed", range(30))
-def test_agrees_with_tornados_buffering_parser(seed):
+def test_agrees_with_tornados_buffering_parser(seed, window):
     rng = random.Random(seed)
     boundary = "".join(rng.choice("abcXYZ0129-_") for _ in range(rng.randint(1, 40)))
     fields = []
@@ -194,7 +248,7 @@ def test_agrees_with_tornados_buffering_parser(seed):
         fields.append((f"field{i}", filename, content))
     body = encode(fields, boundary.encode())
     cuts = sorted(rng.sample(range(len(body) + 1), k=min(len(body), rng.randint(0, 20))))
-    ours = parse(body, cuts, boundary.encode())
+    ours = parse(body, cuts, boundary.encode(), window=window)
     assert ours == fields
     args: dict = {}
     files: dict = {}
