@@ -6,17 +6,21 @@ Semantics: ../shared/api/COMPATIBILITY.md. Files are reached both at the documen
 `/media_images/{id}/file/`, `/disk_images/{id}/file/`.
 
 Uploads (POST, multipart/form-data, the file in field `image`, optionally its SHA-1 hex in
-`checksum`, before or after the file) are streamed: the connection reads the body in
-1 MiB pieces, `api.multipart` cuts it as it arrives (file bytes leave it as views, not
-copies), and every 4 MiB block goes to the API thread pool as two jobs that run in
-parallel: one appends it to a private temp file (writev), the other updates the SHA-1.
-One block is in flight while the next is received, so memory stays at a few blocks
-whatever the file size. Only when the whole body has arrived and checked out (multipart
-complete, qcow2/ISO header sniffed, checksum equal) is the file synced and moved into
-place (`state.images.ImageFiles.install`, os.replace). The size limit
-`settings["images"]["max_upload_bytes"]` is enforced from Content-Length before a byte is
-read, by the connection while streaming, and by counting file bytes. A failure or a
-client that goes away leaves the previous version as it was and no temp file.
+`checksum`, before or after the file) are streamed. A body with a Content-Length (curl -F,
+browsers, the portal) is read by the handler itself, straight from the connection into a
+ring of page-aligned buffers (`_claim_body`, `_read_claimed_body`); a chunked body comes
+through Tornado's `data_received`. `api.multipart` cuts the body in place as it arrives
+(file bytes leave it as views, not copies), and each buffer's file bytes go to two lanes
+of the upload's own (`FileLanes`): one writes them to a private temp file (O_DIRECT,
+straight from the buffer: `state.images.UploadFile`), the other updates the SHA-1. A
+buffer is refilled only once both lanes are done with it, so memory stays at the ring's
+size whatever the file size. Only when the whole body has arrived and checked out
+(multipart complete, qcow2/ISO header sniffed, checksum equal) is the file synced and
+moved into place (`state.images.ImageFiles.install`, os.replace); the previous version's
+file is removed after the answer. The size limit `settings["images"]["max_upload_bytes"]`
+is enforced from Content-Length before a byte is read, by the connection while
+streaming, and by counting file bytes. A failure or a client that goes away leaves the
+previous version as it was and no temp file.
 
 Downloads (GET/HEAD) stream the current version in 1 MiB blocks (next block read in the
 pool while the previous one is sent), with Content-Length, `Signature: <sha1>` (of the
@@ -33,12 +37,18 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import mmap
 import os
 import re
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, cast
 
+from tornado import gen
 from tornado.http1connection import HTTP1Connection
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
@@ -61,13 +71,71 @@ WRITE_BLOCK = 4 << 20
 """File bytes gathered before they are handed to the thread pool (written and hashed)."""
 READ_BLOCK = 1 << 20
 """Bytes read per step of a download."""
+RECEIVE_BUFFER = 8 << 20
+"""Size of each buffer a body with a Content-Length is read into."""
+RECEIVE_BUFFERS = 4
+"""Buffers per upload: one being filled while the others are written and hashed."""
+IN_FLIGHT = 3
+"""Blocks of a chunked body handed to the lanes and not yet written and hashed."""
 RECEIVE_CHUNK = 1 << 20
-"""Bytes read from the socket and handed to data_received at once during an upload."""
+"""Bytes read from the socket and handed to data_received at once (chunked bodies)."""
+ALIGN = UploadFile.ALIGN
+"""File bytes are placed in the receive buffers at addresses aligned like their offsets
+in the file, modulo this (the temp file's O_DIRECT alignment)."""
+IDLE_SECONDS = 60.0
+"""An upload that receives nothing for this long is abandoned and its connection closed."""
 MULTIPART_SLACK = 1 << 20
 """Body bytes allowed beyond max_upload_bytes: boundaries, part headers, the checksum."""
 PROGRESS_SECONDS = 0.5
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class FileLanes:
+    """Writes and hashes the blocks of one upload in two threads of its own, each lane
+    in order (a one-thread executor each), so that the disk write of one block, the hash
+    of the next and the receipt of a third overlap; the shared API pool stays free.
+
+    A block is handed in with the `slot` of the receive buffer its bytes live in (None
+    for bytes nobody reuses); `wait` returns once no job reads a slot any more, or once
+    at most `keep` blocks are in flight, and raises the first error of a job it waited
+    for (a full disk)."""
+
+    def __init__(self, upload: UploadFile) -> None:
+        self.upload = upload
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="upload-write")
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="upload-hash")
+        self._blocks: deque[tuple[int | None, list[asyncio.Future[Any]]]] = deque()
+
+    def submit(self, block: list[bytes | memoryview], slot: int | None) -> None:
+        self._blocks.append((slot, [
+            asyncio.wrap_future(self._writer.submit(self.upload.write, block)),
+            asyncio.wrap_future(self._hasher.submit(self.upload.digest, block)),
+        ]))
+
+    async def wait(self, *, slot: int | None = None, keep: int = 0) -> None:
+        def busy() -> bool:
+            if slot is not None:
+                return any(used == slot for used, _ in self._blocks)
+            return len(self._blocks) > keep
+
+        while self._blocks and busy():
+            for job in self._blocks.popleft()[1]:
+                for write in await job or ():  # write: the direct writes it started
+                    await asyncio.wrap_future(write)
+
+    def close(self, then: Callable[[], None] | None = None) -> None:
+        """Stop taking blocks; `then` runs once the jobs in flight are over."""
+        self._writer.shutdown(wait=False, cancel_futures=True)
+        self._hasher.shutdown(wait=False, cancel_futures=True)
+        jobs = [job for _, block in self._blocks for job in block]
+        self._blocks.clear()
+        if then is None:
+            return
+        if jobs:
+            asyncio.gather(*jobs, return_exceptions=True).add_done_callback(lambda _f: then())
+        else:
+            then()
 
 
 @dataclass
@@ -226,12 +294,15 @@ class ImageFileHandler(ImageRoute):
         self._checksum: bytearray | None = None
         self._blocks: list[bytes | memoryview] = []
         self._blocked = 0
-        self._pending: list[asyncio.Future[None]] = []
+        self._lanes: FileLanes | None = None
         self._failure: NanoError | None = None
         self._receiving = False
         self._received = 0
         self._file_bytes = 0
         self._expected = 0
+        self._claimed: int | None = None
+        self._slot: int | None = None  # the receive buffer being filled (claimed bodies)
+        self._run: tuple[object, int, int] = (None, 0, -1)  # last file piece: chunk, start, end
         self._progress = (0, 0.0)
 
     # -- upload -----------------------------------------------------------------------
@@ -275,9 +346,27 @@ class ImageFileHandler(ImageRoute):
         except OSError as exc:
             self.store.abort_upload(target["id"])
             raise Internal(f"cannot receive the upload: {exc.strerror}") from exc
+        self._lanes = FileLanes(self._upload)
         state.uploading.add(target["id"])
         state.temps.add(self._upload.path)
         self._receiving = True
+        self._claim_body()
+
+    def _claim_body(self) -> None:
+        """A body with a Content-Length (curl -F, browsers, the portal) is read by `post`
+        itself, straight from the connection into two alternating buffers
+        (IOStream.read_into): no copy into Tornado's buffer, none into bytes objects, and
+        one trip through the loop per socket read rather than per 1 MiB piece. Tornado is
+        told the body is empty, so it reads none of it (it still answers an `Expect:
+        100-continue`), and after our response it reads the next request on the
+        connection exactly where the body ended: every byte goes through the same
+        IOStream, in order. A chunked body comes through `data_received` instead."""
+        headers = self.request.headers
+        length = headers.get("Content-Length", "")
+        if "Transfer-Encoding" in headers or not length.isdigit():
+            return
+        self._claimed = int(length)
+        headers["Content-Length"] = "0"
 
     def _tune_connection(self) -> None:
         """Read this upload in RECEIVE_CHUNK pieces rather than Tornado's 64 KiB: sixteen
@@ -293,15 +382,82 @@ class ImageFileHandler(ImageRoute):
     async def data_received(self, chunk: bytes) -> None:  # type: ignore[override]
         if self._parser is None:
             return super().data_received(chunk)
+        await self._consume(chunk, 0, len(chunk))
+        return None
+
+    async def _read_claimed_body(self, length: int) -> bool:
+        """Read the `length` bytes of a claimed body (`_claim_body`) and consume them as
+        they arrive. A ring of buffers is filled in turn, each by as many reads as the
+        socket gives, each read parsed in place; when a buffer is full, what it holds of
+        the file goes to the lanes (`FileLanes`) and reading goes on in the next one,
+        once the lanes no longer read it.
+
+        The buffers are page aligned (anonymous mmaps), and while the file arrives each
+        buffer is filled from an offset that puts every file byte at an address that is,
+        modulo ALIGN, its offset in the file: the temp file's O_DIRECT writes then take
+        the bytes from here, without copying them (`state.images.UploadFile`).
+
+        A refused upload reads (and drops) the rest of the body, so the answer comes after
+        it and the connection stays usable. Returns False when the client went away or sent
+        nothing for IDLE_SECONDS (the connection is closed then)."""
+        stream = self.http_connection.stream
+        size = min(RECEIVE_BUFFER, length)
+        ring = [mmap.mmap(-1, size + ALIGN) for _ in range(RECEIVE_BUFFERS if length > size else 1)]
+        turn, begin, filled, left = 0, 0, 0, length
+        while left:
+            buf = ring[turn]
+            if filled == 0:
+                if self._lanes is not None:
+                    try:
+                        await self._lanes.wait(slot=turn)
+                    except OSError as exc:  # writing the temp file failed (a full disk)
+                        self._refuse(Internal(f"cannot store the uploaded file: {exc.strerror}"))
+                begin = self._next_file_offset() % ALIGN
+            self._slot = turn
+            room = min(size - filled, left)
+            at = begin + filled
+            reading = stream.read_into(memoryview(buf)[at:at + room], partial=True)
+            try:
+                got = await gen.with_timeout(timedelta(seconds=IDLE_SECONDS), reading,
+                                             quiet_exceptions=StreamClosedError)
+            except StreamClosedError:
+                return False
+            except gen.TimeoutError:
+                stream.close()
+                return False
+            await self._consume(buf, at, at + got, held_in_place=filled > 0)
+            filled, left = filled + got, left - got
+            # The file began in this buffer, at an address that does not line up: go on
+            # in the next buffer, placed so that it does.
+            misplaced = self._next_file_offset() % ALIGN != (begin + filled) % ALIGN
+            if filled == size or (misplaced and self._field == "image"):
+                if self._receiving and self._failure is None:
+                    await self._flush_file_block()
+                turn, filled = (turn + 1) % len(ring), 0
+        return True
+
+    def _next_file_offset(self) -> int:
+        """Where in the file the next body byte goes, if it is file content: the file
+        bytes given out so far plus those the parser holds back (a possible delimiter
+        start, content unless a delimiter follows). 0 outside the file's part."""
+        if self._field != "image" or self._parser is None:
+            return 0
+        return self._file_bytes + self._parser.withheld
+
+    async def _consume(self, data: bytes | mmap.mmap, start: int, end: int, *,
+                       held_in_place: bool = False) -> None:
+        """Parse body bytes `data[start:end]`; the file's bytes go on to the temp file and
+        the hash. Errors refuse the upload (`_refuse`), the rest of the body is dropped."""
         if self._failure is not None or not self._receiving:
-            return None  # a refused upload: the rest of the body is read and dropped
-        self._received += len(chunk)
+            return  # a refused upload: the rest of the body is read and dropped
+        assert self._parser is not None
+        self._received += end - start
         try:
-            for event in self._parser.feed(chunk):
+            for event in self._parser.feed(data, start, end, held_in_place=held_in_place):
                 if not self._receiving:
                     break
                 if isinstance(event, PartData):
-                    await self._part_data(event.data)
+                    await self._part_data(event.data, data, event.at)
                 elif isinstance(event, PartStart):
                     self._part_start(event)
                 elif isinstance(event, PartEnd):
@@ -313,7 +469,6 @@ class ImageFileHandler(ImageRoute):
         except OSError as exc:  # writing the temp file failed (a full disk)
             self._refuse(Internal(f"cannot store the uploaded file: {exc.strerror}"))
         self._report_progress()
-        return None
 
     def _part_start(self, part: PartStart) -> None:
         if part.name == "image":
@@ -327,7 +482,8 @@ class ImageFileHandler(ImageRoute):
                           "field 'image' (and optionally its SHA-1 hex in 'checksum')")
         self._field = part.name
 
-    async def _part_data(self, data: bytes) -> None:
+    async def _part_data(self, data: bytes | memoryview, chunk: object, at: int) -> None:
+        """File or checksum bytes `data`: `chunk[at:]` when `at` >= 0 (see PartData)."""
         if self._field == "checksum":
             assert self._checksum is not None
             self._checksum += data
@@ -337,37 +493,38 @@ class ImageFileHandler(ImageRoute):
         self._file_bytes += len(data)
         limit = max_upload_bytes(self)
         if self._file_bytes > limit:
-            # Answer now rather than read up to the limit again; the connection closes.
+            too_large = Invalid(f"the file is too large: images may have at most {limit} "
+                                "bytes (settings images.max_upload_bytes); nothing was stored")
+            if self._claimed is not None:
+                raise too_large  # the rest of a claimed body is short (MULTIPART_SLACK)
+            # A chunked body may go on for ever: answer now; the connection closes.
             self._abandon()
-            self.send_error(400, exc_info=(Invalid, Invalid(
-                f"the file is too large: images may have at most {limit} bytes "
-                "(settings images.max_upload_bytes); nothing was stored"), None))
+            self.send_error(400, exc_info=(Invalid, too_large, None))
             return
-        self._blocks.append(data)
+        if self._blocks and at >= 0 and self._run[0] is chunk and self._run[2] == at:
+            # right after the previous piece in the same buffer: one view for both, so
+            # the file is written in big pieces
+            start = self._run[1]
+            self._blocks[-1] = memoryview(cast(mmap.mmap, chunk))[start:at + len(data)]
+        else:
+            self._blocks.append(data)
+            start = at
+        self._run = (chunk, start, at + len(data)) if at >= 0 else (None, 0, -1)
         self._blocked += len(data)
-        if self._blocked >= WRITE_BLOCK:
+        if self._slot is None and self._blocked >= WRITE_BLOCK:  # chunked (see _flush_...)
             await self._flush_file_block()
 
     async def _flush_file_block(self) -> None:
-        """Hand the gathered bytes to the pool: one job writes them, another hashes them,
-        in parallel. At most one block is in flight, so the next one is received while
-        this one is stored, and memory stays at about two blocks."""
-        await self._settle()
-        if not self._blocked or self._upload is None:
+        """Hand the gathered file bytes to the lanes, tagged with the receive buffer they
+        live in: a claimed body's once per buffer, a chunked body's every WRITE_BLOCK.
+        Those are Tornado's own bytes; for them the lanes are only waited for when
+        IN_FLIGHT blocks are pending, which bounds the memory."""
+        if not self._blocked or self._lanes is None:
             return
         block, self._blocks, self._blocked = self._blocks, [], 0
-        loop = IOLoop.current()
-        self._pending = [loop.run_in_executor(self.ctx.executor, self._upload.write, block),
-                         loop.run_in_executor(self.ctx.executor, self._upload.digest, block)]
-
-    async def _settle(self) -> None:
-        """Wait for the block in flight; raises the first error of its jobs."""
-        pending, self._pending = self._pending, []
-        if pending:
-            results = await asyncio.gather(*pending, return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+        self._lanes.submit(block, self._slot)
+        if self._slot is None:
+            await self._lanes.wait(keep=IN_FLIGHT)
 
     def _report_progress(self) -> None:
         """Progress in the store at most once per percent and per PROGRESS_SECONDS."""
@@ -392,15 +549,14 @@ class ImageFileHandler(ImageRoute):
         if not self._receiving:
             return
         self._receiving = False
-        upload, pending = self._upload, self._pending
-        self._blocks, self._blocked, self._pending = [], 0, []
+        upload, lanes = self._upload, self._lanes
+        self._blocks, self._blocked, self._lanes = [], 0, None
         state = shared(self)
         state.uploading.discard(self._target.get("id", ""))
         if upload is not None:
             state.temps.discard(upload.path)
-            if pending:  # the temp file goes once the pool is done with it
-                asyncio.gather(*pending, return_exceptions=True).add_done_callback(
-                    lambda _f: upload.discard())
+            if lanes is not None:  # the temp file goes once the lanes are done with it
+                lanes.close(then=upload.discard)
             else:
                 upload.discard()
         try:
@@ -417,6 +573,8 @@ class ImageFileHandler(ImageRoute):
         super().on_finish()
 
     async def post(self, image_id: str) -> None:
+        if self._claimed is not None and not await self._read_claimed_body(self._claimed):
+            return  # the client went away; on_connection_close abandoned the upload
         if self._finished:  # answered while the body was arriving (too large)
             return
         if self._failure is not None:
@@ -434,15 +592,18 @@ class ImageFileHandler(ImageRoute):
             checksum = self._checksum.decode("ascii", "replace").strip().lower()
             if not _SHA1.match(checksum):
                 raise Invalid(f"checksum {checksum[:64]!r} is not a SHA-1 in hex (40 characters)")
-        upload = self._upload
+        upload, lanes = self._upload, self._lanes
+        assert lanes is not None
         try:
             await self._flush_file_block()
-            await self._settle()
+            await lanes.wait()
         except OSError as exc:
             raise Internal(f"cannot store the uploaded file: {exc.strerror}") from exc
         # The whole body is here: from now on a disconnect no longer abandons the upload
         # (the pool is working on the file); this method cleans up on failure itself.
         self._receiving = False
+        lanes.close()
+        self._lanes = None
         try:
             sha1 = await self.blocking(upload.finish, checksum)
             version = await self.blocking(self.store.commit_upload, self.kind,
@@ -461,6 +622,9 @@ class ImageFileHandler(ImageRoute):
         self.audit(f"uploaded version {version} of {self.kind.label} {self._target['name']} "
                    f"({upload.size} bytes, SHA-1 {sha1})")
         self.reply({"version": version, "size": upload.size, "checksum": sha1})
+        # the previous version goes after the answer (a download may still read it)
+        self.ctx.executor.submit(self.files.remove, self.kind, self._target["id"],
+                                 except_version=version)
 
     # -- download ---------------------------------------------------------------------
 

@@ -29,9 +29,12 @@ metadata never describes a file that another upload replaced.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import re
 import stat
@@ -39,6 +42,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +160,30 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for `fd`; False when the filesystem does not allow it."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError:
+        return False
+    return True
+
+
+def _address(view: memoryview) -> int:
+    """Where `view`'s bytes are in memory; -1 for read-only memory (bytes), which is
+    never taken as aligned."""
+    if view.readonly:
+        return -1
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -248,24 +276,106 @@ class UploadFile:
 
     `write` (to the file) and `digest` (size, SHA-1, header for the sniff) take the same
     blocks in the same order; each blocks and may run in a worker thread of its own, so
-    the hash of one block overlaps the write of the next and nothing is read back. Every
-    WRITEBACK_BYTES the written range is handed to the kernel's writeback (and dropped from
-    the page cache): the final fsync waits for little, and a big upload does not push
-    everything else out of memory."""
+    the hash of one block overlaps the write of the next and nothing is read back.
+
+    Where the filesystem allows it the file is written with O_DIRECT, which wants the
+    memory, the file offset and the length aligned (ALIGN). Bytes whose address lines up
+    with their place in the file (the API reads uploads into page-aligned buffers placed
+    so that they do) go to the disk straight from the caller's memory; the others, and
+    the short edges between, are copied into an aligned stage first. The writes run in
+    DISK_THREADS threads of the upload's own, at their offsets, so the disk always has
+    the next one while a thread that finished waits for the GIL (with one thread, a
+    busy interpreter nearly halved the disk's speed here).
+
+    Buffered writes of a big file were slow here and very uneven (the kernel allocating,
+    dirtying and writing back a page cache as big as the file: 0.3 to 2.6 s per GiB,
+    where direct writes took 0.55 to 0.65 s); with O_DIRECT a big upload no longer
+    pushes everything else out of memory, and the final fsync has nothing left to flush.
+    Elsewhere (tmpfs, say) writes are buffered, and every WRITEBACK_BYTES the written
+    range is handed to the kernel's writeback and dropped from the page cache."""
 
     WRITEBACK_BYTES = 32 << 20
+    STAGE_BYTES = 8 << 20
+    ALIGN = 4096
+    DISK_THREADS = 2
 
     def __init__(self, files: ImageFiles, kind: ImageKind, image_id: str) -> None:
         self.kind = kind
         self.fd, self.path = files.temp(image_id)
         self.size = 0
+        self.copied = 0  # bytes that went through the stage (direct mode)
         self._written = 0
         self._synced_to = 0
         self._sha1 = hashlib.sha1()
         self._head = bytearray()
+        self._stage: mmap.mmap | None = None
+        self._staged = 0
+        self._offset = 0  # where the next direct write goes
+        self._disk: ThreadPoolExecutor | None = None
+        self._writes: list[Future[None]] = []  # direct writes not known to be over
+        self.direct = _set_direct(self.fd, True)
+        """Written with O_DIRECT (see the class docstring)."""
+        if self.direct:
+            self._stage = mmap.mmap(-1, self.STAGE_BYTES)  # page aligned
+            self._disk = ThreadPoolExecutor(self.DISK_THREADS, thread_name_prefix="upload-disk")
 
-    def write(self, pieces: list[bytes | memoryview]) -> None:
-        """Append `pieces` to the file (one writev, no joining copy)."""
+    def write(self, pieces: list[bytes | memoryview]) -> list[Future[None]]:
+        """Append `pieces` to the file. Direct writes are only started: the futures
+        returned end once they are on the disk, and until then the pieces' memory must
+        not change. Raises the error of an earlier write that failed."""
+        if self._stage is None:
+            self._write_buffered(pieces)
+            return []
+        self._check_writes()
+        started = len(self._writes)
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                view = self._write_direct(view)
+        self._written += sum(len(p) for p in pieces)
+        return self._writes[started:]
+
+    def _check_writes(self) -> None:
+        """Forget the writes that are over; raise the error of one that failed."""
+        over = [w for w in self._writes if w.done()]
+        self._writes = [w for w in self._writes if not w.done()]
+        for write in over:
+            write.result()
+
+    def _write_direct(self, view: memoryview) -> memoryview:
+        """Write or stage the start of `view`; returns the rest."""
+        assert self._stage is not None
+        align, staged = self.ALIGN, self._staged
+        if staged % align == 0 and len(view) >= align and _address(view) % align == 0:
+            if staged:
+                self._write_stage()
+            length = len(view) - len(view) % align
+            self._start_write(view[:length])
+            return view[length:]
+        # Stage up to the next aligned length only, so that the rest may go directly.
+        room = align - staged % align if staged % align else self.STAGE_BYTES - staged
+        n = min(len(view), room)
+        self._stage[staged:staged + n] = view[:n]
+        self._staged += n
+        self.copied += n
+        if self._staged == self.STAGE_BYTES:
+            self._write_stage()
+        return view[n:]
+
+    def _start_write(self, view: memoryview) -> None:
+        assert self._disk is not None
+        self._writes.append(self._disk.submit(_pwrite_all, self.fd, view, self._offset))
+        self._offset += len(view)
+
+    def _write_stage(self) -> None:
+        """Start writing the staged bytes (a multiple of ALIGN); a new stage takes over,
+        this one is the write's until it is over."""
+        assert self._stage is not None
+        self._start_write(memoryview(self._stage)[:self._staged])
+        self._stage, self._staged = mmap.mmap(-1, self.STAGE_BYTES), 0
+
+    def _write_buffered(self, pieces: list[bytes | memoryview]) -> None:
+        """Append `pieces` with one writev (no joining copy)."""
         total = sum(len(p) for p in pieces)
         written = os.writev(self.fd, pieces)
         if written < total:  # short write (rare): finish it piece by piece
@@ -278,6 +388,28 @@ class UploadFile:
                              os.POSIX_FADV_DONTNEED)
             self._synced_to = self._written
 
+    def _flush_stage(self) -> None:
+        """Finish the direct writes: those in flight, then the stage, its aligned part
+        directly and the tail buffered."""
+        if self._stage is None:
+            return
+        staged, stage = self._staged, self._stage
+        aligned = staged - staged % self.ALIGN
+        if aligned:
+            self._staged = aligned
+            self._write_stage()
+        self._stop_disk()
+        self._check_writes()
+        _set_direct(self.fd, False)
+        _pwrite_all(self.fd, memoryview(stage)[aligned:staged], self._offset)
+        self._stage = None
+
+    def _stop_disk(self) -> None:
+        """Wait for the direct writes: the fd must outlive them."""
+        if self._disk is not None:
+            self._disk.shutdown(wait=True)
+            self._disk = None
+
     def digest(self, pieces: list[bytes | memoryview]) -> None:
         """Count and hash `pieces` (the same as given to `write`, in the same order)."""
         for data in pieces:
@@ -289,6 +421,7 @@ class UploadFile:
     def finish(self, checksum: str | None) -> str:
         """Sync and close the file and check it; returns its SHA-1. Raises Invalid (and
         leaves the temp file for `discard`) when it is not what it should be."""
+        self._flush_stage()
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
@@ -307,6 +440,8 @@ class UploadFile:
 
     def discard(self) -> None:
         """Forget the upload: close and remove the temp file (safe to call twice)."""
+        self._stop_disk()
+        self._stage = None
         if self.fd >= 0:
             try:
                 os.close(self.fd)
@@ -462,8 +597,11 @@ class ImageStore:
 
     def commit_upload(self, kind: ImageKind, image_id: str, base_version: int, upload: UploadFile,
                       sha1: str, files: ImageFiles) -> int:
-        """Install a finished upload as version base_version + 1 and drop the previous file;
-        returns the new version. Blocking: call from a worker thread."""
+        """Install a finished upload as version base_version + 1; returns the new version.
+        The previous file stays for the caller to drop with `files.remove(...,
+        except_version=version)` once it has answered: removing a big file takes a while
+        (a sync removes it too, should nanod stop in between). Blocking: call from a
+        worker thread."""
         version = base_version + 1
         final = files.install(kind, image_id, version, upload.path)
         try:
@@ -481,7 +619,6 @@ class ImageStore:
             if Image.get_or_none(Image.id == image_id) is None:
                 raise NotFound(f"the {kind.label} was deleted during the upload")
             raise Conflict(f"another upload of this {kind.label} finished first: try again")
-        files.remove(kind, image_id, except_version=version)
         return version
 
     # -- sync ---------------------------------------------------------------------------------

@@ -84,11 +84,11 @@ async def test_media_upload_and_download_on_both_path_styles(api, settings):
     assert store_files(settings, "media") == [f"{image_id}.1.iso"]
     assert temp_files(settings) == []
 
-    # a second upload replaces the file: new version, old file gone
+    # a second upload replaces the file: new version, old file gone (just after the answer)
     iso2 = make_iso(payload=b"second version\n" * 1000)
     assert (await upload(api, "media", image_id, iso2)).code == 0
     assert (await download(api, f"/media_image_files/{image_id}")).body == iso2
-    assert store_files(settings, "media") == [f"{image_id}.2.iso"]
+    await eventually(lambda: store_files(settings, "media") == [f"{image_id}.2.iso"])
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -331,7 +331,7 @@ async def test_client_file_names_never_reach_the_file_system(api, settings):
         reply = await upload(api, "media", image_id, iso, filename=filename)
         assert reply.code == 0, (filename, reply.message)
     assert not os.path.exists(target)
-    assert store_files(settings, "media") == [f"{image_id}.5.iso"]
+    await eventually(lambda: store_files(settings, "media") == [f"{image_id}.5.iso"])
     got = await download(api, file_path("media", image_id))
     assert got.headers["Content-Disposition"] == 'attachment; filename="m.iso"'
     # hostile ids in the path find nothing
