@@ -22,7 +22,7 @@ is enforced from Content-Length before a byte is read, by the connection while
 streaming, and by counting file bytes. A failure or a client that goes away leaves the
 previous version as it was and no temp file.
 
-Downloads (GET/HEAD) stream the current version in 1 MiB blocks (next block read in the
+Downloads (GET/HEAD) stream the current version in 4 MiB blocks (next block read in the
 pool while the previous one is sent), with Content-Length, `Signature: <sha1>` (of the
 whole file) and single-range `Range: bytes=` support (206; 416 when not satisfiable).
 
@@ -69,8 +69,10 @@ from state.images import DISK, MEDIA, ImageFiles, ImageKind, UploadFile
 
 WRITE_BLOCK = 4 << 20
 """File bytes gathered before they are handed to the thread pool (written and hashed)."""
-READ_BLOCK = 1 << 20
+SEND_BLOCK = 4 << 20
 """Bytes read per step of a download."""
+SEND_BUFFERS = 4
+"""Buffers per download: one piece going out, the others read ahead."""
 RECEIVE_BUFFER = 8 << 20
 """Size of each buffer a body with a Content-Length is read into."""
 RECEIVE_BUFFERS = 4
@@ -675,32 +677,52 @@ class ImageFileHandler(ImageRoute):
                        "image store: upload it again (a sync removes such images)")
 
     async def _send(self, fd: int, offset: int, length: int) -> None:
-        """Send `length` bytes from `offset`, reading the next block in the pool while the
-        previous one goes out. Returns with no read in flight (the caller closes `fd`)."""
+        """Send `length` bytes from `offset`. SEND_BLOCK pieces are read in the pool into a
+        ring of SEND_BUFFERS buffers, up to all but one ahead of the piece going out, and
+        handed to the connection as views: no new bytes object per piece (fresh memory
+        was slow to touch here: a download reading into new objects took twice as long),
+        and the disk and the socket stay busy. Returns with no read in flight (the caller
+        closes `fd`).
+
+        The reads go through the page cache: O_DIRECT reads (as uploads write) were
+        slower here, about 1 s per GiB whether the file was cached or not, where a cached
+        file is sent in 0.25 s and an uncached one in 0.5 to 1.3 s."""
         loop = IOLoop.current()
         end = offset + length
+        blocks = -(-length // SEND_BLOCK)
+        ring = [mmap.mmap(-1, SEND_BLOCK) for _ in range(min(SEND_BUFFERS, blocks))]
+        reads: deque[tuple[mmap.mmap, int, asyncio.Future[int]]] = deque()
+        ahead = offset  # where the next read starts
 
-        def read_next() -> asyncio.Future[bytes]:
-            return loop.run_in_executor(self.ctx.executor, os.pread, fd,
-                                        min(READ_BLOCK, end - offset), offset)
+        def read_into(buf: mmap.mmap) -> None:
+            nonlocal ahead
+            count = min(SEND_BLOCK, end - ahead)
+            reads.append((buf, count, loop.run_in_executor(self.ctx.executor, _read_block, fd,
+                                                           buf, ahead, count)))
+            ahead += count
 
-        reading: asyncio.Future[bytes] | None = read_next()
-        while reading is not None:
-            block = await reading
-            reading = None
-            if not block:  # the file shrank under us: cut the response short
-                self.http_connection.stream.close()
-                return
-            offset += len(block)
-            if offset < end:
-                reading = read_next()
-            self.write(block)
-            try:
-                await self.flush()
-            except StreamClosedError:  # the client went away
-                if reading is not None:
-                    await reading
-                return
+        self.flush()  # the headers
+        for buf in ring[:max(1, len(ring) - 1)]:
+            read_into(buf)
+        spare = ring[len(reads):]
+        try:
+            while reads:
+                buf, count, reading = reads.popleft()
+                got = await reading
+                if got < count:  # the file shrank under us: cut the response short
+                    self.http_connection.stream.close()
+                    return
+                if ahead < end and spare:
+                    read_into(spare.pop())
+                # one write at a time: the connection resolves only its latest write
+                await self.request.connection.write(memoryview(buf)[:got])
+                if ahead < end:
+                    read_into(buf)
+        except StreamClosedError:  # the client went away
+            return
+        finally:
+            for _, _, reading in reads:  # the reads in flight end before fd is closed
+                await asyncio.wait([reading])
         self.finish()
 
     def _unsatisfiable(self, size: int, message: str) -> None:
@@ -713,6 +735,12 @@ class ImageFileHandler(ImageRoute):
 
 def _open_read(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _read_block(fd: int, buf: mmap.mmap, offset: int, count: int) -> int:
+    """Read `count` bytes at `offset` into the start of `buf`; returns how many came."""
+    with memoryview(buf) as view:
+        return os.preadv(fd, [view[:count]], offset)
 
 
 # -- per kind ---------------------------------------------------------------------------

@@ -4,14 +4,17 @@
                                                   [--dir /var/tmp] [--repeat 3]
 
 Starts `nanod serve` as a subprocess (SQLite, reconciler off) with its data directory in
-a temp directory under --dir, and in the same run, on the same disk:
-- cp: `cp SRC DST`, and `cp` followed by an fsync of DST (nanod syncs an upload before
-  it installs it, so "cp + fsync" is the like-for-like floor);
+a temp directory under --dir, and in the same run, on the same disk, compares like with
+like:
 - upload: POST /media_images/{id}/file/ (streamed multipart, checked, synced, moved into
-  place), MiB/s and ratio to cp, with a lean client (sendfile from the page cache, so the
-  client costs almost nothing) and with `curl -F image=@SRC`;
-- download: GET /media_images/{id}/file/ into a file, with a lean client (recv_into +
-  write) and with `curl -o DST`;
+  place), with a lean client (sendfile from the page cache, so the client costs almost
+  nothing) and with `curl -F image=@SRC`, against `cp SRC DST` with SRC in the page cache
+  (the goal's baseline), and against `cp` followed by an fsync of DST (nanod syncs an
+  upload before it installs it: the like-for-like floor);
+- download: GET /media_images/{id}/file/ into a file (lean client: recv_into + write;
+  and `curl -o DST`), of the stored file as the upload left it (written with O_DIRECT,
+  so not in the page cache) against `cp` of that same file evicted from the page cache,
+  and of the stored file in the page cache against `cp` of a cached source;
 - nanod's peak RSS (VmHWM of /proc/PID/status, reset through /proc/PID/clear_refs before
   each phase) while it receives a --small-mib file and a --size-mib file: it should not
   grow with the file.
@@ -113,6 +116,14 @@ class Nanod:
         if doc["error_code"]:
             raise SystemExit(f"{method} {path}: {doc['message']}")
         return doc.get("data")
+
+    def stored_file(self, image_id: str) -> Path:
+        """The file of the image's current version in nanod's store."""
+        found = sorted((self.data / "images" / "media").glob(f"{image_id}.*.iso"),
+                       key=lambda p: int(p.name.split(".")[1]))
+        if not found:
+            raise SystemExit(f"no stored file for image {image_id}")
+        return found[-1]
 
     def reset_peak(self) -> None:
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
@@ -238,6 +249,31 @@ def timed_cp(source: Path, target: Path, *, sync: bool) -> tuple[float, float]:
     return elapsed, children_cpu() - cpu
 
 
+CP, CP_FSYNC, CP_COLD = "cp", "cp + fsync", "cp, cold source"
+BASELINES = {
+    "upload (lean client)": CP, "upload (curl -F)": CP,
+    "download, cold (lean client)": CP_COLD, "download, cold (curl -o)": CP_COLD,
+    "download, cached (lean)": CP,
+}
+EXTRA_BASELINES = {"upload (lean client)": (CP_FSYNC,), "upload (curl -F)": (CP_FSYNC,)}
+
+
+def evict(path: Path) -> None:
+    """Drop `path` from the page cache (it is on the disk: callers sync first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm(path: Path) -> None:
+    """Read `path` once, so that it is in the page cache."""
+    with open(path, "rb") as fh:
+        while fh.read(8 * MiB):
+            pass
+
+
 def rate(size: int, seconds: float) -> str:
     return f"{size / MiB / seconds:7.0f} MiB/s ({seconds:6.2f} s)"
 
@@ -272,11 +308,10 @@ def main() -> None:
         nanod.upload(small_image, small_src)
         rss_small = nanod.peak_rss_mib()
         nanod.reset_peak()
-        first_big = nanod.upload(image, big_src)
+        nanod.upload(image, big_src)
         rss_big = nanod.peak_rss_mib()
 
         # Each measurement starts with no dirty pages left by the one before (os.sync).
-        del first_big
         runs: dict[str, list[tuple[float, float]]] = {}  # label -> [(wall, cpu)]
         copy = workdir / "copy.iso"
 
@@ -290,37 +325,55 @@ def main() -> None:
             wall = step()
             runs.setdefault(label, []).append((wall, nanod.cpu_seconds() - cpu))
 
+        def measure(label: str, step: Any, *, cold: Path | None = None,
+                    cached: Path | None = None) -> None:
+            os.sync()
+            if cold is not None:
+                evict(cold)
+            if cached is not None:
+                warm(cached)
+            if label.startswith("cp"):
+                runs.setdefault(label, []).append(step())
+            else:
+                through_nanod(label, step)
+                if label.startswith("download"):
+                    check_copy()
+
         for _ in range(args.repeat):
-            os.sync()
-            runs.setdefault("cp", []).append(timed_cp(big_src, copy, sync=False))
-            os.sync()
-            runs.setdefault("cp + fsync", []).append(timed_cp(big_src, copy, sync=True))
-            os.sync()
-            through_nanod("upload (lean client)", lambda: nanod.upload(image, big_src))
-            os.sync()
-            through_nanod("download (lean client)", lambda: nanod.download(image, copy))
-            check_copy()
-            os.sync()
-            through_nanod("upload (curl -F)", lambda: nanod.curl_upload(image, big_src))
-            os.sync()
-            through_nanod("download (curl -o)", lambda: nanod.curl_download(image, copy))
-            check_copy()
+            measure(CP, lambda: timed_cp(big_src, copy, sync=False), cached=big_src)
+            measure(CP_FSYNC, lambda: timed_cp(big_src, copy, sync=True), cached=big_src)
+            measure("upload (lean client)", lambda: nanod.upload(image, big_src),
+                    cached=big_src)
+            measure("upload (curl -F)", lambda: nanod.curl_upload(image, big_src),
+                    cached=big_src)
+            stored = nanod.stored_file(image)
+            measure(CP_COLD, lambda s=stored: timed_cp(s, copy, sync=False), cold=stored)
+            measure("download, cold (lean client)", lambda: nanod.download(image, copy),
+                    cold=stored)
+            measure("download, cold (curl -o)", lambda: nanod.curl_download(image, copy),
+                    cold=stored)
+            measure("download, cached (lean)", lambda: nanod.download(image, copy),
+                    cached=stored)
         status = nanod.call("GET", f"/media_images/{image}")
         if status["checksum"] != big_sha1:  # type: ignore[index]
             raise SystemExit("nanod's checksum differs from the source")
 
-        t_cp = statistics.median(w for w, _ in runs["cp"])
-        t_cps = statistics.median(w for w, _ in runs["cp + fsync"])
+        median = {label: statistics.median(w for w, _ in samples)
+                  for label, samples in runs.items()}
         print(f"\nfile: {args.size_mib} MiB, median of {args.repeat}; one disk: {workdir}; "
               f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
-        print(f"  {'':24s} {'throughput':>24s}   {'vs cp':>6s} {'vs cp+fsync':>11s}  CPU s")
+        print(f"  {'':30s} {'throughput':>24s}   {'ratio':>5s} {'to':12s}  CPU s")
         for label, samples in runs.items():
-            t = statistics.median(w for w, _ in samples)
+            t = median[label]
             cpu = statistics.median(c for _, c in samples)
             who = "cp" if label.startswith("cp") else "nanod"
-            print(f"  {label:24s} {rate(size, t)}   {t_cp / t:6.2f} {t_cps / t:11.2f}  "
-                  f"{cpu:5.2f} ({who})")
-        print("  goal: >= 0.5 x cp")
+            base = BASELINES.get(label)
+            versus = f"{median[base] / t:5.2f} {base:12s}" if base else f"{'':5s} {'':12s}"
+            print(f"  {label:30s} {rate(size, t)}   {versus}  {cpu:5.2f} ({who})")
+            for extra in EXTRA_BASELINES.get(label, ()):
+                print(f"  {'':30s} {'':24s}   {median[extra] / t:5.2f} {extra:12s}")
+        print("  goal: >= 0.5 of cp, the source in the page cache for upload and cached "
+              "download, on the disk for cold download")
         print("nanod peak RSS (VmHWM):")
         print(f"  idle after start   {idle:7.1f} MiB")
         print(f"  {args.small_mib:5d} MiB upload   {rss_small:7.1f} MiB")
