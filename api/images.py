@@ -84,8 +84,6 @@ RECEIVE_CHUNK = 1 << 20
 ALIGN = UploadFile.ALIGN
 """File bytes are placed in the receive buffers at addresses aligned like their offsets
 in the file, modulo this (the temp file's O_DIRECT alignment)."""
-IDLE_SECONDS = 60.0
-"""An upload that receives nothing for this long is abandoned and its connection closed."""
 MULTIPART_SLACK = 1 << 20
 """Body bytes allowed beyond max_upload_bytes: boundaries, part headers, the checksum."""
 PROGRESS_SECONDS = 0.5
@@ -159,6 +157,11 @@ def shared(handler: NanoHandler) -> ImagesShared:
 
 def max_upload_bytes(handler: NanoHandler) -> int:
     return int(handler.ctx.settings.get("images", {}).get("max_upload_bytes", 64 << 30))
+
+
+def upload_idle_seconds(handler: NanoHandler) -> float:
+    """An upload that receives nothing for this long is abandoned, its connection closed."""
+    return float(handler.ctx.settings.get("images", {}).get("upload_idle_seconds", 60))
 
 
 def query_tags(handler: NanoHandler) -> list[str]:
@@ -401,8 +404,9 @@ class ImageFileHandler(ImageRoute):
 
         A refused upload reads (and drops) the rest of the body, so the answer comes after
         it and the connection stays usable. Returns False when the client went away or sent
-        nothing for IDLE_SECONDS (the connection is closed then)."""
+        nothing for `upload_idle_seconds` (the connection is closed then)."""
         stream = self.http_connection.stream
+        idle = timedelta(seconds=upload_idle_seconds(self))
         size = min(RECEIVE_BUFFER, length)
         ring = [mmap.mmap(-1, size + ALIGN) for _ in range(RECEIVE_BUFFERS if length > size else 1)]
         turn, begin, filled, left = 0, 0, 0, length
@@ -420,8 +424,7 @@ class ImageFileHandler(ImageRoute):
             at = begin + filled
             reading = stream.read_into(memoryview(buf)[at:at + room], partial=True)
             try:
-                got = await gen.with_timeout(timedelta(seconds=IDLE_SECONDS), reading,
-                                             quiet_exceptions=StreamClosedError)
+                got = await gen.with_timeout(idle, reading, quiet_exceptions=StreamClosedError)
             except StreamClosedError:
                 return False
             except gen.TimeoutError:

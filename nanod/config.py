@@ -21,7 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "log_level": "info",
     "limits": {"max_cores": 24, "max_memory": 32, "max_disk": 64},
     "reconciler": {"enabled": True, "workers": 4, "resync_seconds": 30, "offline_after": 3},
-    "images": {"max_upload_bytes": 64 << 30},
+    "images": {"max_upload_bytes": 64 << 30, "upload_idle_seconds": 60},
 }
 
 

@@ -2,12 +2,16 @@
 buffers together (the ring wraps several times, the file starts at an odd place), sent
 after an `Expect: 100-continue`; a chunked body (read by Tornado, piece by piece); and
 the connection after an upload, which must go on with the next request exactly where
-the body ended (the handler reads a claimed body itself, Tornado is told it is empty)."""
+the body ended (the handler reads a claimed body itself, Tornado is told it is empty);
+and a client that stops sending half way, which is cut off after
+`images.upload_idle_seconds`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from typing import Any
 
 import pytest
@@ -22,6 +26,7 @@ BIG = RECEIVE_BUFFER * RECEIVE_BUFFERS * 5 // 4 + 12_345
 @pytest.fixture
 def settings(settings: dict[str, Any]) -> dict[str, Any]:
     settings["images"]["max_upload_bytes"] = 2 * BIG
+    settings["images"]["upload_idle_seconds"] = 1.0
     return settings
 
 
@@ -96,3 +101,27 @@ async def test_the_connection_goes_on_with_the_next_request_after_an_upload(api,
     assert uploaded["error_code"] == 0 and uploaded["data"]["checksum"] == sha1(data)
     assert image["error_code"] == 0
     assert (image["data"]["name"], image["data"]["checksum"]) == ("kept", sha1(data))
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_client_that_stops_sending_is_cut_off(api, server, settings):
+    image_id = await create(api, "media", "stalled")
+    body = multipart([("image", "s.iso", iso_payload(2 << 20))])
+    stream = await TCPClient().connect("127.0.0.1", server.port)
+    await stream.write((
+        f"POST /api/v1{file_path('media', image_id)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Nano-Session: {api.session}\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode()
+        + body[:len(body) // 2])
+    started = time.monotonic()
+    closed = await asyncio.wait_for(stream.read_until_close(), 20)  # the server hangs up
+    assert closed == b""
+    assert time.monotonic() - started >= 0.9
+    temp = os.path.join(settings["data_dir"], "images", "tmp")
+    for _ in range(100):
+        if not server.ctx.extras["images"].uploading and not os.listdir(temp):
+            break
+        await asyncio.sleep(0.05)
+    assert not server.ctx.extras["images"].uploading and os.listdir(temp) == []
+    data = await api.ok("GET", f"/media_images/{image_id}")
+    assert (data["created"], data["progress"]) == (False, 0)
