@@ -422,7 +422,8 @@ class ImageFileHandler(ImageRoute):
             self._slot = turn
             room = min(size - filled, left)
             at = begin + filled
-            reading = stream.read_into(memoryview(buf)[at:at + room], partial=True)
+            window = memoryview(buf)[at:at + room]  # read_into takes any writable buffer
+            reading = stream.read_into(cast(bytearray, window), partial=True)
             try:
                 got = await gen.with_timeout(idle, reading, quiet_exceptions=StreamClosedError)
             except StreamClosedError:
@@ -718,7 +719,8 @@ class ImageFileHandler(ImageRoute):
                 if ahead < end and spare:
                     read_into(spare.pop())
                 # one write at a time: the connection resolves only its latest write
-                await self.request.connection.write(memoryview(buf)[:got])
+                # (a view is fine: the IOStream sends it without a copy)
+                await self.http_connection.write(cast(bytes, memoryview(buf)[:got]))
                 if ahead < end:
                     read_into(buf)
         except StreamClosedError:  # the client went away
