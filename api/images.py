@@ -125,17 +125,17 @@ class FileLanes:
                     await asyncio.wrap_future(write)
 
     def close(self, then: Callable[[], None] | None = None) -> None:
-        """Stop taking blocks; `then` runs once the jobs in flight are over."""
+        """Stop taking blocks; `then` runs in a worker thread once the jobs in flight are
+        over (it may wait for the upload's disk writes: not on the loop)."""
         self._writer.shutdown(wait=False, cancel_futures=True)
         self._hasher.shutdown(wait=False, cancel_futures=True)
         jobs = [job for _, block in self._blocks for job in block]
         self._blocks.clear()
         if then is None:
             return
-        if jobs:
-            asyncio.gather(*jobs, return_exceptions=True).add_done_callback(lambda _f: then())
-        else:
-            then()
+        loop = asyncio.get_running_loop()
+        asyncio.gather(*jobs, return_exceptions=True).add_done_callback(
+            lambda _f: loop.run_in_executor(None, then))
 
 
 @dataclass
