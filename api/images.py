@@ -410,36 +410,43 @@ class ImageFileHandler(ImageRoute):
         size = min(RECEIVE_BUFFER, length)
         ring = [mmap.mmap(-1, size + ALIGN) for _ in range(RECEIVE_BUFFERS if length > size else 1)]
         turn, begin, filled, left = 0, 0, 0, length
-        while left:
-            buf = ring[turn]
-            if filled == 0:
-                if self._lanes is not None:
-                    try:
-                        await self._lanes.wait(slot=turn)
-                    except OSError as exc:  # writing the temp file failed (a full disk)
-                        self._refuse(Internal(f"cannot store the uploaded file: {exc.strerror}"))
-                begin = self._next_file_offset() % ALIGN
-            self._slot = turn
-            room = min(size - filled, left)
-            at = begin + filled
-            window = memoryview(buf)[at:at + room]  # read_into takes any writable buffer
-            reading = stream.read_into(cast(bytearray, window), partial=True)
-            try:
-                got = await gen.with_timeout(idle, reading, quiet_exceptions=StreamClosedError)
-            except StreamClosedError:
-                return False
-            except gen.TimeoutError:
-                stream.close()
-                return False
-            await self._consume(buf, at, at + got, held_in_place=filled > 0)
-            filled, left = filled + got, left - got
-            # The file began in this buffer, at an address that does not line up: go on
-            # in the next buffer, placed so that it does.
-            misplaced = self._next_file_offset() % ALIGN != (begin + filled) % ALIGN
-            if filled == size or (misplaced and self._field == "image"):
-                if self._receiving and self._failure is None:
-                    await self._flush_file_block()
-                turn, filled = (turn + 1) % len(ring), 0
+        try:
+            while left:
+                buf = ring[turn]
+                if filled == 0:
+                    if self._lanes is not None:
+                        try:
+                            await self._lanes.wait(slot=turn)
+                        except OSError as exc:  # writing the temp file failed (a full disk)
+                            self._refuse(Internal(f"cannot store the uploaded file: {exc.strerror}"))
+                    begin = self._next_file_offset() % ALIGN
+                self._slot = turn
+                room = min(size - filled, left)
+                at = begin + filled
+                window = memoryview(buf)[at:at + room]  # read_into takes any writable buffer
+                reading = stream.read_into(cast(bytearray, window), partial=True)
+                try:
+                    got = await gen.with_timeout(idle, reading, quiet_exceptions=StreamClosedError)
+                except StreamClosedError:
+                    return False
+                except gen.TimeoutError:
+                    stream.close()
+                    return False
+                await self._consume(buf, at, at + got, held_in_place=filled > 0)
+                filled, left = filled + got, left - got
+                # The file began in this buffer, at an address that does not line up: go on
+                # in the next buffer, placed so that it does.
+                misplaced = self._next_file_offset() % ALIGN != (begin + filled) % ALIGN
+                if filled == size or (misplaced and self._field == "image"):
+                    if self._receiving and self._failure is None:
+                        await self._flush_file_block()
+                    turn, filled = (turn + 1) % len(ring), 0
+        except Exception:
+            # A fault of ours with the rest of the body unread: the connection must not
+            # read that rest as a request. (Errors of the upload itself are refusals, and
+            # the body is read to its end.)
+            stream.close()
+            raise
         return True
 
     def _next_file_offset(self) -> int:
