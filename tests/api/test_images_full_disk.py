@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,15 +23,24 @@ STORE_BYTES = 6 << 20
 def settings(settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
     store = os.path.join(settings["data_dir"], "images")
     os.makedirs(store)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={STORE_BYTES},mode=0750",
-                              "nano-test-images", store], capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a small tmpfs for the image store: {mounted.stderr.strip()}")
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={STORE_BYTES},mode=0750",
+                                  "nano-test-images", store], capture_output=True, text=True)
+        problem = mounted.stderr.strip() if mounted.returncode else ""
+    except FileNotFoundError:
+        problem = "no mount command"
+    if problem:
+        pytest.skip(f"cannot mount a small tmpfs for the image store: {problem}")
     settings["images"]["max_upload_bytes"] = 64 << 20
     try:
         yield settings
     finally:
-        subprocess.run(["umount", store], check=True)
+        for _ in range(50):  # a worker thread may still be closing a file there
+            if subprocess.run(["umount", store], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "--lazy", store], check=True)
 
 
 def iso_payload(size: int) -> bytes:
