@@ -21,6 +21,7 @@ import tornado.web
 from api.app import make_app
 from api.base import AppContext
 from state.db import close_database, database_url, open_database
+from state.images import ImageFiles
 from state.store import Store
 
 log = logging.getLogger("nano")
@@ -74,6 +75,9 @@ class Server:
         self.settings = settings
         self.store = open_store(settings)
         self.store.ensure_default_templates()
+        left = self.store.recover_uploads(ImageFiles(settings["data_dir"]))
+        if left:
+            log.warning("removed %d unfinished upload(s) left by the last stop", len(left))
         self.controller = build_controller(self.store, settings)
         enqueue = self.controller.enqueue if self.controller else (lambda key: None)
         self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings)

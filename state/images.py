@@ -220,6 +220,16 @@ class ImageFiles:
         self.ensure()
         return tempfile.mkstemp(prefix=f"{image_id}.", suffix=".part", dir=self.tmp)
 
+    def clear_temp(self) -> list[str]:
+        """Remove every upload temp file (`*.part`); returns their names."""
+        try:
+            names = sorted(n for n in os.listdir(self.tmp) if n.endswith(".part"))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            _unlink(os.path.join(self.tmp, name))
+        return names
+
     def install(self, kind: ImageKind, image_id: str, version: int, temp_path: str) -> str:
         """Move a complete, synced temp file into place atomically; returns its path."""
         final = self.path(kind, image_id, version)
@@ -585,6 +595,19 @@ class ImageStore:
         row = self._image(kind, image_id, session)
         Image.update(progress=0).where(Image.id == row.id).execute()
         return {"id": row.id, "name": row.name, "version": row.version}
+
+    def recover_uploads(self, files: ImageFiles) -> list[str]:
+        """At start, before any request: the uploads that were running when nanod stopped
+        (killed, crashed) are over. Their images' progress goes back to what the current
+        file says and their temp files are removed, so a big upload cut off by a crash
+        leaves neither a stuck percentage nor gigabytes of temp file. One process owns the
+        image directory (module docstring): no temp file can belong to a running upload.
+        Clones from guests are left alone: the reconciler resumes them. Returns the temp
+        files removed."""
+        settled = peewee.Case(None, [(Image.version > 0, 100)], 0)
+        cloning = (Image.source_guest != "") & (Image.version == 0)
+        Image.update(progress=settled).where(~cloning & (Image.progress != settled)).execute()
+        return files.clear_temp()
 
     def record_upload_progress(self, image_id: str, progress: int) -> None:
         Image.update(progress=max(0, min(99, progress))).where(Image.id == image_id).execute()

@@ -1,6 +1,7 @@
 """A real `nanod serve` process, stopped with SIGTERM and started again: sessions, users and
 logs survive; the shutdown is clean (exit 0, "shutting down" in the log); the log file
-never holds a password or a session token.
+never holds a password or a session token. And one killed (SIGKILL) in the middle of an
+upload: after the restart the image is as before and the cut upload left nothing.
 
 Runs on SQLite (the default file under --data-dir) and on PostgreSQL (--database).
 """
@@ -18,8 +19,19 @@ from pathlib import Path
 
 import pytest
 import tornado.httpclient
+from tornado.tcpclient import TCPClient
 
 from tests.api.identity_helpers import PASSWORD, login_as
+from tests.api.test_images import (
+    BOUNDARY,
+    create,
+    download,
+    file_path,
+    make_iso,
+    multipart,
+    sha1,
+    upload,
+)
 from tests.conftest import ADMIN, ADMIN_PASSWORD, Api
 
 NANOD = str(Path(sys.executable).with_name("nanod"))
@@ -129,3 +141,46 @@ async def test_sessions_users_and_logs_survive_a_restart(nanod, tmp_path):
     if nanod.args.count("--database") == 0:
         assert (tmp_path / "data" / "nano.db").exists()
     assert os.path.getsize(log_file) > 0
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_an_upload_cut_off_by_a_kill_leaves_nothing_behind(nanod, tmp_path):
+    """nanod is killed (SIGKILL) half way through an upload: after the restart the image
+    has its previous file and progress, and the temp file of the cut upload is gone."""
+    await nanod.start()
+    api = Api(nanod.url)
+    await api.ok("POST", "/system/", {"user": ADMIN, "password": ADMIN_PASSWORD}, session="")
+    await api.login()
+    image_id = await create(api, "media", "m")
+    old = make_iso()
+    assert (await upload(api, "media", image_id, old)).code == 0
+
+    body = multipart([("image", "new.iso", make_iso(payload=os.urandom(3 << 20)))])
+    stream = await TCPClient().connect("127.0.0.1", int(nanod.url.rsplit(":", 1)[1]))
+    await stream.write((
+        f"POST /api/v1{file_path('media', image_id)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Nano-Session: {api.session}\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode()
+        + body[:len(body) // 2])
+    await asyncio.sleep(0.6)  # progress is stored at most every 0.5 s
+    await stream.write(body[len(body) // 2:len(body) // 2 + 4096])
+    for _ in range(100):
+        if 0 < (await api.ok("GET", f"/media_images/{image_id}"))["progress"] < 100:
+            break
+        await asyncio.sleep(0.05)
+    temp = tmp_path / "data" / "images" / "tmp"
+    assert [p.name for p in temp.iterdir()] != []  # the upload is under way
+
+    nanod.kill()
+    stream.close()
+    assert [p.name for p in temp.iterdir()] != []  # what a crash leaves
+    await nanod.start()
+
+    assert [p.name for p in temp.iterdir()] == []
+    data = await api.ok("GET", f"/media_images/{image_id}")
+    assert (data["created"], data["size"], data["checksum"], data["progress"]) == (
+        True, len(old), sha1(old), 100)
+    assert (await download(api, file_path("media", image_id))).body == old
+    assert await nanod.stop() == 0
+    assert "removed 1 unfinished upload(s) left by the last stop" in (
+        tmp_path / "data" / "nanod.log").read_text()
