@@ -77,7 +77,8 @@ class Server:
         self.store.ensure_default_templates()
         left = self.store.recover_uploads(ImageFiles(settings["data_dir"]))
         if left:
-            log.warning("removed %d unfinished upload(s) left by the last stop", len(left))
+            log.warning("removed %d file(s) of unfinished or replaced uploads left by the last "
+                        "stop", len(left))
         self.controller = build_controller(self.store, settings)
         enqueue = self.controller.enqueue if self.controller else (lambda key: None)
         self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings)

@@ -220,16 +220,6 @@ class ImageFiles:
         self.ensure()
         return tempfile.mkstemp(prefix=f"{image_id}.", suffix=".part", dir=self.tmp)
 
-    def clear_temp(self) -> list[str]:
-        """Remove every upload temp file (`*.part`); returns their names."""
-        try:
-            names = sorted(n for n in os.listdir(self.tmp) if n.endswith(".part"))
-        except FileNotFoundError:
-            return []
-        for name in names:
-            _unlink(os.path.join(self.tmp, name))
-        return names
-
     def install(self, kind: ImageKind, image_id: str, version: int, temp_path: str) -> str:
         """Move a complete, synced temp file into place atomically; returns its path."""
         final = self.path(kind, image_id, version)
@@ -249,11 +239,13 @@ class ImageFiles:
                 _unlink(os.path.join(self.kind_dir(kind), name))
 
     def cleanup(self, kind: ImageKind, current: dict[str, int],
-                keep_temp: Collection[str] = ()) -> list[str]:
-        """Remove stale leftovers of crashes: temp files and files of no current version.
-        Only files older than STALE_SECONDS go, so an upload finishing now is safe."""
+                keep_temp: Collection[str] = (), *,
+                older_than: float = STALE_SECONDS) -> list[str]:
+        """Remove leftovers of crashes: temp files and files of no current version. Only
+        files older than `older_than` seconds go, so that, while nanod runs, an upload
+        finishing now is safe (at start, nothing runs: 0)."""
         removed: list[str] = []
-        cutoff = time.time() - STALE_SECONDS
+        cutoff = time.time() - older_than
         candidates: list[tuple[str, bool]] = []
         for folder, is_tmp in ((self.tmp, True), (self.kind_dir(kind), False)):
             try:
@@ -275,7 +267,7 @@ class ImageFiles:
                 st = os.lstat(path)
             except FileNotFoundError:
                 continue
-            if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+            if stat.S_ISREG(st.st_mode) and st.st_mtime <= cutoff:
                 _unlink(path)
                 removed.append(name)
         return removed
@@ -599,15 +591,21 @@ class ImageStore:
     def recover_uploads(self, files: ImageFiles) -> list[str]:
         """At start, before any request: the uploads that were running when nanod stopped
         (killed, crashed) are over. Their images' progress goes back to what the current
-        file says and their temp files are removed, so a big upload cut off by a crash
-        leaves neither a stuck percentage nor gigabytes of temp file. One process owns the
-        image directory (module docstring): no temp file can belong to a running upload.
-        Clones from guests are left alone: the reconciler resumes them. Returns the temp
-        files removed."""
+        file says, and their temp files go, as do previous versions left by a stop between
+        an upload's answer and their removal: a big upload cut off by a crash leaves
+        neither a stuck percentage nor gigabytes of files. One process owns the image
+        directory (module docstring): no file there can belong to a running upload.
+        Clones from guests are left alone: the reconciler resumes them. Returns the files
+        removed."""
         settled = peewee.Case(None, [(Image.version > 0, 100)], 0)
         cloning = (Image.source_guest != "") & (Image.version == 0)
         Image.update(progress=settled).where(~cloning & (Image.progress != settled)).execute()
-        return files.clear_temp()
+        removed: list[str] = []
+        for kind in (MEDIA, DISK):
+            current = {row.id: row.version for row in
+                       Image.select(Image.id, Image.version).where(Image.kind == kind.name)}
+            removed += files.cleanup(kind, current, older_than=0)
+        return removed
 
     def record_upload_progress(self, image_id: str, progress: int) -> None:
         Image.update(progress=max(0, min(99, progress))).where(Image.id == image_id).execute()

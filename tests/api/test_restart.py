@@ -146,14 +146,22 @@ async def test_sessions_users_and_logs_survive_a_restart(nanod, tmp_path):
 @pytest.mark.gen_test(timeout=120)
 async def test_an_upload_cut_off_by_a_kill_leaves_nothing_behind(nanod, tmp_path):
     """nanod is killed (SIGKILL) half way through an upload: after the restart the image
-    has its previous file and progress, and the temp file of the cut upload is gone."""
+    has its previous file and progress, and the temp file of the cut upload is gone, as
+    is a previous version that a stop right after an upload's answer would leave."""
     await nanod.start()
     api = Api(nanod.url)
     await api.ok("POST", "/system/", {"user": ADMIN, "password": ADMIN_PASSWORD}, session="")
     await api.login()
     image_id = await create(api, "media", "m")
-    old = make_iso()
+    first, old = make_iso(payload=b"first\n"), make_iso()
+    assert (await upload(api, "media", image_id, first)).code == 0
     assert (await upload(api, "media", image_id, old)).code == 0
+    media = tmp_path / "data" / "images" / "media"
+    for _ in range(100):  # version 1 goes just after the second answer
+        if sorted(p.name for p in media.iterdir()) == [f"{image_id}.2.iso"]:
+            break
+        await asyncio.sleep(0.05)
+    (media / f"{image_id}.1.iso").write_bytes(first)  # as if nanod had stopped before that
 
     body = multipart([("image", "new.iso", make_iso(payload=os.urandom(3 << 20)))])
     stream = await TCPClient().connect("127.0.0.1", int(nanod.url.rsplit(":", 1)[1]))
@@ -177,10 +185,11 @@ async def test_an_upload_cut_off_by_a_kill_leaves_nothing_behind(nanod, tmp_path
     await nanod.start()
 
     assert [p.name for p in temp.iterdir()] == []
+    assert sorted(p.name for p in media.iterdir()) == [f"{image_id}.2.iso"]
     data = await api.ok("GET", f"/media_images/{image_id}")
     assert (data["created"], data["size"], data["checksum"], data["progress"]) == (
         True, len(old), sha1(old), 100)
     assert (await download(api, file_path("media", image_id))).body == old
     assert await nanod.stop() == 0
-    assert "removed 1 unfinished upload(s) left by the last stop" in (
+    assert "removed 2 file(s) of unfinished or replaced uploads left by the last stop" in (
         tmp_path / "data" / "nanod.log").read_text()
