@@ -8,6 +8,7 @@ Called by nanod/cli.py; tests start the same `Server` on a free port.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import re
@@ -68,11 +69,32 @@ def open_store(settings: dict[str, Any]) -> Store:
                  data_dir=settings["data_dir"])
 
 
+def lock_data_dir(data_dir: str) -> int:
+    """Take the data directory for this process (an flock on DATA_DIR/nanod.lock, which
+    also holds our pid), or exit with who has it: two nanods on one data directory would
+    remove each other's uploads at start and fight over the same cells. The lock goes
+    when the returned descriptor is closed, or the process ends however it ends."""
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, "nanod.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SystemExit(f"nanod: another nanod (pid {holder}) serves {data_dir}: stop it "
+                         "first, or give this one its own --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Server:
     """API + reconciler in one process."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = settings
+        self._lock = lock_data_dir(settings["data_dir"])
         self.store = open_store(settings)
         self.store.ensure_default_templates()
         left = self.store.recover_uploads(ImageFiles(settings["data_dir"]))
@@ -129,6 +151,9 @@ class Server:
             await asyncio.get_running_loop().run_in_executor(None, self.controller.stop, 10.0)
         self.ctx.executor.shutdown(wait=True)
         close_database()
+        if self._lock >= 0:
+            os.close(self._lock)  # the lock goes with it
+            self._lock = -1
 
 
 def build_controller(store: Store, settings: dict[str, Any]) -> Any:

@@ -193,3 +193,17 @@ async def test_an_upload_cut_off_by_a_kill_leaves_nothing_behind(nanod, tmp_path
     assert await nanod.stop() == 0
     assert "removed 2 file(s) of unfinished or replaced uploads left by the last stop" in (
         tmp_path / "data" / "nanod.log").read_text()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_second_nanod_on_the_same_data_dir_is_refused(nanod, tmp_path):
+    await nanod.start()
+    assert nanod.proc is not None
+    second = subprocess.run(
+        [NANOD, "serve", "--data-dir", str(tmp_path / "data"), "--listen",
+         f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=30)
+    assert second.returncode != 0
+    assert f"another nanod (pid {nanod.proc.pid}) serves {tmp_path / 'data'}" in second.stderr
+    assert await nanod.stop() == 0
+    await nanod.start()  # the lock went with the first process
+    assert await nanod.stop() == 0
