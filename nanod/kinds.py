@@ -155,6 +155,12 @@ class Kind:
     def references(self, spec: Mapping[str, Any]) -> list[Reference]:
         return []
 
+    def refusal(self, found: Found | None, spec: Mapping[str, Any], fields: list[str]) -> str:
+        """Why applying `spec` (a create when `found` is None, else an update of `fields`)
+        is refused before anything changes; "" when it is not. `apply --check` reports
+        what the apply itself would refuse."""
+        return ""
+
     # writing
     def create(self, client: NanoClient, name: str, spec: Mapping[str, Any],
                ctx: ApplyContext) -> None:
@@ -919,6 +925,17 @@ class GuestKind(IdKind):
                 f"spec.media: a new guest is created stopped and media goes into running "
                 f"guests only: a guest with media {spec['media']!r} needs power: running "
                 "(or media: null)")
+
+    def refusal(self, found: Found | None, spec: Mapping[str, Any], fields: list[str]) -> str:
+        replaces = found is None or any(
+            self.classify(f, found.spec.get(f), spec.get(f))[0] is Effect.REPLACE
+            for f in fields)
+        try:
+            if replaces:
+                self._creatable(spec)
+        except ManifestError as exc:
+            return str(exc)
+        return ""
 
     def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
                fields: list[str], ctx: ApplyContext) -> None:

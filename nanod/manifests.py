@@ -366,9 +366,13 @@ def apply(client: NanoClient, docs: Sequence[Document], *, check: bool = False,
         elif check:
             outcome = Outcome.CHANGED
             verb = planned.actions[0].verb
+            fields = [n for a in planned.actions for n in (a.after or {})]
             what = ("would create" if verb is Verb.CREATE else "would delete"
-                    if verb is Verb.DELETE else "would update " + ", ".join(
-                        n for a in planned.actions for n in (a.after or {})))
+                    if verb is Verb.DELETE else "would update " + ", ".join(fields))
+            refused = "" if verb is Verb.DELETE else adapter(doc.kind).refusal(
+                None if verb is Verb.CREATE else planned.found, doc.spec, fields)
+            if refused:
+                outcome, what = Outcome.FAILED, refused
         else:
             outcome, what = execute(client, planner, planned)
         report.items.append((planned, outcome, what))
@@ -376,7 +380,7 @@ def apply(client: NanoClient, docs: Sequence[Document], *, check: bool = False,
             what = f"{what} [{doc.source}]"
         line = f"{outcome.value:<8}{doc.label:<{width}}  {what}"
         print(line.rstrip(), file=out)
-        if diff and planned.actions and outcome is not Outcome.FAILED:
+        if diff and planned.actions and (check or outcome is not Outcome.FAILED):
             for text in diff_lines(planned):
                 print(text, file=out)
     report.notes = list(planner.notes)

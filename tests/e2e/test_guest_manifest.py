@@ -213,16 +213,18 @@ def test_guest_manifest_power_media_snapshots_replace(names, nanod: Nanod, tmp_p
     # a second disk is fixed at creation: the guest is replaced (deleted, created again)
     write_manifests(folder, env, power="stopped", media=env["iso"], snapshots=["s1"],
                     disks=[32 * MIB, 32 * MIB])
-    out = applied(nanod, folder, "--check", "--diff")
-    assert f"changed {label} would update disks" in out, out
+    # ... but a new guest is created stopped and media goes into running guests only:
+    # refused before the old guest is deleted, and --check says so
+    refused = f"failed {label} spec.media: a new guest is created stopped and media goes"
+    check = nanod.run("apply", "-f", str(folder), "--check", "--diff")
+    assert check.returncode == 1, check.stdout + check.stderr
+    out = lines(check.stdout)
+    assert any(line.startswith(refused) for line in out), out
     assert (f"~ disks: [{32 * MIB}] -> [{32 * MIB}, {32 * MIB}] [replaces: the number of "
             "disks is fixed at creation]") in out, out
-    assert out[-1] == "ok=4 changed=1 failed=0", out
-    # ... but a new guest is created stopped and media goes into running guests only:
-    # refused before the old guest is deleted
+    assert out[-1] == "ok=4 changed=0 failed=1", out
     done = nanod.run("apply", "-f", str(folder))
     assert done.returncode == 1, done.stdout + done.stderr
-    refused = f"failed {label} spec.media: a new guest is created stopped and media goes"
     assert any(line.startswith(refused) for line in lines(done.stdout)), done.stdout
     assert guest_row(nanod, env)["id"] == first["id"]
     assert domstate(first["id"]) == "shut off"

@@ -206,6 +206,12 @@ def test_a_new_guest_with_media_must_run():
         guest.update(api, "g", Found("g", {"disks": [1]}), {**spec, "disks": [1, 1]},
                      ["disks"], ApplyContext())
     assert api.calls == []
+    # --check foresees both refusals; a change in place, or power: running, is not refused
+    assert "needs power: running" in guest.refusal(None, spec, [])
+    assert "needs power: running" in guest.refusal(
+        Found("g", {"disks": [1]}), {**spec, "disks": [1, 1]}, ["disks"])
+    assert guest.refusal(Found("g", {"disks": [1]}), {**spec, "disks": [2]}, ["disks"]) == ""
+    assert guest.refusal(None, {**spec, "power": "running"}, []) == ""
 
 
 def test_address_pool_range_removal_is_destructive():
