@@ -38,6 +38,14 @@ def make_iso(label: str = "NANOTEST", payload: bytes = b"hello from nano\n") -> 
     return out.getvalue()
 
 
+def iso_payload(size: int) -> bytes:
+    """`size` random bytes with the ISO 9660 signature where the media sniff looks: big
+    test files without building a real ISO of that size."""
+    data = bytearray(os.urandom(size))
+    data[32769:32774] = b"CD001"
+    return bytes(data)
+
+
 def make_qcow2(tmp_path: Any, size: str = "16M") -> bytes:
     """A small, real qcow2 image made by qemu-img."""
     path = os.path.join(str(tmp_path), f"disk-{uuid.uuid4().hex}.qcow2")
@@ -67,6 +75,13 @@ def multipart(fields: list[tuple[str, str | None, bytes]], boundary: str = BOUND
 
 def file_path(kind: str, image_id: str) -> str:
     return f"/{kind}_images/{image_id}/file/"
+
+
+def request_head(api: Api, path: str, extra: str) -> bytes:
+    """The head of a raw multipart POST to `path`, with the header lines `extra` (each
+    ending in CRLF), for tests that send the body themselves."""
+    return (f"POST /api/v1{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nNano-Session: {api.session}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n{extra}\r\n").encode()
 
 
 async def upload(api: Api, kind: str, image_id: str, data: bytes, *,

@@ -25,6 +25,7 @@ from tests.api.test_images import (
     make_qcow2,
     make_user,
     multipart,
+    request_head,
     sha1,
     upload,
 )
@@ -53,11 +54,6 @@ async def eventually(check: Any, timeout: float = 5.0) -> None:
     while not check():
         assert asyncio.get_running_loop().time() < deadline, "condition never became true"
         await asyncio.sleep(0.05)
-
-
-def request_head(api: Any, path: str, extra: str) -> bytes:
-    return (f"POST /api/v1{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nNano-Session: {api.session}\r\n"
-            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n{extra}\r\n").encode()
 
 
 # -- upload and download -----------------------------------------------------------------------

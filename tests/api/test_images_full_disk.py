@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 
-from tests.api.test_images import BOUNDARY, create, download, file_path, multipart, sha1
+from tests.api.test_images import (
+    BOUNDARY,
+    create,
+    download,
+    file_path,
+    iso_payload,
+    multipart,
+    sha1,
+)
 
 STORE_BYTES = 6 << 20
 
@@ -41,12 +49,6 @@ def settings(settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
             time.sleep(0.1)
         else:
             subprocess.run(["umount", "--lazy", store], check=True)
-
-
-def iso_payload(size: int) -> bytes:
-    data = bytearray(os.urandom(size))
-    data[32769:32774] = b"CD001"
-    return bytes(data)
 
 
 async def post_file(api: Any, image_id: str, data: bytes) -> dict:

@@ -18,7 +18,16 @@ import pytest
 from tornado.tcpclient import TCPClient
 
 from api.images import RECEIVE_BUFFER, RECEIVE_BUFFERS
-from tests.api.test_images import BOUNDARY, create, download, file_path, multipart, sha1
+from tests.api.test_images import (
+    BOUNDARY,
+    create,
+    download,
+    file_path,
+    iso_payload,
+    multipart,
+    request_head,
+    sha1,
+)
 
 BIG = RECEIVE_BUFFER * RECEIVE_BUFFERS * 5 // 4 + 12_345
 
@@ -28,12 +37,6 @@ def settings(settings: dict[str, Any]) -> dict[str, Any]:
     settings["images"]["max_upload_bytes"] = 2 * BIG
     settings["images"]["upload_idle_seconds"] = 1.0
     return settings
-
-
-def iso_payload(size: int) -> bytes:
-    data = bytearray(os.urandom(size))
-    data[32769:32774] = b"CD001"
-    return bytes(data)
 
 
 async def read_response(stream: Any) -> tuple[bytes, dict]:
@@ -67,10 +70,8 @@ async def test_a_chunked_body_is_stored_whole(api, server):
     data = iso_payload(5 << 20)
     body = multipart([("image", "c.iso", data)])
     stream = await TCPClient().connect("127.0.0.1", server.port)
-    await stream.write((
-        f"POST /api/v1{file_path('media', image_id)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Nano-Session: {api.session}\r\nTransfer-Encoding: chunked\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode())
+    await stream.write(request_head(api, file_path("media", image_id),
+                                    "Transfer-Encoding: chunked\r\n"))
     for offset in range(0, len(body), 100_000):
         piece = body[offset:offset + 100_000]
         await stream.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
@@ -89,11 +90,9 @@ async def test_the_connection_goes_on_with_the_next_request_after_an_upload(api,
     body = multipart([("image", "k.iso", data)])
     stream = await TCPClient().connect("127.0.0.1", server.port)
     # the next request is sent at once behind the body (pipelined)
-    await stream.write((
-        f"POST /api/v1{file_path('media', image_id)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Nano-Session: {api.session}\r\nContent-Length: {len(body)}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode() + body
-        + (f"GET /api/v1/media_images/{image_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    await stream.write(
+        request_head(api, file_path("media", image_id), f"Content-Length: {len(body)}\r\n")
+        + body + (f"GET /api/v1/media_images/{image_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
            f"Nano-Session: {api.session}\r\n\r\n").encode())
     _, uploaded = await read_response(stream)
     _, image = await read_response(stream)
@@ -108,10 +107,8 @@ async def test_a_client_that_stops_sending_is_cut_off(api, server, settings):
     image_id = await create(api, "media", "stalled")
     body = multipart([("image", "s.iso", iso_payload(2 << 20))])
     stream = await TCPClient().connect("127.0.0.1", server.port)
-    await stream.write((
-        f"POST /api/v1{file_path('media', image_id)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Nano-Session: {api.session}\r\nContent-Length: {len(body)}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode()
+    await stream.write(
+        request_head(api, file_path("media", image_id), f"Content-Length: {len(body)}\r\n")
         + body[:len(body) // 2])
     started = time.monotonic()
     closed = await asyncio.wait_for(stream.read_until_close(), 20)  # the server hangs up

@@ -23,12 +23,12 @@ from tornado.tcpclient import TCPClient
 
 from tests.api.identity_helpers import PASSWORD, login_as
 from tests.api.test_images import (
-    BOUNDARY,
     create,
     download,
     file_path,
     make_iso,
     multipart,
+    request_head,
     sha1,
     upload,
 )
@@ -165,10 +165,8 @@ async def test_an_upload_cut_off_by_a_kill_leaves_nothing_behind(nanod, tmp_path
 
     body = multipart([("image", "new.iso", make_iso(payload=os.urandom(3 << 20)))])
     stream = await TCPClient().connect("127.0.0.1", int(nanod.url.rsplit(":", 1)[1]))
-    await stream.write((
-        f"POST /api/v1{file_path('media', image_id)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Nano-Session: {api.session}\r\nContent-Length: {len(body)}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode()
+    await stream.write(
+        request_head(api, file_path("media", image_id), f"Content-Length: {len(body)}\r\n")
         + body[:len(body) // 2])
     await asyncio.sleep(0.6)  # progress is stored at most every 0.5 s
     await stream.write(body[len(body) // 2:len(body) // 2 + 4096])
