@@ -33,6 +33,17 @@ SESSION_HEADER = "Nano-Session"
 JSON_LIMIT = 1 << 20  # bytes of a JSON body; uploads have their own limit
 
 
+NOTHING: Any = ""
+"""`data` of a success with nothing to return: the original sends `""` there."""
+
+
+def envelope(code: int, message: str, data: Any) -> str:
+    """The body of every JSON reply: `error_code`, `message` and `data`, always all three
+    (COMPATIBILITY.md "Wire format"). All three are required arguments, so no caller can
+    leave one out; `data` is None for errors and NOTHING for a success without data."""
+    return json.dumps({"error_code": code, "message": message, "data": data})
+
+
 class LoginThrottle:
     """Slows down repeated failed logins from one address or for one user name.
 
@@ -202,13 +213,18 @@ class NanoHandler(tornado.web.RequestHandler):
 
     # -- replies --------------------------------------------------------------------------
 
-    def reply(self, data: Any = None, *, status: int = 200) -> None:
-        envelope: dict[str, Any] = {"error_code": 0, "message": ""}
-        if data is not None:
-            envelope["data"] = data
+    def reply(self, data: Any = NOTHING, *, status: int = 200) -> None:
+        """A success: `data` as given (a real null included), or `""` when the route has
+        nothing to return (the original's answer there)."""
+        self.send_envelope(0, "", data, status=status)
+
+    def send_envelope(self, code: int, message: str, data: Any, *, status: int = 200) -> None:
+        """Finish the request with the Nano envelope: every JSON reply goes through here."""
+        if code:
+            self._error_code = code
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps(envelope))
+        self.finish(envelope(code, message, data))
 
     def audit(self, text: str) -> None:
         """What this change did, for the log (never a secret)."""
@@ -231,11 +247,8 @@ class NanoHandler(tornado.web.RequestHandler):
                 message = exc.log_message or exc.reason or "bad request"
         else:
             code, message = 500, "internal error: see the nanod log"
-        self._error_code = code
         # The original answers HTTP 200 for errors; its portal switches on error_code.
-        self.set_status(200)
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps({"error_code": code, "message": message, "data": None}))
+        self.send_envelope(code, message, None)
 
     def log_path(self) -> str:
         """The request path as logs may show it; routes whose path carries a secret (a

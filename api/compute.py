@@ -182,11 +182,10 @@ class CellStoragesHandler(NanoHandler):
 
 class InstanceStatusHandler(NanoHandler):
     def get(self, pool: str, cell: str | None = None) -> None:
-        guests = getattr(self.store, "instance_statuses", None)
         self.store.pool(pool)
         if cell is not None:
             self.store.cell_stats(pool, cell)  # 404 when the cell is not in the pool
-        self.reply(guests(self.session, pool=pool, cell=cell) if guests else [])
+        self.reply(self.store.instance_statuses(self.session, pool=pool, cell=cell))
 
 
 class CellsHandler(NanoHandler):

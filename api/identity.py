@@ -1,6 +1,7 @@
 """Routes of the seed's "FrontEnd Management" group plus the omitted ones: system init,
 sessions, roles, user groups and members, users, passwords, user search, resource
-visibility and logs. Semantics: ../shared/api/COMPATIBILITY.md, "Identity and access".
+visibility and logs; plus the extension `GET /session_details/` (live sessions with user,
+address and expiry). Semantics: ../shared/api/COMPATIBILITY.md, "Identity and access".
 """
 
 from __future__ import annotations
@@ -73,11 +74,23 @@ class SessionsHandler(NanoHandler):
         })
 
     def get(self) -> None:
-        self.reply(self.store.list_sessions())
+        # As the original: the ids of the live sessions, as strings. Ours are public
+        # handles, never the bearer tokens; GET /session_details/ gives who and from where.
+        self.reply([item["id"] for item in self.store.list_sessions()])
 
     @property
     def user(self) -> str:
         return getattr(self, "_login_user", "") or super().user
+
+
+class SessionDetailsHandler(NanoHandler):
+    """Extension: the live sessions with their user, address and expiry (GET /sessions/
+    keeps the original's shape, a list of ids)."""
+
+    read_menu = "user"
+
+    def get(self) -> None:
+        self.reply(self.store.list_sessions())
 
 
 class SessionHandler(NanoHandler):
@@ -322,6 +335,7 @@ ROUTES = [
     (r"/system", SystemHandler),
     (r"/sessions", SessionsHandler),
     (r"/sessions/([^/]+)", SessionHandler),
+    (r"/session_details", SessionDetailsHandler),
     (r"/roles", RolesHandler),
     (r"/roles/([^/]+)", RoleHandler),
     (r"/user_groups", GroupsHandler),

@@ -265,8 +265,12 @@ class ImagesHandler(ImageRoute):
 class ImageHandler(ImageRoute):
     def get(self, image_id: str) -> None:
         data = self.store.image(self.kind, image_id, self.caller)
-        # Contract: a disk image answers 202 while it is not created yet, 200 once it is.
-        self.reply(data, status=202 if self.kind is DISK and not data["created"] else 200)
+        # Contract: a disk image answers 202 while work on its first file is under way (a
+        # clone from a guest, pending or retried, or an upload being received), 200
+        # otherwise: an empty image nobody works on is 200 with created false.
+        working = self.kind is DISK and not data["created"] and (
+            self.store.clone_job(image_id) is not None or image_id in shared(self).uploading)
+        self.reply(data, status=202 if working else 200)
 
     def put(self, image_id: str) -> None:
         name = self.store.modify_image(self.kind, image_id, self.body("image_modify"),
@@ -738,11 +742,8 @@ class ImageFileHandler(ImageRoute):
         self.finish()
 
     def _unsatisfiable(self, size: int, message: str) -> None:
-        self.set_status(416)
         self.set_header("Content-Range", f"bytes */{size}")
-        self._error_code = 400
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish({"error_code": 400, "message": message, "data": None})
+        self.send_envelope(400, message, None, status=416)
 
 
 def _open_read(path: str) -> int:

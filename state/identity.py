@@ -498,9 +498,15 @@ class IdentityStore:
     # -- logs ------------------------------------------------------------------------------
 
     _log_lock = threading.Lock()
+    _last_log_id = ""  # the newest id this store gave out (set per instance)
 
     def add_log(self, content: str, *, user: str = "", address: str = "", resource: str = "") -> str:
-        """Append an entry; ids are YYYYMMDDHHMMSS + a 3-digit counter within that second."""
+        """Append an entry; ids are YYYYMMDDHHMMSS + a 3-digit counter within that second.
+
+        An id is never given out twice by this store: the counter goes on from the newest
+        id it gave out as well as from the newest one stored, because the newest entries
+        of a second may have been deleted (DELETE /logs/) and the next entry must not
+        take their ids (a client would see the deleted id listed again)."""
         with self._log_lock, db.atomic():
             stamp = now()
             while True:
@@ -511,7 +517,9 @@ class IdentityStore:
                     .order_by(LogEntry.id.desc())
                     .first()
                 )
-                counter = int(last.id[14:]) + 1 if last else 0
+                highest = max(last.id if last else "",
+                              self._last_log_id if self._last_log_id.startswith(prefix) else "")
+                counter = int(highest[14:]) + 1 if highest else 0
                 if counter <= 999:
                     break
                 stamp += dt.timedelta(seconds=1)  # a full second: borrow the next one
@@ -520,6 +528,7 @@ class IdentityStore:
                 id=entry_id, time=stamp, content=content, user=user, address=address,
                 resource=resource,
             )
+            self._last_log_id = entry_id
         return entry_id
 
     def query_logs(

@@ -175,7 +175,7 @@ async def test_storage_pools_and_refusals(api, tmp_path):
     relative = await api.call("POST", "/storage_pools/c2", {"type": "dir", "target": "x/y"})
     assert relative.code == 400 and "absolute" in relative.message
 
-    await api.ok("POST", "/compute_pools/shared", {"storage": "nfs1", "failover": True})
+    await api.ok("POST", "/compute_pools/shared", {"storage": "nfs1"})
     in_use = await api.call("PUT", "/storage_pools/nfs1", {**body, "host": "other"})
     assert in_use.code == 409 and "shared" in in_use.message
     assert (await api.call("DELETE", "/storage_pools/nfs1")).code == 409

@@ -163,9 +163,12 @@ async def test_disk_image_statuses_follow_the_contract(api, tmp_path):
     reply = await api.call("POST", "/disk_images/", {"name": "empty", "tags": ["a"]})
     assert reply.status == 200 and reply.code == 0 and set(reply.data) == {"id"}
     image_id = reply.data["id"]
-    pending = await api.call("GET", f"/disk_images/{image_id}")
-    assert pending.status == 202 and pending.data["created"] is False
-    assert pending.data["progress"] == 0
+    # an empty disk image nobody works on: 200 with created false (202 is for work under
+    # way: a clone from a guest, an upload being received)
+    empty = await api.call("GET", f"/disk_images/{image_id}")
+    assert empty.status == 200 and empty.code == 0 and empty.data["created"] is False
+    assert empty.data["progress"] == 0
+    assert [i["created"] for i in await api.ok("GET", "/disk_images/")] == [False]
     await api.ok("POST", "/disk_images/", {"name": "empty2"})
     qcow = make_qcow2(tmp_path)
     assert (await upload(api, "disk", image_id, qcow)).code == 0
@@ -225,6 +228,19 @@ async def test_clone_from_guest_needs_a_created_stopped_guest(api):
     running = await api.call("POST", "/disk_images/", {"name": "c1", "guest": "g-1"})
     assert running.code == 409 and "stop it" in running.message
     assert await api.ok("GET", "/disk_image_search/") == []
+
+    # stopped: the clone is accepted, and its image answers 202 while the clone is
+    # pending (no reconciler runs here, so it stays pending), beside an empty image's 200
+    Guest.update(observed={"created": True, "running": False}).where(
+        Guest.id == "g-1").execute()
+    cloning = await api.call("POST", "/disk_images/", {"name": "c1", "guest": "g-1"})
+    assert cloning.status == 202 and cloning.code == 0, cloning.message
+    pending = await api.call("GET", f"/disk_images/{cloning.data['id']}")
+    assert pending.status == 202 and pending.code == 0
+    assert pending.data["created"] is False and pending.data["progress"] == 0
+    empty_id = (await api.ok("POST", "/disk_images/", {"name": "e1"}))["id"]
+    empty = await api.call("GET", f"/disk_images/{empty_id}")
+    assert empty.status == 200 and empty.data["created"] is False
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -218,8 +218,10 @@ async def test_progress_of_a_first_upload_and_reset_when_cut_off(api, server, se
     stream.close()
     await eventually(lambda: temp_files(settings) == [])
     await eventually(lambda: not server.ctx.extras["images"].uploading)
+    # the upload is over: an empty image again, 200 with created false
     reply = await api.call("GET", f"/disk_images/{image_id}")
-    assert reply.status == 202 and reply.data["progress"] == 0 and reply.data["size"] == 0
+    assert reply.status == 200 and reply.data["created"] is False
+    assert reply.data["progress"] == 0 and reply.data["size"] == 0
 
 
 # -- size limit ----------------------------------------------------------------------------------

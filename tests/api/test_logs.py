@@ -163,3 +163,21 @@ async def test_delete_log_entries(api):
                         ({"entries": [1]}, "entries.0: must be of type string")]:
         reply = await api.call("DELETE", "/logs/", body)
         assert reply.code == 400 and words in reply.message, (body, reply.message)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_deleted_entries_stay_gone_even_the_newest(api):
+    """Ids are never reused: deleting the newest entries of a second used to hand their
+    ids to the next entries (the counter restarted from the highest id left), so a
+    deleted id was listed again, now carrying another entry (the deletion's own audit)."""
+    for n in range(3):
+        await api.ok("POST", "/logs/", {"content": f"entry {n}"})
+    before = (await logs(api))["logs"]
+    doomed = [e["id"] for e in before]  # every entry listed, the newest included
+    reply = await api.call("DELETE", "/logs/", {"entries": doomed})
+    assert (reply.code, reply.message, reply.data) == (0, "", "")
+    await api.ok("POST", "/logs/", {"content": "after"})
+    after = (await logs(api))["logs"]
+    assert [e["content"] for e in after] == ["after", f"admin deleted {len(doomed)} log entries"]
+    assert not set(doomed) & {e["id"] for e in after}, (doomed, after)
+    assert all(e["id"] > max(doomed) for e in after)

@@ -22,7 +22,7 @@ async def test_role_lifecycle(api):
     assert await api.ok("GET", "/roles/super") == {"menu": list(MENU_TAGS)}
 
     reply = await api.call("POST", "/roles/auditor", {"menu": ["log", "dashboard"]})
-    assert (reply.code, reply.message, reply.data) == (0, "", None)
+    assert (reply.code, reply.message, reply.data) == (0, "", "")  # data "": nothing to return
     await api.ok("POST", "/roles/maintainer/", {"menu": []})  # trailing slash, empty menu
     assert await api.ok("GET", "/roles/") == ["auditor", "maintainer", "super"]
     assert await api.ok("GET", "/roles/auditor") == {"menu": ["log", "dashboard"]}
@@ -91,7 +91,7 @@ async def test_user_group_lifecycle(api):
     await api.ok("POST", "/roles/auditor", {"menu": ["log"]})
     reply = await api.call("POST", "/user_groups/audit", {"display": "Group of Auditors",
                                                           "role": ["auditor", "auditor"]})
-    assert (reply.code, reply.message, reply.data) == (0, "", None)
+    assert (reply.code, reply.message, reply.data) == (0, "", "")  # data "": nothing to return
     await api.ok("POST", "/user_groups/empty/", {"display": ""})  # roles are optional
 
     assert await api.ok("GET", "/user_groups/audit") == {

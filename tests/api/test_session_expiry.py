@@ -33,7 +33,8 @@ async def test_sessions_expire_after_the_configured_timeout_unless_kept_alive(ap
     assert (await api.ok("GET", "/roles/", session=kept)) == ["super"]
     expired = await api.call("GET", "/roles/", session=idle)
     assert expired.code == 401 and "expired" in expired.message
-    live = await api.ok("GET", "/sessions/", session=kept)
+    assert len(await api.ok("GET", "/sessions/", session=kept)) == 1
+    live = await api.ok("GET", "/session_details/", session=kept)
     assert len(live) == 1 and live[0]["user"] == ADMIN
 
     await asyncio.sleep(1.1 * TIMEOUT)

@@ -255,20 +255,30 @@ async def test_sessions_of_others_are_private_to_non_administrators(api):
     theirs = await api.ok("GET", f"/sessions/{bob}")
     assert theirs["user"] == "bob"
     await api.ok("PUT", f"/sessions/{bob}")
-    live = await api.ok("GET", "/sessions/")
+    # GET /sessions/ is the original's list of session ids (strings); who holds each
+    # one is on the extension GET /session_details/, in the same order
+    ids = await api.ok("GET", "/sessions/")
+    live = await api.ok("GET", "/session_details/")
+    assert len(ids) == 2 and all(isinstance(i, str) and i for i in ids)
+    assert [s["id"] for s in live] == ids
     assert sorted(s["user"] for s in live) == ["admin", "bob"]
     assert all(set(s) == {"id", "user", "address", "expire"} for s in live)
-    # the listing never shows the bearer tokens themselves
-    assert not {s["id"] for s in live} & {bob, api.session}
+    assert all(s["address"] == "127.0.0.1" and len(s["expire"]) == 19 for s in live)
+    # neither listing shows the bearer tokens themselves
+    assert not set(ids) & {bob, api.session}
+    details = await api.call("GET", "/session_details/", session=bob)
+    assert details.code == 403 and "do not grant 'user'" in details.message
 
     # removing a user from its group ends its sessions
     await api.ok("DELETE", "/user_groups/bob_group/members/bob")
     assert (await api.call("GET", "/roles/", session=bob)).code == 401
-    assert [s["user"] for s in await api.ok("GET", "/sessions/")] == [ADMIN]
+    assert [s["user"] for s in await api.ok("GET", "/session_details/")] == [ADMIN]
+    assert len(await api.ok("GET", "/sessions/")) == 1
 
 
 PROTECTED = [
     ("GET", "/sessions/"),
+    ("GET", "/session_details/"),
     ("GET", "/sessions/0123"),
     ("PUT", "/sessions/0123"),
     ("GET", "/roles/"),

@@ -20,7 +20,7 @@ async def test_user_lifecycle(api):
     assert await api.ok("GET", "/users/") == [ADMIN]  # an array of names
     reply = await api.call("POST", "/users/akumas", {"nick": "AK", "mail": "a@b.com",
                                                      "password": PASSWORD})
-    assert (reply.code, reply.message, reply.data) == (0, "", None)
+    assert (reply.code, reply.message, reply.data) == (0, "", "")  # data "": nothing to return
     await api.ok("POST", "/users/nano.user_1-x/", {"password": PASSWORD})  # every allowed char
     assert await api.ok("GET", "/users/") == [ADMIN, "akumas", "nano.user_1-x"]
     assert await api.ok("GET", "/users/akumas") == {"nick": "AK", "mail": "a@b.com"}

@@ -163,7 +163,7 @@ async def test_shared_directory_pool_between_two_cells(api, tmp_path, libvirt_po
     keeps its disk there, where either cell finds it."""
     shared = qemu_dir / "shared"
     await api.ok("POST", "/storage_pools/dirshare", {"type": "dir", "target": str(shared)})
-    await api.ok("POST", "/compute_pools/sp", {"storage": "dirshare", "failover": True})
+    await api.ok("POST", "/compute_pools/sp", {"storage": "dirshare"})
     for name in ("x1", "x2"):
         await api.ok("POST", f"/cells/{name}", {"libvirt_uri": "qemu:///system",
                                                 "virt_type": "qemu",
