@@ -35,7 +35,27 @@ STATE_NAMES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
+SHUTOFF_REASONS = {
+    libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN: "unknown",
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",      # the guest powered itself off
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_SHUTOFF_SAVED: "saved",
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",
+    libvirt.VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT: "from_snapshot",
+    libvirt.VIR_DOMAIN_SHUTOFF_DAEMON: "daemon",
+}
+"""libvirt's reason for a stopped domain, as the guest planner reads it."""
 OWNED_PREFIX = "nano-"
+# Undefine flags, strongest first: drivers without NVRAM (libvirt's test driver) refuse the
+# flag as unsupported, so undefine falls back to the next set.
+_UNDEFINE_FLAGS = (
+    libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM,
+    libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE,
+    0,
+)
 
 
 def _owned(name: str) -> None:
@@ -111,6 +131,16 @@ class LibvirtGuests:
             return None
         return STATE_NAMES.get(st, "nostate")
 
+    def power(self, name: str) -> tuple[str, str] | None:
+        """(state, reason) of a domain, e.g. ("stopped", "destroyed"), or None when it
+        does not exist. The reason is given for stopped domains only ("" otherwise)."""
+        try:
+            st, reason = self._call(f"state of {name}", lambda c: self._dom(c, name).state())
+        except NotFound:
+            return None
+        text = SHUTOFF_REASONS.get(reason, "unknown") if st == libvirt.VIR_DOMAIN_SHUTOFF else ""
+        return STATE_NAMES.get(st, "nostate"), text
+
     def define(self, xml: str) -> None:
         name = ET.fromstring(xml).findtext("name") or ""
         _owned(name)
@@ -123,10 +153,15 @@ class LibvirtGuests:
             dom = self._dom(conn, name)
             if dom.isActive():
                 dom.destroy()
-            flags = (libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                     | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                     | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-            dom.undefineFlags(flags)
+            for flags in _UNDEFINE_FLAGS:
+                try:
+                    dom.undefineFlags(flags) if flags else dom.undefine()
+                    return
+                except libvirt.libvirtError as exc:
+                    unsupported = exc.get_error_code() in (libvirt.VIR_ERR_INVALID_ARG,
+                                                           libvirt.VIR_ERR_NO_SUPPORT)
+                    if not unsupported or not flags:
+                        raise
 
         with contextlib.suppress(NotFound):
             self._call(f"undefine domain {name}", go)

@@ -90,6 +90,14 @@ def write_test_cell(
             f"<memory unit='KiB'>{domain_memory_kib}</memory><vcpu>{domain_vcpus}</vcpu>"
             f"<os><type>hvm</type></os>{runstate}</domain>"
         )
+    # libvirt's NAT network `default`, as a freshly installed host has it (guests of pools
+    # without an address pool attach to it)
+    parts.append(
+        "  <network><name>default</name><uuid>"
+        f"{uuid.uuid5(_IDS, f'{target}#network-default')}</uuid>"
+        "<forward mode='nat'/><bridge name='virbr0'/>"
+        "<ip address='192.168.122.1' netmask='255.255.255.0'/></network>"
+    )
     parts.append("</node>\n")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n".join(parts))
