@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from reconciler.contract import Action, Key, Verb
+from reconciler.contract import Action, Effect, Key, Verb
 from reconciler.guest_xml import Change, DomainSpec, ObservedDomainSpec, diff_domain
 
 
@@ -56,15 +56,6 @@ class Do(StrEnum):
     SET_PASSWORD = "set_password"      # through the guest agent
     RECORD = "record"                  # a request found already satisfied: remember it
     UNDEFINE = "undefine"              # delete the domain and the guest's volumes
-
-
-class Effect(StrEnum):
-    """How an action or a pending change touches the running guest (the CLI's classes)."""
-
-    LIVE = "live"
-    RESTART = "needs restart"
-    REPLACE = "replaces"
-    DESTRUCTIVE = "destructive"
 
 
 _EFFECT_ORDER = (Effect.LIVE, Effect.RESTART, Effect.REPLACE, Effect.DESTRUCTIVE)
@@ -431,9 +422,11 @@ class _Planner:
         if not work:
             return
         if self.o.running:
-            self.hold(HoldReason.WAITING_FOR_STOP,
-                      "done once the guest is stopped: " + "; ".join(w[3] for w in work),
-                      work[0][2])
+            for fld in dict.fromkeys(w[2] for w in work):
+                mine = [w for w in work if w[2] == fld]
+                self.hold(HoldReason.WAITING_FOR_STOP,
+                          "done once the guest is stopped: " + "; ".join(w[3] for w in mine),
+                          fld, max((w[1] for w in mine), key=_EFFECT_ORDER.index))
             return
         for do, effect, fld, reason, args in work:
             self.add(do, effect, fld, reason, **args)
@@ -494,11 +487,11 @@ class _Planner:
             shown = [c for c in changes if c.field not in _METADATA]
             if self.w.converged_before and shown:
                 self.drift.append("definition changed on the cell: " + _describe(shown))
-            fields = sorted({api_field(c.field) for c in changes})
+            fields = tuple(sorted({api_field(c.field) for c in changes}))
             self.add(Do.DEFINE, Effect.LIVE, fields[0] if len(fields) == 1 else "definition",
                      "update the persistent definition: " + _describe(changes),
                      {c.field: c.before for c in changes}, {c.field: c.after for c in changes},
-                     spec=self.w.config, first=False)
+                     spec=self.w.config, first=False, fields=fields)
         if bool(self.o.autostart) != bool(self.spec.get("auto_start")):
             if self.w.converged_before:
                 self.drift.append("autostart was switched on the cell")
@@ -647,7 +640,8 @@ def field_effects(plan: GuestPlan) -> dict[str, tuple[Effect, str]]:
     """The strongest effect per API field of a plan, with the reasons: what `nanod apply
     --diff` shows for each changed field."""
     out: dict[str, tuple[Effect, str]] = {}
-    items = [(a.field, a.effect, a.reason) for a in plan.actions] + \
+    items = [(fld, a.effect, a.reason) for a in plan.actions
+             for fld in (a.args.get("fields") or (a.field,))] + \
             [(h.field, h.effect, h.message) for h in plan.holds if h.field]
     for fld, effect, reason in items:
         have = out.get(fld)
@@ -666,3 +660,84 @@ def ready_reason(plan: GuestPlan) -> tuple[bool, str, str]:
         rest = [h.message for h in plan.holds if h is not first]
         return False, str(first.reason), "; ".join([first.message, *rest])
     return False, "Converging", "still to do: " + "; ".join(a.describe() for a in plan.actions)
+
+
+# -- dry runs: how a proposed change of a guest would take effect ------------------------
+
+FIXED_AT_CREATION = ("owner", "group", "system", "template", "modules", "cloud_init",
+                     "security_policy_group", "network_address", "ethernet_address", "ports",
+                     "pool")
+"""Guest fields no API route changes: a different value means a new guest (replaced)."""
+
+CHANGEABLE = ("name", "cores", "memory", "disks", "auto_start", "qos", "from_image", "media",
+              "power", "snapshots")
+"""Fields a dry run applies to the stored spec the way the API's routes would."""
+
+
+def propose(spec: Mapping[str, Any], snapshots: tuple[Any, ...], changes: Mapping[str, Any],
+            ) -> tuple[dict[str, Any], list[tuple[str, str, bool]], dict[str, tuple[Effect,
+                                                                                   str]]]:
+    """The spec and snapshot list the API would store for `changes` (API field -> new
+    value; image ids, not names), and the fields whose effect is known without planning
+    (fixed at creation, or refused). Pure; raises ValueError naming a field it cannot
+    take."""
+    new = {k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.items()}
+    snaps = [(s.name, s.description, s.deleting) for s in snapshots]
+    known: dict[str, tuple[Effect, str]] = {}
+    for fld, value in changes.items():
+        if fld in FIXED_AT_CREATION:
+            known[fld] = (Effect.REPLACE, "fixed at creation: the guest is deleted and "
+                                          "created again")
+        elif fld not in CHANGEABLE:
+            raise ValueError(f"{fld}: not a guest field a plan can change; fields: "
+                             f"{', '.join(CHANGEABLE + FIXED_AT_CREATION)}")
+        elif fld == "cores":
+            new["cores"] = int(value)
+            new["immediate"] = {**new["immediate"], "cores": False}
+        elif fld == "memory":
+            new["memory"] = int(value)
+            new["immediate"] = {**new["immediate"], "memory": False}
+        elif fld == "disks":
+            old, want = list(spec["disks"]), [int(v) for v in value]
+            if len(old) != len(want):
+                known[fld] = (Effect.REPLACE, "the number of disks is fixed at creation")
+            elif any(n < o for o, n in zip(old, want, strict=True)):
+                known[fld] = (Effect.DESTRUCTIVE, "disk shrink: disks only grow (the API "
+                                                  "compacts disk files, it cannot shrink them)")
+            else:
+                new["disks"] = want
+                new["immediate"] = {**new["immediate"], "disks": {}}
+        elif fld == "auto_start":
+            new["auto_start"] = bool(value)
+        elif fld == "qos":
+            new["qos"] = {**spec["qos"], **dict(value)}
+        elif fld == "from_image":
+            if value and value != spec.get("from_image"):
+                generation = int((spec.get("system_reset") or {}).get("generation", 0)) + 1
+                new["system_reset"] = {"from_image": value, "generation": generation}
+                new["from_image"] = value
+        elif fld == "media":
+            new["media"] = value or ""
+        elif fld == "power":
+            new["power"] = value
+            new["power_request"] = int(spec.get("power_request", 0) or 0) + 1
+            new["stop_mode"], new["stop_escalate"] = "shutdown", True
+        elif fld == "snapshots":
+            wanted = list(value or [])
+            snaps = [(n, d, deleting or n not in wanted) for n, d, deleting in snaps]
+            snaps += [(n, "", False) for n in wanted if n not in {s[0] for s in snaps}]
+        elif fld == "name":
+            known[fld] = (Effect.LIVE, "renamed in nano; libvirt names do not change")
+    return new, snaps, known
+
+
+def dry_run_fields(plan: GuestPlan, known: Mapping[str, tuple[Effect, str]],
+                   changes: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """{field: {effect, reason}} for every changed field: from the plan of the proposed
+    spec against the current one (the reconciler's own knowledge), or known up front."""
+    effects = field_effects(plan)
+    out: dict[str, dict[str, str]] = {}
+    for fld in changes:
+        effect, reason = known.get(fld) or effects.get(fld) or (Effect.LIVE, "no change needed")
+        out[fld] = {"effect": str(effect), "reason": reason}
+    return out

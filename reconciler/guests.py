@@ -13,10 +13,11 @@ the planner's input and is pure too, so a dry run (`dry_run_fields`) needs no ce
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,9 @@ from reconciler.guest_plan import (
     HoldReason,
     ObservedGuest,
     VolumeWant,
+    dry_run_fields,
     plan_guest,
+    propose,
     ready_reason,
 )
 from reconciler.guest_xml import (
@@ -61,7 +64,8 @@ from reconciler.guest_xml import (
     render_graphics_xml,
 )
 from state.compute import CellSpec
-from state.errors import NanoError, NotFound, Permanent, Unavailable
+from state.errors import Invalid, NanoError, NotFound, Permanent, Unavailable
+from state.guests import SnapshotDesired
 
 log = logging.getLogger("nano.reconciler.guests")
 
@@ -862,3 +866,65 @@ class GuestReconciler:
         self.store.record_guest_observed(
             desired.id, phase=None if created else "failed", last_error=exc.message,
             conditions=conditions)
+
+
+def dry_run(store: Any, guest_id: str, changes: Mapping[str, Any], *, max_cores: int,
+            stop_grace_seconds: float = 60.0) -> dict[str, Any]:
+    """How `changes` (API field -> value, as `POST /guests/{id}/plan` takes them) would take
+    effect on the guest: the guest planner run on the proposed spec against the current one
+    as the cell holds it once converged. Reads the store only; no cell is contacted.
+    Returns {fields: {field: {effect, reason}}, actions: [...], holds: [...]}."""
+    desired = store.guest_desired(guest_id)
+    if desired is None:
+        raise NotFound(f"no guest {guest_id!r}")
+    cell = store.cell_spec(desired.cell)
+    if cell is None:
+        raise NotFound(f"the cell {desired.cell!r} of guest {desired.name} is not registered")
+    place = placement_of(desired, cell)
+    try:
+        spec, snaps, known = propose(desired.spec, desired.snapshots, changes)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+    ids = {spec.get("media"), spec.get("from_image"), desired.spec.get("media"),
+           desired.spec.get("from_image"), (spec.get("system_reset") or {}).get("from_image"),
+           (desired.spec.get("boot_once") or {}).get("source")}
+    images = {i: store.image_source(i) for i in ids if i}
+
+    def want_of(guest: Any) -> tuple[GuestWant, list[ImageNeed]]:
+        return guest_want(guest, place, max_cores=max_cores, images=images,
+                          paths=lambda v: f"/{place.pool}/{v}", now=time.time(),
+                          stop_grace_seconds=stop_grace_seconds)
+
+    current, needs = want_of(desired)
+    running = bool(desired.observed.get("running"))
+    config = parse_domain_xml(render_domain_xml(current.config))
+    live = dataclasses.replace(parse_domain_xml(render_domain_xml(current.running_spec)),
+                               domain_id=1) if running else None
+    volumes = {v.name: v.size for v in current.volumes}
+    if "cloud-init" in desired.spec.get("modules", []):
+        volumes[current.seed_volume] = 0
+    observed = ObservedGuest(
+        defined=bool(desired.observed.get("created")), state="running" if running
+        else "stopped", state_reason="" if running else "shutdown", config=config, live=live,
+        volumes=volumes, images=frozenset(n.volume for n in needs),
+        snapshots=frozenset(s.name for s in desired.snapshots if not s.deleting),
+        autostart=bool(desired.spec.get("auto_start")), network=(True, True, ""),
+        caps=cell_caps(cell))
+    by_name = {s.name: s for s in desired.snapshots}
+    proposed = dataclasses.replace(
+        desired, spec=spec, generation=desired.generation + 1,
+        snapshots=tuple(dataclasses.replace(by_name[n], deleting=d) if n in by_name else
+                        SnapshotDesired(n, "", desc, d, 1, "creating", "")
+                        for n, desc, d in snaps))
+    try:
+        want, _ = want_of(proposed)
+    except Permanent as exc:
+        raise Invalid(exc.message) from None
+    plan = plan_guest(want, observed)
+    return {
+        "fields": dry_run_fields(plan, known, changes),
+        "actions": [{"do": str(a.do), "effect": str(a.effect), "field": a.field,
+                     "reason": a.reason} for a in plan.actions],
+        "holds": [{"reason": str(h.reason), "field": h.field, "effect": str(h.effect),
+                   "message": h.message} for h in plan.holds],
+    }
