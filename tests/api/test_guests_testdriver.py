@@ -131,3 +131,24 @@ async def _later(seconds: float) -> bool:
 
     await asyncio.sleep(seconds)
     return True
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_clone_from_a_test_driver_cell_fails_at_once(api, tmp_path):
+    await sim_pool(api, tmp_path)
+    gid = (await api.ok("POST", "/guests/", small("sim-src")))["id"]
+    await ready(api, gid, running=False)
+    image = (await api.ok("POST", "/disk_images/", {"name": "sim-copy", "guest": gid}))["id"]
+
+    async def failed():
+        for item in await api.ok("GET", "/resource_status/"):
+            if item["id"] == image and item["phase"] == "failed":
+                return item
+        return None
+    item = await until(failed, timeout=20, what="the clone refused")
+    cond = condition(item, "Ready")
+    assert (cond["status"], cond["reason"]) == (False, "CloneFailed")
+    assert "cannot stream volumes" in cond["message"]
+    await _later(2.5)  # not tried again
+    again = [i for i in await api.ok("GET", "/resource_status/") if i["id"] == image][0]
+    assert again["conditions"] == item["conditions"]
