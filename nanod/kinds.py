@@ -800,7 +800,9 @@ class GuestKind(IdKind):
                 value = ident
             body[name] = "" if name == "media" and value is None else value
         planned = client.ok("POST", f"/guests/{p(found.id)}/plan", body) if body else {}
-        out = {name: (Effect(item["effect"]), item["reason"])
+        # a live change needs no explanation in a diff; the others say why
+        out = {name: (Effect(item["effect"]),
+                      "" if item["effect"] == Effect.LIVE else item["reason"])
                for name, item in (planned.get("fields") or {}).items()}
         return {**out, **later}
 

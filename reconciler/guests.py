@@ -62,6 +62,7 @@ from reconciler.guest_xml import (
     render_cdrom_xml,
     render_domain_xml,
     render_graphics_xml,
+    serial_log_path,
 )
 from state.compute import CellSpec
 from state.errors import Invalid, NanoError, NotFound, Permanent, Unavailable
@@ -329,8 +330,8 @@ class GuestReconciler:
                     "failed_generation": desired.generation})
                 return Result(note=f"failed: {exc.message}")
             raise  # an existing guest: retried with backoff, the reason in its status
-        conditions = self._conditions(desired, conditions, plan, final, outcome, observed,
-                                      link)
+        conditions = self._conditions(desired, conditions, plan, final, outcome, observed)
+        conditions = self._sign_of_life(desired, observed, link, drv, conditions)
         self._record(desired, observed, final, conditions, drv, cell)
         return Result(requeue_after=self._requeue(final, outcome),
                       actions=tuple(a.action(desired.id) for a in plan.actions))
@@ -698,7 +699,7 @@ class GuestReconciler:
 
     def _conditions(self, desired: Any, conditions: list[dict], first: GuestPlan,
                     final: GuestPlan, outcome: dict[str, Any], observed: ObservedGuest,
-                    link: Any) -> list[dict]:
+                    ) -> list[dict]:
         """Every condition from the final plan (made from the last observation) and from
         what this pass found drifted."""
         now = now_text()
@@ -728,6 +729,52 @@ class GuestReconciler:
                                        "the new password is set by the guest agent once the "
                                        "guest runs", now)
         return conditions
+
+    def _sign_of_life(self, desired: Any, observed: ObservedGuest, link: Any, drv: Any,
+                      conditions: list[dict]) -> list[dict]:
+        """GuestActive: has the running guest shown any sign of executing code since it
+        started (bytes on its serial console, or its agent answering)? Looked for once per
+        start: a domain that runs but executes nothing (KVM that runs no guest code) looks
+        like any other running domain to libvirt."""
+        now = now_text()
+        if not observed.running or observed.live is None:
+            return set_condition(conditions, "GuestActive", False, "NotRunning",
+                                 "the guest is not running", now)
+        rec = desired.observed
+        boot = observed.live.domain_id
+        if rec.get("life_boot") == boot and rec.get("life_seen"):
+            return conditions
+        since = float(rec.get("running_since") or 0) if rec.get("life_boot") == boot else 0.0
+        since = since or time.time()
+        name = domain_name(desired.id)
+        printed = self._console_bytes(link, desired.id)
+        answers = drv.agent_answers(name) if not printed else False
+        seen = bool(printed) or answers
+        self.store.record_guest_observed(desired.id, observed={
+            "life_boot": boot, "running_since": since, "life_seen": seen})
+        if seen:
+            how = (f"{printed} bytes on its serial console" if printed
+                   else "its guest agent answers")
+            return set_condition(conditions, "GuestActive", True,
+                                 "ConsoleOutput" if printed else "AgentAnswers", how, now)
+        waited = int(time.time() - since)
+        if waited < self.sign_of_life_seconds:
+            return set_condition(conditions, "GuestActive", False, "Booting",
+                                 f"running for {waited} s; no serial console output and no "
+                                 "guest agent yet", now)
+        return set_condition(
+            conditions, "GuestActive", False, "NoSignOfLife",
+            f"running for {waited} s without a byte on its serial console or an answer from "
+            "its guest agent. Normal for a system that uses neither; otherwise the guest "
+            "may not execute at all (e.g. a cell where KVM runs no guest code: use "
+            "virt_type qemu on it)", now)
+
+    def _console_bytes(self, link: Any, guest_id: str) -> int:
+        """Bytes the guest printed on its serial console since it started (0 when the log
+        is missing: a domain defined before logs were kept, a simulated cell)."""
+        result = link.shell.run(["stat", "-c", "%s", serial_log_path(guest_id)], timeout=15)
+        text = result.stdout.strip()
+        return int(text) if result.rc == 0 and text.isdigit() else 0
 
     def _drift(self, desired: Any, conditions: list[dict], first: GuestPlan,
                final: GuestPlan, now: str) -> list[dict]:

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import libvirt
+import libvirt_qemu
 
 from reconciler.drivers.libvirt_hv import NAMESPACE, LibvirtHypervisor
-from state.errors import Conflict, Invalid, NotFound
+from state.errors import Conflict, Invalid, NanoError, NotFound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -260,6 +261,18 @@ class LibvirtGuests:
         return self._call("domain statistics", read)
 
     # -- guest agent ------------------------------------------------------------------------
+
+    def agent_answers(self, name: str) -> bool:
+        """Whether the guest agent of a running domain answers a ping (within 2 s)."""
+        def ping(conn: libvirt.virConnect) -> bool:
+            libvirt_qemu.qemuAgentCommand(self._dom(conn, name), '{"execute": "guest-ping"}',
+                                          2, 0)
+            return True
+
+        try:
+            return self._call(f"ping the guest agent of {name}", ping)
+        except NanoError:  # not connected, not answering, or a driver without agents
+            return False
 
     def set_user_password(self, name: str, user: str, password: str) -> None:
         """Through qemu-guest-agent; raises Unavailable when no agent answers."""

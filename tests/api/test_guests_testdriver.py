@@ -152,3 +152,35 @@ async def test_a_clone_from_a_test_driver_cell_fails_at_once(api, tmp_path):
     await _later(2.5)  # not tried again
     again = [i for i in await api.ok("GET", "/resource_status/") if i["id"] == image][0]
     assert again["conditions"] == item["conditions"]
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_guest_waiting_on_its_network_says_so_and_so_does_its_cell(api, tmp_path):
+    await register(api, tmp_path, "sim-nonet", cpus=8, memory_gib=16, default_network=False)
+    await api.ok("POST", "/compute_pools/simp", {"storage": "", "network": "",
+                                                  "failover": False})
+    await api.ok("POST", "/compute_pool_cells/simp/sim-nonet", None)
+
+    async def cell_not_ready():
+        for item in await api.ok("GET", "/resource_status/"):
+            if item["kind"] == "Cell" and item["name"] == "sim-nonet":
+                cond = condition(item, "Ready")
+                return cond if cond and cond["reason"] == "NetworkNotReady" else None
+        return None
+    cond = await until(cell_not_ready, timeout=20, what="cell not Ready for its network")
+    assert cond["status"] is False and "default network is not defined" in cond["message"]
+
+    gid = (await api.ok("POST", "/guests/", small("sim-wait")))["id"]
+
+    async def created():
+        return (await api.call("GET", f"/guests/{gid}")).status == 200
+    await until(created, timeout=20, what="guest created (a domain needs no network)")
+    await api.ok("POST", f"/instances/{gid}", {})
+
+    async def waiting():
+        item = await status_of(api, gid)
+        cond = condition(item, "Ready") if item else None
+        return cond if cond and cond["reason"] == "NetworkNotReady" else None
+    cond = await until(waiting, timeout=20, what="guest waiting on its network")
+    assert "waiting for network default to start the guest" in cond["message"]
+    assert (await api.ok("GET", f"/instances/{gid}"))["running"] is False

@@ -33,7 +33,7 @@ MiB = 1 << 20
 def settings(settings):
     settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 5,
                               "probe_seconds": 1, "offline_after": 3,
-                              "guest_poll_seconds": 1}
+                              "guest_poll_seconds": 1, "sign_of_life_seconds": 8}
     return settings
 
 
@@ -184,3 +184,33 @@ async def test_network_speed_limits_need_the_sfq_qdisc(api, cell, system):  # no
         await instance(api, gid, True)
         assert "<inbound average='1024'" in system.lookupByName(f"nano-{gid}").XMLDesc(0)
     await api.ok("DELETE", f"/guests/{gid}", {"force": True})
+
+
+@pytest.mark.gen_test(timeout=300)
+async def test_guest_active_tells_a_guest_that_executes_from_one_that_shows_nothing(
+        api, cell, system, tmp_path):  # noqa: F811
+    image = boot_disk(tmp_path / "hello.qcow2", "NANO-HELLO", power_off=False)
+    data = image.read_bytes()
+    image_id = await create_image(api, "disk", "hello-sector")
+    reply = await upload(api, "disk", image_id, data, checksum=sha1(data),
+                         filename="hello.qcow2")
+    assert reply.code == 0, reply.message
+    body = guest_body("hello", modules=[], disks=[64 * MiB], from_image=image_id)
+    del body["cloud_init"]
+    hello = (await api.ok("POST", "/guests/", body))["id"]
+    await created(api, hello)
+    await api.ok("POST", f"/instances/{hello}", {})
+    silent = await blank_guest(api, "silent", running=True)  # SeaBIOS, no OS: prints nothing
+
+    async def active(gid, reason):
+        item = await status(api, gid)
+        found = cond(item, "GuestActive")
+        return found if found and found["reason"] == reason else None
+    found = await until(lambda: active(hello, "ConsoleOutput"), timeout=60,
+                        what="console output seen")
+    assert found["status"] is True and "bytes on its serial console" in found["message"]
+    found = await until(lambda: active(silent, "NoSignOfLife"), timeout=60,
+                        what="no sign of life reported")
+    assert found["status"] is False and "virt_type qemu" in found["message"]
+    for gid in (hello, silent):
+        await api.ok("DELETE", f"/guests/{gid}", {"force": True})
