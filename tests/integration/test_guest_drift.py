@@ -78,6 +78,23 @@ async def blank_guest(api, name, *, running):
     return gid
 
 
+async def boot_sector_guest(api, tmp_path, name, *, power_off):
+    """A guest whose system disk is a boot sector printing NANO-<NAME> (then powering off
+    or halting), uploaded as a disk image through the API; created and started."""
+    image = boot_disk(tmp_path / f"{name}.qcow2", f"NANO-{name.upper()}", power_off=power_off)
+    data = image.read_bytes()
+    image_id = await create_image(api, "disk", f"{name}-sector")
+    reply = await upload(api, "disk", image_id, data, checksum=sha1(data),
+                         filename=f"{name}.qcow2")
+    assert reply.code == 0, reply.message
+    body = guest_body(name, modules=[], disks=[64 * MiB], from_image=image_id)
+    del body["cloud_init"]
+    gid = (await api.ok("POST", "/guests/", body))["id"]
+    await created(api, gid)
+    await api.ok("POST", f"/instances/{gid}", {})
+    return gid
+
+
 async def logged(api, text):
     entries = await api.ok("GET", "/logs/?limit=100")
     return [e for e in entries["logs"] if text in e["content"]]
@@ -131,17 +148,7 @@ async def test_an_undefined_guest_is_defined_again(api, cell, system):  # noqa: 
 @pytest.mark.gen_test(timeout=300)
 async def test_a_guest_that_powers_itself_off_stays_off_and_says_so(api, cell, system,  # noqa: F811
                                                                     tmp_path):
-    image = boot_disk(tmp_path / "poweroff.qcow2", "NANO-POWEROFF", power_off=True)
-    data = image.read_bytes()
-    image_id = await create_image(api, "disk", "poweroff-sector")
-    reply = await upload(api, "disk", image_id, data, checksum=sha1(data),
-                         filename="poweroff.qcow2")
-    assert reply.code == 0, reply.message
-    body = guest_body("self-off", modules=[], disks=[64 * MiB], from_image=image_id)
-    del body["cloud_init"]
-    gid = (await api.ok("POST", "/guests/", body))["id"]
-    await created(api, gid)
-    await api.ok("POST", f"/instances/{gid}", {})
+    gid = await boot_sector_guest(api, tmp_path, "self-off", power_off=True)
 
     async def powered_off():
         item = await status(api, gid)
@@ -189,17 +196,7 @@ async def test_network_speed_limits_need_the_sfq_qdisc(api, cell, system):  # no
 @pytest.mark.gen_test(timeout=300)
 async def test_guest_active_tells_a_guest_that_executes_from_one_that_shows_nothing(
         api, cell, system, tmp_path):  # noqa: F811
-    image = boot_disk(tmp_path / "hello.qcow2", "NANO-HELLO", power_off=False)
-    data = image.read_bytes()
-    image_id = await create_image(api, "disk", "hello-sector")
-    reply = await upload(api, "disk", image_id, data, checksum=sha1(data),
-                         filename="hello.qcow2")
-    assert reply.code == 0, reply.message
-    body = guest_body("hello", modules=[], disks=[64 * MiB], from_image=image_id)
-    del body["cloud_init"]
-    hello = (await api.ok("POST", "/guests/", body))["id"]
-    await created(api, hello)
-    await api.ok("POST", f"/instances/{hello}", {})
+    hello = await boot_sector_guest(api, tmp_path, "hello", power_off=False)
     silent = await blank_guest(api, "silent", running=True)  # SeaBIOS, no OS: prints nothing
 
     async def active(gid, reason):
