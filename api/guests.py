@@ -73,6 +73,22 @@ class GuestHandler(GuestHandlerBase):
         self.reply()
 
 
+class PlanHandler(GuestHandlerBase):
+    """POST /guests/{id}/plan (extension): a dry run of the guest planner. The body names
+    the fields a change would set (API shape); the reply gives, per field, how it would
+    take effect (live, needs restart, replaces, destructive) and why, with the actions and
+    holds the reconciler would plan. Changes nothing, so it needs no menu tag; visibility
+    applies. `nanod apply --diff/--check` classify guest changes with it."""
+
+    menu = None
+
+    async def post(self, guest_id: str) -> None:
+        body = self.body("guest_plan")
+        self.store.guest_status(self.caller, guest_id)  # a guest the caller may not see: 404
+        self.quiet()
+        self.reply(await self.blocking(self.ctx.extras["plan_guest"], guest_id, body))
+
+
 class AutoStartHandler(GuestHandlerBase):
     def put(self, guest_id: str) -> None:
         enable = self.body("guest_auto_start")["enable"]
@@ -258,6 +274,7 @@ ROUTES = [
     (r"/search/guests", SearchGuestsHandler),
     (r"/guests", GuestsHandler),
     (r"/guests/([^/]+)", GuestHandler),
+    (r"/guests/([^/]+)/plan", PlanHandler),
     (r"/guests/([^/]+)/auto_start", AutoStartHandler),
     (r"/guests/([^/]+)/cores", CoresHandler),
     (r"/guests/([^/]+)/memory", MemoryHandler),

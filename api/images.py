@@ -266,7 +266,7 @@ class ImageHandler(ImageRoute):
     def get(self, image_id: str) -> None:
         data = self.store.image(self.kind, image_id, self.caller)
         # Contract: a disk image answers 202 while work on its first file is under way (a
-        # clone from a guest, pending or retried, or an upload being received), 200
+        # clone from a guest still to be made, or an upload being received), 200
         # otherwise: an empty image nobody works on is 200 with created false.
         working = self.kind is DISK and not data["created"] and (
             self.store.clone_job(image_id) is not None or image_id in shared(self).uploading)

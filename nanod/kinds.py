@@ -17,21 +17,12 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote
 
 from nanod.client import ApiError, NanoClient
-
-
-class Effect(StrEnum):
-    """What applying a field change does to the running system."""
-
-    LIVE = "live"
-    RESTART = "needs restart"
-    REPLACE = "replaces"
-    DESTRUCTIVE = "destructive"
+from reconciler.contract import Effect
 
 
 @dataclass(frozen=True)
@@ -152,13 +143,19 @@ class Kind:
         """How changing field `name` from `before` to `after` takes effect, and a note."""
         return self.effects.get(name, Effect.LIVE), ""
 
+    def classify_changes(self, client: NanoClient, found: Found, want: Mapping[str, Any],
+                         fields: list[str]) -> dict[str, tuple[Effect, str]]:
+        """`classify` for every changed field (kinds whose server plans changes ask it)."""
+        return {f: self.classify(f, found.spec.get(f), want.get(f)) for f in fields}
+
     def references(self, spec: Mapping[str, Any]) -> list[Reference]:
         return []
 
-    def refusal(self, found: Found | None, spec: Mapping[str, Any], fields: list[str]) -> str:
-        """Why applying `spec` (a create when `found` is None, else an update of `fields`)
-        is refused before anything changes; "" when it is not. `apply --check` reports
-        what the apply itself would refuse."""
+    def refusal(self, found: Found | None, spec: Mapping[str, Any], fields: list[str],
+                effects: Mapping[str, Effect]) -> str:
+        """Why applying `spec` (a create when `found` is None, else an update of `fields`,
+        classified as `effects`) is refused before anything changes; "" when it is not.
+        `apply --check` reports what the apply itself would refuse."""
         return ""
 
     # writing
@@ -676,11 +673,11 @@ class DiskImageKind(ImageKind):
 
 # -- guests -----------------------------------------------------------------------------------
 
-GUEST_REPLACE_FIELDS = ("owner", "group", "system", "template", "modules", "cloud_init",
-                        "security_policy_group", "network_address", "ethernet_address", "ports")
-GUEST_RESTART_FIELDS = ("cores", "memory")
-GUEST_FIELDS = ("pool", *GUEST_RESTART_FIELDS, "disks", "auto_start", "from_image", "qos",
-                *GUEST_REPLACE_FIELDS)
+GUEST_FIELDS = ("pool", "cores", "memory", "disks", "auto_start", "from_image", "qos",
+                "owner", "group", "system", "template", "modules", "cloud_init",
+                "security_policy_group", "network_address", "ethernet_address", "ports")
+"""Guest fields a manifest states and the API reads back (how each change takes effect is
+the server's knowledge: `POST /guests/{id}/plan`)."""
 GUEST_DELETE_WAIT = 120.0  # seconds a delete waits for the reconciler to remove a guest
 GUEST_LIVE_FIELDS = ("power", "media", "snapshots")  # applied through /instances/ routes
 QOS_ROUTES = {"cpu_priority": "cpu", "write_speed": "disk", "write_iops": "disk",
@@ -692,11 +689,13 @@ GUEST_REFS = {"template": "Template", "from_image": "DiskImage",
 
 
 class GuestKind(IdKind):
-    """Guests, found by name within their pool. Cores and memory change with a restart;
-    growing a disk needs the guest stopped; a new `from_image` resets the system disk
-    (destructive); a smaller disk cannot be had (the API only compacts files) and fails;
-    fields fixed at creation (template, modules, addresses, ...) replace the guest: it is
-    deleted and created again. power, media and snapshots are reconciled live.
+    """Guests, found by name within their pool. How each change takes effect (live, needs
+    restart, replaces, destructive) is asked of the server, whose guest planner decides it
+    (`POST /guests/{id}/plan`): e.g. more cores need a restart of a running guest and none of
+    a stopped one; a new `from_image` resets the system disk (destructive); a smaller disk
+    cannot be had (the API only compacts files) and fails; fields fixed at creation
+    (template, modules, addresses, ...) replace the guest: it is deleted and created again.
+    power, media and snapshots are reconciled live.
 
     `power: stopped` asks for an ACPI shutdown that the reconciler turns into a power-off
     when the guest ignores it for its grace period (`reconciler.stop_grace_seconds`, 60 s by
@@ -781,26 +780,31 @@ class GuestKind(IdKind):
                                  if k != "admin_secret"}
         return out
 
-    def classify(self, name: str, before: Any, after: Any) -> tuple[Effect, str]:
-        if name in GUEST_RESTART_FIELDS:
-            return Effect.RESTART, ""
-        if name == "disks":
-            old, new = list(before or []), list(after or [])
-            if len(old) != len(new):
-                return Effect.REPLACE, "the number of disks is fixed at creation"
-            if any(n < o for o, n in zip(old, new, strict=True)):
-                return Effect.DESTRUCTIVE, "disk shrink"
-            return Effect.RESTART, "disks grow while the guest is stopped"
-        if name == "from_image":
-            return Effect.DESTRUCTIVE, "system reset: the system disk is recreated"
-        if name == "snapshots":
-            gone = sorted(set(before or []) - set(after or []))
-            if gone:
-                return Effect.DESTRUCTIVE, "deletes snapshot(s) " + ", ".join(gone)
-            return Effect.LIVE, ""
-        if name in GUEST_REPLACE_FIELDS or name == "pool":
-            return Effect.REPLACE, "fixed at creation: the guest is deleted and created again"
-        return Effect.LIVE, ""
+    def classify_changes(self, client: NanoClient, found: Found, want: Mapping[str, Any],
+                         fields: list[str]) -> dict[str, tuple[Effect, str]]:
+        """Asked of the server: `POST /guests/{id}/plan` runs the reconciler's own guest
+        planner on the proposed values, so the CLI holds no copy of that knowledge. A field
+        naming an image this apply has yet to create cannot be planned before it exists."""
+        body: dict[str, Any] = {}
+        later: dict[str, tuple[Effect, str]] = {}
+        for name in fields:
+            value = want.get(name)
+            if name in GUEST_REFS and value:
+                ident = self._ids(client, GUEST_REFS[name]).get(value)
+                if ident is None:
+                    later[name] = (Effect.LIVE if name == "media" else Effect.DESTRUCTIVE
+                                   if name == "from_image" else Effect.REPLACE,
+                                   f"{GUEST_REFS[name]} {value!r} is created by this apply: "
+                                   "planned by the server once it exists")
+                    continue
+                value = ident
+            body[name] = "" if name == "media" and value is None else value
+        planned = client.ok("POST", f"/guests/{p(found.id)}/plan", body) if body else {}
+        # a live change needs no explanation in a diff; the others say why
+        out = {name: (Effect(item["effect"]),
+                      "" if item["effect"] == Effect.LIVE else item["reason"])
+               for name, item in (planned.get("fields") or {}).items()}
+        return {**out, **later}
 
     def references(self, spec: Mapping[str, Any]) -> list[Reference]:
         refs = [Reference("pool", "ComputePool", spec["pool"])] if spec.get("pool") else []
@@ -926,10 +930,9 @@ class GuestKind(IdKind):
                 f"guests only: a guest with media {spec['media']!r} needs power: running "
                 "(or media: null)")
 
-    def refusal(self, found: Found | None, spec: Mapping[str, Any], fields: list[str]) -> str:
-        replaces = found is None or any(
-            self.classify(f, found.spec.get(f), spec.get(f))[0] is Effect.REPLACE
-            for f in fields)
+    def refusal(self, found: Found | None, spec: Mapping[str, Any], fields: list[str],
+                effects: Mapping[str, Effect]) -> str:
+        replaces = found is None or Effect.REPLACE in effects.values()
         try:
             if replaces:
                 self._creatable(spec)
@@ -939,8 +942,8 @@ class GuestKind(IdKind):
 
     def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
                fields: list[str], ctx: ApplyContext) -> None:
-        classes = {f: self.classify(f, found.spec.get(f), spec.get(f))[0] for f in fields}
-        if Effect.REPLACE in classes.values():
+        classes = self.classify_changes(client, found, self.want(spec, ctx), fields)
+        if Effect.REPLACE in {effect for effect, _ in classes.values()}:
             self._creatable(spec)
             client.ok("DELETE", self.path(found.id), {"force": True})
             self._wait_gone(client, found.id, max(ctx.wait_seconds, GUEST_DELETE_WAIT))

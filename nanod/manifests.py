@@ -261,13 +261,15 @@ class Planner:
             if found is None:
                 return Planned(doc, (Action(Verb.CREATE, key, None, want),))
             actions = []
-            for name in kind.changed(want, found.spec):
+            fields = kind.changed(want, found.spec)
+            effects = kind.classify_changes(self.client, found, want, fields) if fields else {}
+            for name in fields:
                 before, after = found.spec.get(name), want[name]
-                effect, note = kind.classify(name, before, after)
+                effect, note = effects[name]
                 verb = Verb.REPLACE if effect is Effect.REPLACE else Verb.UPDATE
                 actions.append(Action(verb, key, {name: before}, {name: after},
                                       reason=f"{effect}: {note}" if note else str(effect),
-                                      live=effect is Effect.LIVE))
+                                      live=effect is Effect.LIVE, effect=effect))
             return Planned(doc, tuple(actions), found)
         except (ApiError, ManifestError) as exc:
             return Planned(doc, error=str(exc))
@@ -369,8 +371,10 @@ def apply(client: NanoClient, docs: Sequence[Document], *, check: bool = False,
             fields = [n for a in planned.actions for n in (a.after or {})]
             what = ("would create" if verb is Verb.CREATE else "would delete"
                     if verb is Verb.DELETE else "would update " + ", ".join(fields))
+            effects = {n: a.effect for a in planned.actions for n in (a.after or {})
+                       if a.effect is not None}
             refused = "" if verb is Verb.DELETE else adapter(doc.kind).refusal(
-                None if verb is Verb.CREATE else planned.found, doc.spec, fields)
+                None if verb is Verb.CREATE else planned.found, doc.spec, fields, effects)
             if refused:
                 outcome, what = Outcome.FAILED, refused
         else:

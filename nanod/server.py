@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ import tornado.web
 
 from api.app import make_app
 from api.base import AppContext
+from reconciler.guests import dry_run as guest_dry_run
 from state.db import close_database, database_url, open_database
 from state.images import ImageFiles
 from state.store import Store
@@ -104,6 +106,10 @@ class Server:
         self.controller = build_controller(self.store, settings)
         enqueue = self.controller.enqueue if self.controller else (lambda key: None)
         self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings)
+        # the guest planner's dry run (POST /guests/{id}/plan): pure, reconcilers or not
+        self.ctx.extras["plan_guest"] = functools.partial(
+            guest_dry_run, self.store, max_cores=int(settings["limits"]["max_cores"]),
+            stop_grace_seconds=float(settings["reconciler"].get("stop_grace_seconds", 60)))
         if self.controller is not None:
             from reconciler.console import make_console_opener
 

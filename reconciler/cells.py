@@ -19,7 +19,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from reconciler.contract import READY, Action, Key, Result, Verb, format_time, set_condition
+from reconciler.contract import (
+    READY,
+    Action,
+    Key,
+    Result,
+    Verb,
+    format_time,
+    get_condition,
+    set_condition,
+)
 from state.compute import CellSpec, libvirt_uri_for
 from state.errors import NanoError, Unavailable
 
@@ -87,6 +96,35 @@ def plan_cell(spec: CellSpec, observed_pools: dict[str, dict[str, Any]]) -> list
             actions.append(Action(Verb.START, key, {"active": False}, {"active": True},
                                   reason="pool inactive"))
     return actions
+
+
+def capabilities(facts: Any, *, simulated: bool) -> dict[str, Any]:
+    """What guests may need of the cell, from its facts: libvirt volume streams (images and
+    cloud-init seeds; libvirt's test driver has none) and the sfq qdisc libvirt needs to
+    limit a NIC's bandwidth (None: not known)."""
+    bandwidth = True if simulated else facts.sfq
+    return {"volume_streams": not simulated, "bandwidth": bandwidth,
+            "bandwidth_missing": "" if bandwidth is not False else facts.sfq_detail}
+
+
+def cell_ready(observed: dict[str, Any], conditions: list[dict[str, Any]]
+               ) -> tuple[bool, str, str]:
+    """The cell's Ready condition (status, reason, message) from its last probe and the
+    network conditions the network reconciler recorded: a cell whose guests' network cannot
+    start is not ready, whatever else answers. A shared pool that is not attached is the
+    storage pool's business (its own status says so), not the cell's."""
+    errors = [p["error"] for p in observed["storage_pools"]
+              if p.get("error") and not p.get("shared")]
+    if errors:
+        return False, "StorageFailed", "; ".join(errors)
+    nets = [f"network {n['name']}: {n['error']}" for n in observed.get("networks") or []
+            if n.get("error") and not n.get("active")]
+    network = get_condition(conditions, "NetworkReady")
+    if network is not None and not network.status:
+        nets.append(network.message or network.reason)
+    if nets:
+        return False, "NetworkNotReady", "; ".join(nets)
+    return True, "Converged", ""
 
 
 class CellLink:
@@ -237,11 +275,8 @@ class CellReconciler:
                 conditions, "StorageReady", not errors,
                 "PoolsActive" if not errors else "PoolFailed",
                 "; ".join(errors) or "all storage pools active", now_text())
-            ready = not errors or all(p.get("shared") for p in observed["storage_pools"]
-                                      if p.get("error"))
-            conditions = set_condition(conditions, READY, ready,
-                                       "Converged" if ready else "StorageFailed",
-                                       "" if ready else "; ".join(errors), now_text())
+            conditions = set_condition(conditions, READY, *cell_ready(observed, conditions),
+                                       now_text())
             last_error = ""
             phase = "online"
         except NanoError as exc:
@@ -367,6 +402,7 @@ class CellReconciler:
                 "nft": facts.nft.version,
                 "nft_missing": facts.nft.reason or "",
                 "warnings": list(facts.warnings),
+                "capabilities": capabilities(facts, simulated=simulated),
             },
             "storage_pools": [{"name": name, **state} for name, state in sorted(pools.items())],
             "networks": networks,

@@ -80,6 +80,16 @@ class Verb(StrEnum):
     DETACH = "detach"
 
 
+class Effect(StrEnum):
+    """How a change takes effect on what runs: the classes `nanod apply --diff` shows and
+    the guest planner gives each action (reconciler/guest_plan.py)."""
+
+    LIVE = "live"
+    RESTART = "needs restart"
+    REPLACE = "replaces"
+    DESTRUCTIVE = "destructive"
+
+
 # Field names whose values never appear in a description: these strings end up in logs,
 # `nanod diff` output and status messages.
 _SECRET_MARKERS = ("password", "secret", "token", "private")
@@ -105,7 +115,8 @@ class Action:
     `before`/`after` are the compared fields as observed and as desired (None when the
     thing does not exist on that side). `reason` is for people; apply never branches on it.
     `live`: True to change a running guest now, False for the persistent definition only,
-    None when the distinction does not apply.
+    None when the distinction does not apply. `effect`: how the change takes effect
+    (manifest plans), None when not classified.
     """
 
     verb: Verb
@@ -114,6 +125,7 @@ class Action:
     after: Mapping[str, Any] | None
     reason: str = ""
     live: bool | None = None
+    effect: Effect | None = None
 
     def changes(self) -> list[tuple[str, object, object]]:
         """(field, before, after) for every top-level field that differs, sorted by field;

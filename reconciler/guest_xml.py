@@ -288,6 +288,11 @@ def domain_name(guest_id: str) -> str:
     return DOMAIN_PREFIX + guest_id
 
 
+def serial_log_path(guest_id: str) -> str:
+    """Where virtlogd writes what a guest prints on its serial console (on its cell)."""
+    return f"/var/log/libvirt/qemu/{domain_name(guest_id)}-serial.log"
+
+
 def domain_uuid(guest_id: str) -> str:
     """The libvirt UUID of a guest: its id when that is a UUID, else derived from it.
 
@@ -398,6 +403,10 @@ def render_domain_xml(spec: DomainSpec) -> str:
     for i, nic in enumerate(spec.interfaces):
         devices.append(_interface_element(spec, i, nic))
     serial = ET.SubElement(devices, "serial", type="pty")
+    if spec.virt_type != VirtType.TEST:
+        # virtlogd keeps what the guest prints, per start: the status tells a guest that
+        # never printed a byte (nor answered its agent) from one that booted
+        ET.SubElement(serial, "log", file=serial_log_path(spec.guest_id), append="off")
     ET.SubElement(serial, "target", port="0")
     console = ET.SubElement(devices, "console", type="pty")
     ET.SubElement(console, "target", type="serial", port="0")

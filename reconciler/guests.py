@@ -4,22 +4,49 @@ observed (state, statistics, addresses, display) in the guest's status.
 
 Registered by `reconciler/kinds.py`; runs on the controller's worker threads with one key
 `guest/<id>` at a time. The stored contract it converges is described in `state/guests.py`.
-Pure parts (the desired domain, the plan) are functions of values; effects go through
-`LibvirtGuests` (domains and volumes), `upload_volume` (images) and the cell's host shell.
+One reconcile reads as a script: observe (`ObservedGuest`, from libvirt and the cell's
+recorded facts), plan (`reconciler.guest_plan.plan_guest`, pure), apply the actions with
+the drivers, observe and plan again, and record conditions from that last plan: status
+never claims more than the last observation showed. `guest_want` turns a stored guest into
+the planner's input and is pure too, so a dry run (`dry_run_fields`) needs no cell.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from reconciler.cells import CellConnections, local_pool_name, shared_pool_name
 from reconciler.cloudinit import build_seed_iso
-from reconciler.contract import READY, Action, Key, Result, Verb, format_time, set_condition
+from reconciler.contract import (
+    READY,
+    Action,
+    Key,
+    Result,
+    Verb,
+    format_time,
+    get_condition,
+    set_condition,
+)
+from reconciler.guest_plan import (
+    CellCaps,
+    Do,
+    GuestAction,
+    GuestPlan,
+    GuestWant,
+    HoldReason,
+    ObservedGuest,
+    VolumeWant,
+    dry_run_fields,
+    plan_guest,
+    propose,
+    ready_reason,
+)
 from reconciler.guest_xml import (
     CPU_SHARES,
     Boot,
@@ -28,7 +55,6 @@ from reconciler.guest_xml import (
     DomainSpec,
     InterfaceSpec,
     IoTune,
-    diff_domain,
     disk_target,
     domain_name,
     kib_per_sec,
@@ -36,9 +62,11 @@ from reconciler.guest_xml import (
     render_cdrom_xml,
     render_domain_xml,
     render_graphics_xml,
+    serial_log_path,
 )
 from state.compute import CellSpec
-from state.errors import NanoError, NotFound, Permanent, Unavailable
+from state.errors import Invalid, NanoError, NotFound, Permanent, Unavailable
+from state.guests import SnapshotDesired
 
 log = logging.getLogger("nano.reconciler.guests")
 
@@ -137,24 +165,123 @@ def pending(spec_value: int, observed_value: Any) -> bool:
     return int(spec_value or 0) > int(observed_value or 0)
 
 
+def initial_max_vcpus(spec: dict[str, Any], max_cores: int) -> int:
+    """Room to add cores live: twice the request, within the configured maximum."""
+    return max(int(spec["cores"]), min(2 * int(spec["cores"]), max_cores))
+
+
+def domain_limits(desired: Any, max_cores: int) -> tuple[int, int]:
+    """(max vCPUs, max memory) of the guest's domain: what it was defined with (recorded),
+    never below the spec; a new domain gets room to grow its cores live."""
+    spec, rec = desired.spec, desired.observed
+    if rec.get("created"):
+        max_vcpus = max(int(rec.get("max_vcpus") or 0), int(spec["cores"]))
+    else:
+        max_vcpus = initial_max_vcpus(spec, max_cores)
+    return max_vcpus, max(int(rec.get("max_memory") or 0), int(spec["memory"]))
+
+
+@dataclass(frozen=True)
+class ImageNeed:
+    """An image version the guest needs as a volume of its pool on the cell."""
+
+    kind: str  # disk | media
+    image: str
+    version: int
+    volume: str
+
+
+def guest_want(desired: Any, place: Placement, *, max_cores: int, images: dict[str, Any],
+               paths: Callable[[str], str], now: float, stop_grace_seconds: float
+               ) -> tuple[GuestWant, list[ImageNeed]]:
+    """Pure: the planner's input for a stored guest. `images` maps image id -> its current
+    source ({version, ...}) or None; `paths` gives a volume's path on the cell."""
+    spec, rec = desired.spec, desired.observed
+    needs: list[ImageNeed] = []
+
+    def need(kind: str, image_id: str) -> ImageNeed:
+        source = images.get(image_id)
+        if source is None:
+            raise Permanent(f"{kind} image {image_id} does not exist or has no file yet: "
+                            f"upload one, or change the guest's {kind} image")
+        item = ImageNeed(kind, image_id, int(source["version"]),
+                         image_volume(kind, image_id, int(source["version"])))
+        needs.append(item)
+        return item
+
+    reset = spec.get("system_reset") or {}
+    building = not rec.get("created") or (
+        reset and pending(reset.get("generation", 0), rec.get("system_reset_generation")))
+    from_image = (reset.get("from_image") if reset else "") or spec.get("from_image") or ""
+    volumes = []
+    for index, size in enumerate(spec["disks"]):
+        image = from_image if index == 0 and building else ""
+        volumes.append(VolumeWant(index=index, name=volume_name(desired.id, index),
+                                  size=int(size), image=image,
+                                  image_volume=need("disk", image).volume if image else ""))
+    once = spec.get("boot_once") or {}
+    once_media = once.get("source") if once and not once.get("network") else ""
+    once_pending = bool(once) and str(once.get("request")) != str(rec.get("boot_once_request"))
+    media = spec.get("media") or ""
+    media_volume = need("media", media).volume if media else ""
+    running_media = media_volume
+    if once_media and not media and (once_pending or rec.get("boot_once_running")):
+        running_media = need("media", once_media).volume
+    max_vcpus, max_memory = domain_limits(desired, max_cores)
+    seed = seed_volume(desired.id) if "cloud-init" in spec.get("modules", []) else ""
+
+    def build(media_vol: str) -> DomainSpec:
+        return desired_domain(desired, place, media_path=paths(media_vol) if media_vol else None,
+                              seed_path=paths(seed) if seed else None, max_vcpus=max_vcpus,
+                              max_memory=max_memory)
+
+    config = build(media_volume)
+    network = place.network if desired.interfaces and any(
+        nic["type"] != "external" for nic in desired.interfaces) else None
+    want = GuestWant(
+        guest_id=desired.id, name=desired.name, spec=spec, recorded=rec,
+        generation=desired.generation, observed_generation=desired.observed_generation,
+        config=config, running_spec=build(running_media) if running_media != media_volume
+        else config, volumes=tuple(volumes), seed_volume=seed_volume(desired.id),
+        media_volume=running_media or media_volume, network=network,
+        snapshots=tuple((s.name, s.description, s.deleting) for s in desired.snapshots),
+        deleting=desired.deleting, now=now, stop_grace_seconds=stop_grace_seconds)
+    return want, needs
+
+
+def cell_caps(cell: CellSpec) -> CellCaps:
+    """What the cell can do for guests, from the facts its reconciler recorded."""
+    caps = (cell.observed.get("facts") or {}).get("capabilities") or {}
+    return CellCaps(volume_streams=bool(caps.get("volume_streams", True)),
+                    bandwidth=caps.get("bandwidth"),
+                    bandwidth_missing=str(caps.get("bandwidth_missing") or ""), cell=cell.name)
+
+
 class GuestReconciler:
-    """Converges one guest per key `guest/<id>`."""
+    """Converges one guest per key `guest/<id>`: observe, plan (`plan_guest`), apply,
+    observe and plan again, record conditions from that last plan."""
 
     kind = "guest"
 
     def __init__(self, store: Any, connections: CellConnections,
                  enqueue: Callable[[Key], None], *, poll_seconds: float = 15.0,
-                 agent_retry_seconds: float = 10.0, stop_grace_seconds: float = 60.0) -> None:
+                 agent_retry_seconds: float = 10.0, stop_grace_seconds: float = 60.0,
+                 sign_of_life_seconds: float = 120.0) -> None:
         self.store = store
         self.connections = connections
         self.enqueue = enqueue
         self.poll_seconds = poll_seconds
         self.agent_retry_seconds = agent_retry_seconds
         self.stop_grace_seconds = stop_grace_seconds
+        self.sign_of_life_seconds = sign_of_life_seconds
         self._cpu: dict[str, tuple[float, int]] = {}  # guest -> (when, cpu time ns)
 
     def keys(self) -> Iterable[Key]:
         return [Key("guest", gid) for gid in self.store.guest_ids()]
+
+    @property
+    def max_cores(self) -> int:
+        return int(self.store.limits["max_cores"])
 
     # -- the script ---------------------------------------------------------------------
 
@@ -165,8 +292,7 @@ class GuestReconciler:
             return Result()
         cell = self.store.cell_spec(desired.cell)
         if cell is None:
-            self._fail(desired, f"cell {desired.cell!r} is not registered any more")
-            return Result()
+            return self._cell_gone(desired)
         if not cell.observed.get("alive"):
             return self._lost(desired, cell)
         from reconciler.drivers.domains import LibvirtGuests
@@ -174,100 +300,325 @@ class GuestReconciler:
         link = self.connections.link(cell)
         drv = LibvirtGuests(link.hypervisor)
         place = placement_of(desired, cell)
-        conditions = list(self.store.guest_conditions(desired.id))
-        conditions = set_condition(conditions, "CellReachable", True, "CellAlive",
-                                   f"cell {cell.name} answers", now_text())
+        if desired.deleting:
+            return self._delete(desired, drv, place)
+        if desired.observed.get("failed_generation") == desired.generation:
+            return Result(note="failed: waits for a change of its spec (or delete it)")
+        conditions = set_condition(self.store.guest_conditions(desired.id), "CellReachable",
+                                   True, "CellAlive", f"cell {cell.name} answers", now_text())
         try:
-            if desired.deleting:
-                return self._delete(desired, drv, place)
-            if drv.domain_xml(domain_name(desired.id), inactive=True) is None:
-                if desired.observed.get("created"):
-                    # it existed and is gone: someone removed it behind our back
-                    conditions = set_condition(conditions, "Drifted", True, "DomainMissing",
-                                               "the domain vanished from the cell; recreating",
-                                               now_text())
-                actions = self._create(desired, cell, drv, place, link)
+            want, needs = self._want(desired, drv, place)
+            observed = self._observe(desired, want, needs, drv, place, cell)
+            plan = plan_guest(want, observed)
+            if plan.blocked:
+                return self._blocked(desired, plan, conditions)
+            outcome = self._apply(plan, desired, cell, link, drv, place, needs)
+            if plan.actions:
                 desired = self.store.guest_desired(key.id) or desired
+                want, needs = self._want(desired, drv, place)
+                observed = self._observe(desired, want, needs, drv, place, cell)
+                final = plan_guest(want, observed)
             else:
-                actions = []
-            converged, waiting = self._converge(desired, cell, drv, place, link)
-            actions += converged
-            conditions = self._observe(desired, drv, link, conditions, waiting)
+                final = plan
         except NanoError as exc:
             if isinstance(exc, Unavailable):
+                self._record_error(desired, exc, conditions)
                 raise
             self._record_error(desired, exc, conditions)
             if not desired.observed.get("created"):
+                self.store.record_guest_observed(desired.id, observed={
+                    "failed_generation": desired.generation})
                 return Result(note=f"failed: {exc.message}")
-            raise  # an existing guest: retried with backoff
+            raise  # an existing guest: retried with backoff, the reason in its status
+        conditions = self._conditions(desired, conditions, plan, final, outcome, observed)
+        conditions = self._sign_of_life(desired, observed, link, drv, conditions)
+        self._record(desired, observed, final, conditions, drv, cell)
+        return Result(requeue_after=self._requeue(final, outcome),
+                      actions=tuple(a.action(desired.id) for a in plan.actions))
+
+    def _requeue(self, final: GuestPlan, outcome: dict[str, Any]) -> float:
         wait = self.poll_seconds
-        if any(c["type"] == "AgentReady" and not c["status"] for c in conditions):
-            wait = self.agent_retry_seconds
-        fresh = self.store.guest_desired(key.id)
-        if fresh and fresh.spec.get("stop_escalate") and fresh.spec.get("power") == "stopped" \
-                and fresh.observed.get("running"):
-            wait = min(wait, self.stop_grace_seconds / 4 or 1.0)
-        return Result(requeue_after=wait, actions=tuple(actions))
+        if final.actions:
+            wait = min(wait, 2.0)
+        if outcome.get("agent_error") or any(h.reason is HoldReason.PASSWORD_PENDING
+                                             for h in final.holds):
+            wait = min(wait, self.agent_retry_seconds)
+        if any(h.reason is HoldReason.STOPPING for h in final.holds):
+            wait = min(wait, max(self.stop_grace_seconds / 4, 1.0))
+        return wait
 
-    # -- create ----------------------------------------------------------------------------
+    # -- desired and observed ---------------------------------------------------------------
 
-    def _progress(self, desired: Any, value: int) -> None:
-        self.store.record_guest_observed(desired.id, progress=value)
-
-    def _create(self, desired: Any, cell: CellSpec, drv: Any, place: Placement,
-                link: Any) -> list[Action]:
-        """Volumes, seed ISO, definition. Every step is idempotent: a crash in between is
-        one more reconcile (volumes are recreated unless recorded as complete)."""
+    def _want(self, desired: Any, drv: Any, place: Placement) -> tuple[GuestWant,
+                                                                        list[ImageNeed]]:
         spec = desired.spec
-        actions: list[Action] = []
-        key = Key("guest", desired.id)
-        done = dict(desired.observed.get("volumes_done") or {})
-        self.store.record_guest_observed(desired.id, phase="creating", progress=5,
-                                         last_error="")
-        for index, size in enumerate(spec["disks"]):
-            name = volume_name(desired.id, index)
-            if done.get(name):
-                continue
-            drv.delete_volume(place.pool, name)  # a leftover of an interrupted attempt
-            image = spec.get("from_image") if index == 0 else ""
-            if image:
-                source = self._image_volume(cell, link, place, "disk", image)
-                drv.create_volume(place.pool, name, int(size), backing=source)
-            else:
-                drv.create_volume(place.pool, name, int(size))
-            done[name] = True
-            self.store.record_guest_observed(desired.id, observed={"volumes_done": done},
-                                             progress=10 + 60 * (index + 1) // len(spec["disks"]))
-            actions.append(Action(Verb.CREATE, Key("volume", f"{place.pool}/{name}"), None,
-                                  {"size": int(size), "from_image": image or None}))
-        if "cloud-init" in spec.get("modules", []):
-            self._write_seed(desired, drv, place)
-            actions.append(Action(Verb.CREATE, Key("volume", seed_volume(desired.id)), None,
-                                  {"cloud-init": "seed"}))
-        self._progress(desired, 80)
-        dom = self._domain_spec(desired, drv, place, max_vcpus=self._initial_max_vcpus(spec),
-                                max_memory=int(spec["memory"]))
-        drv.define(render_domain_xml(dom))
-        drv.set_autostart(dom.name, bool(spec.get("auto_start")))
-        self.store.record_guest_observed(
-            desired.id, progress=100, phase="stopped", last_error="",
-            observed={"created": True, "create_time": now_text(), "max_vcpus": dom.max_vcpus,
-                      "max_memory": dom.max_memory_bytes,
-                      "instance_id": spec.get("instance_id", "")})
-        actions.append(Action(Verb.CREATE, key, None, {"domain": dom.name}))
-        self.enqueue(Key("network", desired.cell))  # its DHCP host entry and port forwards
-        self.enqueue(Key("firewall", desired.cell))
-        return actions
+        ids = {spec.get("media"), (spec.get("boot_once") or {}).get("source"),
+               spec.get("from_image"), (spec.get("system_reset") or {}).get("from_image")}
+        images = {i: self.store.image_source(i) for i in ids if i}
+        pool_path: list[str] = []
 
-    def _initial_max_vcpus(self, spec: dict[str, Any]) -> int:
-        # room to add cores live: twice the request, within the configured maximum
-        limit = int(getattr(self.store, "limits", {}).get("max_cores", 24))
-        return max(int(spec["cores"]), min(2 * int(spec["cores"]), limit))
+        def path(volume: str) -> str:
+            info = drv.volume(place.pool, volume)
+            if info is not None:
+                return info.path
+            if not pool_path:
+                pool_path.append((drv.hv.pool_state(place.pool, refresh=False).path or "")
+                                 .rstrip("/"))
+            return f"{pool_path[0]}/{volume}"
+
+        return guest_want(desired, place, max_cores=self.max_cores, images=images, paths=path,
+                          now=time.time(), stop_grace_seconds=self.stop_grace_seconds)
+
+    def _observe(self, desired: Any, want: GuestWant, needs: list[ImageNeed], drv: Any,
+                 place: Placement, cell: CellSpec) -> ObservedGuest:
+        """One observation of everything the planner compares."""
+        from reconciler.drivers.networks import network_state
+
+        name = domain_name(desired.id)
+        power = drv.power(name)
+        state, reason = power if power else (None, "")
+        config = live = None
+        snapshots: frozenset[str] = frozenset()
+        autostart = False
+        if power is not None:
+            xml = drv.domain_xml(name, inactive=True)
+            config = parse_domain_xml(xml) if xml else None
+            if state == "running":
+                live_xml = drv.domain_xml(name)
+                live = parse_domain_xml(live_xml) if live_xml else None
+            snapshots = frozenset(s.name for s in drv.snapshots(name))
+            autostart = bool(drv.autostart(name))
+        present = set(drv.volumes(place.pool))
+        volumes: dict[str, int] = {}
+        for vol in want.volumes:
+            if vol.name in present:
+                info = drv.volume(place.pool, vol.name)
+                if info is not None:
+                    volumes[vol.name] = info.capacity
+        if want.seed_volume in present:
+            volumes[want.seed_volume] = 0
+        images = frozenset(
+            n.volume for n in needs if n.volume in present
+            and self.store.image_replica(n.image, n.version, cell.name))
+        network = None
+        if want.network:
+            net = network_state(drv.hv, want.network)
+            network = (net is not None, bool(net and net.active),
+                       self._network_error(cell, want.network))
+        return ObservedGuest(defined=config is not None, state=state, state_reason=reason,
+                             config=config, live=live, volumes=volumes, images=images,
+                             snapshots=snapshots, autostart=autostart, network=network,
+                             caps=cell_caps(cell))
+
+    def _network_error(self, cell: CellSpec, network: str) -> str:
+        """Why the cell says the guest's network is not ready ("" when it does not)."""
+        if network == DEFAULT_NETWORK:
+            for net in cell.observed.get("networks") or []:
+                if net.get("name") == network and net.get("error"):
+                    return str(net["error"])
+            return ""
+        cond = get_condition(self.store.cell_conditions(cell.name), "NetworkReady")
+        return cond.message if cond is not None and not cond.status else ""
+
+    # -- apply ----------------------------------------------------------------------------
+
+    def _apply(self, plan: GuestPlan, desired: Any, cell: CellSpec, link: Any, drv: Any,
+               place: Placement, needs: list[ImageNeed]) -> dict[str, Any]:
+        """Execute the plan's actions in order; returns what the status needs to know of
+        how they went (an agent that did not answer)."""
+        outcome: dict[str, Any] = {}
+        creating = not desired.observed.get("created")
+        if creating and plan.actions:
+            self.store.record_guest_observed(desired.id, phase="creating", progress=5,
+                                             last_error="")
+        total = len(plan.actions)
+        for done, action in enumerate(plan.actions, 1):
+            self._execute(action, desired, cell, link, drv, place, outcome)
+            if creating:
+                self.store.record_guest_observed(desired.id, progress=5 + 90 * done // total)
+        if any(a.do in (Do.DEFINE, Do.START, Do.SHUTDOWN, Do.DESTROY, Do.REBOOT, Do.RESET)
+               for a in plan.actions):
+            # DHCP host entries, port forwards and the firewall follow the domain and its taps
+            self.enqueue(Key("network", desired.cell))
+            self.enqueue(Key("firewall", desired.cell))
+        return outcome
+
+    def _execute(self, action: GuestAction, desired: Any, cell: CellSpec, link: Any, drv: Any,
+                 place: Placement, outcome: dict[str, Any]) -> None:
+        args, gid = action.args, desired.id
+        name = domain_name(gid)
+        record = self.store.record_guest_observed
+        do = action.do
+        if do is Do.SEND_IMAGE:
+            self._image_volume(cell, link, place, args["kind"], args["image"])
+        elif do is Do.CREATE_VOLUME:
+            drv.delete_volume(place.pool, args["volume"])  # a leftover of an interrupted try
+            drv.create_volume(place.pool, args["volume"], int(args["size"]),
+                              backing=args["backing"] or None)
+        elif do is Do.WRITE_SEED:
+            self._write_seed(desired, drv, place)
+        elif do is Do.DEFINE:
+            spec: DomainSpec = args["spec"]
+            drv.define(render_domain_xml(spec))
+            facts: dict[str, Any] = {"max_vcpus": spec.max_vcpus,
+                                     "max_memory": spec.max_memory_bytes}
+            if not desired.observed.get("created"):
+                facts.update(created=True, create_time=now_text(),
+                             instance_id=desired.spec.get("instance_id", ""))
+            record(gid, observed=facts)
+        elif do is Do.SET_AUTOSTART:
+            drv.set_autostart(name, bool(args["enable"]))
+        elif do is Do.RESET_SYSTEM:
+            for snap in drv.snapshots(name):  # snapshots of the old system are meaningless
+                drv.delete_snapshot(name, snap.name)
+            drv.delete_volume(place.pool, args["volume"])
+            drv.create_volume(place.pool, args["volume"], int(args["size"]),
+                              backing=args["backing"] or None)
+            if args.get("seed"):
+                self._write_seed(desired, drv, place)  # new instance id: cloud-init runs again
+            record(gid, observed={"system_reset_generation": args["generation"],
+                                  "instance_id": desired.spec.get("instance_id", "")})
+        elif do is Do.RESTORE_SNAPSHOT:
+            drv.revert_snapshot(name, args["snapshot"])
+            record(gid, observed={"restore_generation": args["generation"],
+                                  "current_snapshot": args["snapshot"]})
+        elif do is Do.DELETE_SNAPSHOT:
+            if args["present"]:
+                drv.delete_snapshot(name, args["snapshot"])
+            self.store.finish_snapshot_delete(gid, args["snapshot"])
+        elif do is Do.CREATE_SNAPSHOT:
+            drv.create_snapshot(name, args["snapshot"], args["description"])
+            snap = next(s for s in desired.snapshots if s.name == args["snapshot"])
+            self.store.record_snapshot_observed(gid, snap.name, phase="created",
+                                                generation=snap.generation)
+            record(gid, observed={"current_snapshot": snap.name})
+        elif do is Do.SHRINK_DISK:
+            self._shrink(desired, drv, place, int(args["index"]))
+            done = dict(desired.observed.get("disk_shrink") or {})
+            done[str(args["index"])] = args["generation"]
+            record(gid, observed={"disk_shrink": done})
+        elif do is Do.GROW_VOLUME:
+            drv.resize_volume(place.pool, args["volume"], int(args["size"]))
+        elif do is Do.GROW_DISK_LIVE:
+            bus = (desired.spec.get("template_spec") or {}).get("disk") or "scsi"
+            drv.block_resize(name, disk_target(bus, int(args["index"])), int(args["size"]))
+        elif do is Do.CHANGE_LIVE:
+            self._apply_live(drv, args["spec"], args["change"])
+        elif do is Do.START:
+            self._start(desired, drv, place, args.get("boot_once"))
+            record(gid, observed={"power_request": args["request"],
+                                  "stop_sent_at": 0})
+        elif do in (Do.SHUTDOWN, Do.DESTROY):
+            if do is Do.DESTROY:
+                drv.destroy(name)
+            else:
+                drv.shutdown(name)
+            facts = {"power_request": args["request"]}
+            if not args.get("escalated"):
+                facts["stop_sent_at"] = time.time()
+            record(gid, observed=facts)
+        elif do in (Do.REBOOT, Do.RESET):
+            drv.reset(name) if do is Do.RESET else drv.reboot(name)
+            record(gid, observed={"restart_counter": args["counter"]})
+        elif do is Do.SET_PASSWORD:
+            try:
+                drv.set_user_password(name, args["user"],
+                                      (desired.spec.get("admin") or {}).get("password", ""))
+            except NanoError as exc:
+                outcome["agent_error"] = exc.message
+            else:
+                record(gid, observed={"admin_generation": args["generation"]})
+                outcome["password_set"] = True
+        elif do is Do.RECORD:
+            facts = {k: args[k] for k in ("restart_counter",) if k in args}
+            if "request" in args:
+                facts["power_request"] = args["request"]
+            record(gid, observed=facts)
+        else:  # Do.UNDEFINE runs through _delete
+            raise Permanent(f"guest {desired.name}: cannot execute {do} here")
+
+    def _apply_live(self, drv: Any, want: DomainSpec, change: Change) -> None:
+        """Apply one live-capable change to the running domain (the planner decided it
+        may be applied live)."""
+        name = want.name
+        field = change.field
+        if field == "vcpus":
+            drv.set_vcpus(name, want.vcpus, live=True)
+        elif field == "memory_bytes":
+            drv.set_memory(name, want.memory_bytes, live=True)
+        elif field == "cpu_shares":
+            drv.set_cpu_shares(name, want.cpu_shares, live=True)
+        elif field.endswith(".iotune"):
+            drv.set_iotune(name, change.device or "", {
+                "read_bytes_sec": want.iotune.read_bytes_sec,
+                "write_bytes_sec": want.iotune.write_bytes_sec,
+                "read_iops_sec": want.iotune.read_iops_sec,
+                "write_iops_sec": want.iotune.write_iops_sec}, live=True)
+        elif field.endswith(".bandwidth"):
+            inbound, outbound = change.after  # type: ignore[misc]
+            drv.set_bandwidth(name, change.device or "", int(inbound), int(outbound), live=True)
+        elif field == "media":
+            drv.update_device(name, render_cdrom_xml(want, "media"), live=True)
+        elif field == "seed":
+            drv.update_device(name, render_cdrom_xml(want, "seed"), live=True)
+        elif field == "monitor_secret":
+            drv.update_device(name, render_graphics_xml(want), live=True)
+        else:
+            raise Permanent(f"{field} cannot change on a running domain")
+
+    def _start(self, desired: Any, drv: Any, place: Placement,
+               once: dict[str, Any] | None) -> None:
+        """Start; a pending one-time boot (media or PXE) is used by this start only: the
+        domain is defined with that boot order, started, and defined back."""
+        from reconciler.drivers.networks import ensure_started, network_state
+
+        name = domain_name(desired.id)
+        if place.network and desired.interfaces:
+            state = network_state(drv.hv, place.network)
+            if state is not None and not state.active:
+                state = ensure_started(drv.hv, place.network)
+                if not state.active:
+                    raise Permanent(f"network {place.network} cannot start: {state.error}")
+        if not once:
+            drv.start(name)
+            return
+        max_vcpus, max_memory = domain_limits(desired, self.max_cores)
+        boot = Boot.NETWORK if once.get("network") else Boot.CDROM
+        media = None
+        if not once.get("network"):
+            media = self._media_path(desired, drv, place, once["source"])
+        special = desired_domain(desired, place, media_path=media,
+                                 seed_path=self._seed_path(desired, drv, place),
+                                 max_vcpus=max_vcpus, max_memory=max_memory, boot=boot)
+        drv.define(render_domain_xml(special))
+        try:
+            drv.start(name)
+        finally:
+            want, _ = self._want(desired, drv, place)
+            drv.define(render_domain_xml(want.config))
+        self.store.record_guest_observed(desired.id, observed={
+            "boot_once_request": once.get("request"), "boot_once_running": True})
+
+    def _seed_path(self, desired: Any, drv: Any, place: Placement) -> str | None:
+        if "cloud-init" not in desired.spec.get("modules", []):
+            return None
+        info = drv.volume(place.pool, seed_volume(desired.id))
+        return info.path if info else None
+
+    def _media_path(self, desired: Any, drv: Any, place: Placement, media_id: str) -> str:
+        cell = self.store.cell_spec(desired.cell)
+        link = self.connections.link(cell)
+        name = self._image_volume(cell, link, place, "media", media_id)
+        info = drv.volume(place.pool, name)
+        if info is None:
+            raise NotFound(f"media volume {name} vanished")
+        return info.path
 
     def _image_volume(self, cell: CellSpec, link: Any, place: Placement, kind: str,
                       image_id: str) -> str:
         """The image's current version as a volume of the guest's pool on the cell, sent
         there through a libvirt upload stream when missing (cached by id + version)."""
+        from reconciler.drivers.domains import LibvirtGuests
         from reconciler.drivers.volumes import upload_volume
 
         source = self.store.image_source(image_id)
@@ -275,8 +626,6 @@ class GuestReconciler:
             raise Permanent(f"{kind} image {image_id} does not exist or has no file yet")
         name = image_volume(kind, image_id, source["version"])
         replica = self.store.image_replica(image_id, source["version"], cell.name)
-        from reconciler.drivers.domains import LibvirtGuests
-
         drv = LibvirtGuests(link.hypervisor)
         # a recorded replica was checked by size and SHA-1 when it was made; the volume's
         # capacity cannot say (for qcow2 it is the virtual size, not the file's)
@@ -300,9 +649,6 @@ class GuestReconciler:
         bus = (spec.get("template_spec") or {}).get("disk") or "scsi"
         data = [disk_target("sata" if bus == "scsi" else bus, i)
                 for i in range(1, len(spec["disks"]))]
-        network = None
-        if hasattr(self.store, "guest_network_config"):
-            network = self.store.guest_network_config(desired.id)
         iso = build_seed_iso(
             instance_id=spec.get("instance_id") or desired.id,
             hostname=desired.name,
@@ -311,290 +657,9 @@ class GuestReconciler:
             root_enabled=bool(ci.get("root_enabled", True)),
             data_disks=data,
             data_path=ci.get("data_path") or "/opt/data",
-            network_config=network,
+            network_config=self.store.guest_network_config(desired.id),
         )
         drv.write_volume(place.pool, seed_volume(desired.id), iso)
-
-    def _domain_spec(self, desired: Any, drv: Any, place: Placement, *, max_vcpus: int,
-                     max_memory: int, boot: Boot = Boot.HD,
-                     media_id: str | None = None) -> DomainSpec:
-        spec = desired.spec
-        media = spec.get("media") if media_id is None else media_id
-        media_path = None
-        if media:
-            media_path = self._media_path(desired, drv, place, media)
-        seed_path = None
-        if "cloud-init" in spec.get("modules", []):
-            info = drv.volume(place.pool, seed_volume(desired.id))
-            seed_path = info.path if info else None
-        return desired_domain(desired, place, media_path=media_path, seed_path=seed_path,
-                              max_vcpus=max_vcpus, max_memory=max_memory, boot=boot)
-
-    def _media_path(self, desired: Any, drv: Any, place: Placement, media_id: str) -> str:
-        cell = self.store.cell_spec(desired.cell)
-        link = self.connections.link(cell)
-        name = self._image_volume(cell, link, place, "media", media_id)
-        info = drv.volume(place.pool, name)
-        if info is None:
-            raise NotFound(f"media volume {name} vanished")
-        return info.path
-
-    # -- converge an existing domain -----------------------------------------------------------
-
-    def _converge(self, desired: Any, cell: CellSpec, drv: Any, place: Placement,
-                  link: Any) -> tuple[list[Action], list[Change]]:
-        """Bring an existing domain to the spec; returns what was done and the changes that
-        wait for the next restart."""
-        spec, obs = desired.spec, desired.observed
-        name = domain_name(desired.id)
-        actions: list[Action] = []
-        key = Key("guest", desired.id)
-        state = drv.state(name)
-        running = state == "running"
-
-        # stopped-only work first: system reset, snapshot restore, shrink, snapshots
-        if not running:
-            actions += self._stopped_work(desired, drv, place)
-            desired = self.store.guest_desired(desired.id) or desired
-            spec, obs = desired.spec, desired.observed
-
-        # volumes grow to the requested sizes
-        for index, size in enumerate(spec["disks"]):
-            info = drv.volume(place.pool, volume_name(desired.id, index))
-            if info is None:
-                raise NotFound(f"disk {index} of guest {desired.name} is missing on "
-                               f"{cell.name}")
-            if info.capacity < int(size):
-                immediate = (spec.get("immediate") or {}).get("disks", {}).get(str(index))
-                if running and immediate:
-                    target = disk_target((spec.get("template_spec") or {}).get("disk") or
-                                         "scsi", index)
-                    drv.block_resize(name, target, int(size))
-                elif not running:
-                    drv.resize_volume(place.pool, volume_name(desired.id, index), int(size))
-                else:
-                    continue  # grows at the next stop
-                actions.append(Action(Verb.UPDATE, Key("volume", volume_name(desired.id, index)),
-                                      {"size": info.capacity}, {"size": int(size)},
-                                      live=running))
-
-        # persistent definition: redefine whenever it differs from the spec
-        max_vcpus = max(int(obs.get("max_vcpus") or 0), int(spec["cores"]))
-        max_memory = max(int(obs.get("max_memory") or 0), int(spec["memory"]))
-        if not running:
-            max_vcpus = max(int(spec["cores"]), int(obs.get("max_vcpus") or 0))
-        want = self._domain_spec(desired, drv, place, max_vcpus=max_vcpus, max_memory=max_memory)
-        inactive = parse_domain_xml(drv.domain_xml(name, inactive=True) or "")
-        config_changes = diff_domain(want, inactive)
-        if config_changes:
-            drv.define(render_domain_xml(want))
-            actions.append(Action(Verb.UPDATE, key, _before(config_changes),
-                                  _after(config_changes), reason="spec changed", live=False))
-            self.store.record_guest_observed(desired.id, observed={
-                "max_vcpus": want.max_vcpus, "max_memory": want.max_memory_bytes})
-        if bool(drv.autostart(name)) != bool(spec.get("auto_start")):
-            drv.set_autostart(name, bool(spec.get("auto_start")))
-            actions.append(Action(Verb.UPDATE, key, None, {"auto_start": spec.get("auto_start")}))
-
-        # live changes to a running domain
-        pending_restart: list[Change] = []
-        if running:
-            live_xml = drv.domain_xml(name) or ""
-            live = parse_domain_xml(live_xml)
-            want_live = want
-            once = spec.get("boot_once") or {}
-            if obs.get("boot_once_running") and once.get("source") and not spec.get("media"):
-                # booted once from media: that media stays in the drive until it stops
-                want_live = self._domain_spec(desired, drv, place, max_vcpus=max_vcpus,
-                                              max_memory=max_memory, media_id=once["source"])
-            for change in diff_domain(want_live, live):
-                if change.field in ("generation", "title"):
-                    continue
-                if not change.live or not self._apply_live(desired, drv, want_live, change):
-                    pending_restart.append(change)
-                else:
-                    actions.append(Action(Verb.UPDATE, key, {change.field: change.before},
-                                          {change.field: change.after}, live=True))
-
-        # power and restarts
-        actions += self._power(desired, drv, place, state)
-        return actions, pending_restart
-
-    def _apply_live(self, desired: Any, drv: Any, want: DomainSpec, change: Change) -> bool:
-        """Apply one live-capable change to the running domain; False when the request
-        did not ask for it live (it then waits for the next restart)."""
-        name = want.name
-        immediate = desired.spec.get("immediate") or {}
-        field = change.field
-        if field == "vcpus":
-            if not immediate.get("cores"):
-                return False
-            drv.set_vcpus(name, want.vcpus, live=True)
-        elif field == "memory_bytes":
-            if not immediate.get("memory"):
-                return False
-            drv.set_memory(name, want.memory_bytes, live=True)
-        elif field == "cpu_shares":
-            drv.set_cpu_shares(name, want.cpu_shares, live=True)
-        elif field.endswith(".iotune"):
-            drv.set_iotune(name, change.device or "", {
-                "read_bytes_sec": want.iotune.read_bytes_sec,
-                "write_bytes_sec": want.iotune.write_bytes_sec,
-                "read_iops_sec": want.iotune.read_iops_sec,
-                "write_iops_sec": want.iotune.write_iops_sec}, live=True)
-        elif field.endswith(".bandwidth"):
-            inbound, outbound = change.after  # type: ignore[misc]
-            drv.set_bandwidth(name, change.device or "", int(inbound), int(outbound), live=True)
-        elif field == "media":
-            drv.update_device(name, render_cdrom_xml(want, "media"), live=True)
-        elif field == "seed":
-            drv.update_device(name, render_cdrom_xml(want, "seed"), live=True)
-        elif field == "monitor_secret":
-            drv.update_device(name, render_graphics_xml(want), live=True)
-        else:
-            return False
-        return True
-
-    def _power(self, desired: Any, drv: Any, place: Placement, state: str | None
-               ) -> list[Action]:
-        spec, obs = desired.spec, desired.observed
-        name = domain_name(desired.id)
-        key = Key("guest", desired.id)
-        actions: list[Action] = []
-        running = state == "running"
-        if pending(spec.get("power_request", 0), obs.get("power_request")):
-            if spec.get("power") == "running" and not running:
-                self._start(desired, drv, place)
-                actions.append(Action(Verb.START, key, {"running": False}, {"running": True}))
-            elif spec.get("power") == "stopped" and running:
-                if spec.get("stop_mode") == "destroy":
-                    drv.destroy(name)
-                else:
-                    drv.shutdown(name)
-                actions.append(Action(Verb.STOP, key, {"running": True}, {"running": False},
-                                      reason=spec.get("stop_mode", "shutdown")))
-            self.store.record_guest_observed(desired.id, observed={
-                "power_request": spec.get("power_request", 0), "stop_sent_at": time.time()})
-        elif (spec.get("power") == "stopped" and running and spec.get("stop_escalate")
-              and spec.get("stop_mode") == "shutdown"
-              and time.time() - float(obs.get("stop_sent_at") or 0) > self.stop_grace_seconds):
-            # the guest ignored the shutdown for the whole grace period: power it off
-            drv.destroy(name)
-            actions.append(Action(Verb.STOP, key, {"running": True}, {"running": False},
-                                  reason="shutdown ignored: powered off"))
-        restart = spec.get("restart") or {}
-        if pending(restart.get("counter", 0), obs.get("restart_counter")):
-            if running:
-                if restart.get("mode") == "reset":
-                    drv.reset(name)
-                else:
-                    drv.reboot(name)
-                actions.append(Action(Verb.RESTART, key, None, {"mode": restart.get("mode")}))
-            self.store.record_guest_observed(desired.id, observed={
-                "restart_counter": restart.get("counter", 0)})
-        if actions:  # taps come and go with the domain: the firewall reads them again
-            self.enqueue(Key("firewall", desired.cell))
-        return actions
-
-    def _start(self, desired: Any, drv: Any, place: Placement) -> None:
-        """Start; a pending one-time boot (media or PXE) is used by this start only: the
-        domain is defined with that boot order, started, and defined back."""
-        from reconciler.drivers.networks import ensure_started, network_state
-
-        spec, obs = desired.spec, desired.observed
-        name = domain_name(desired.id)
-        if place.network and desired.interfaces:
-            state = network_state(drv.hv, place.network)
-            if state is None:
-                raise Unavailable(f"network {place.network} is not defined on cell "
-                                  f"{desired.cell} yet")
-            if not state.active:
-                state = ensure_started(drv.hv, place.network)
-                if not state.active:
-                    raise Permanent(f"network {place.network} cannot start: {state.error}")
-        once = spec.get("boot_once") or None
-        if once and str(once.get("request")) != str(obs.get("boot_once_request")):
-            max_vcpus = max(int(obs.get("max_vcpus") or 0), int(spec["cores"]))
-            max_memory = max(int(obs.get("max_memory") or 0), int(spec["memory"]))
-            boot = Boot.NETWORK if once.get("network") else Boot.CDROM
-            media = once.get("source") if not once.get("network") else None
-            special = self._domain_spec(desired, drv, place, max_vcpus=max_vcpus,
-                                        max_memory=max_memory, boot=boot, media_id=media)
-            drv.define(render_domain_xml(special))
-            try:
-                drv.start(name)
-            finally:
-                normal = self._domain_spec(desired, drv, place, max_vcpus=max_vcpus,
-                                           max_memory=max_memory)
-                drv.define(render_domain_xml(normal))
-            self.store.record_guest_observed(desired.id, observed={
-                "boot_once_request": once.get("request"), "boot_once_running": True})
-        else:
-            drv.start(name)
-
-    def _stopped_work(self, desired: Any, drv: Any, place: Placement) -> list[Action]:
-        spec, obs = desired.spec, desired.observed
-        name = domain_name(desired.id)
-        key = Key("guest", desired.id)
-        actions: list[Action] = []
-
-        reset = spec.get("system_reset") or None
-        if reset and pending(reset.get("generation", 0), obs.get("system_reset_generation")):
-            cell = self.store.cell_spec(desired.cell)
-            link = self.connections.link(cell)
-            system = volume_name(desired.id, 0)
-            source = self._image_volume(cell, link, place, "disk", reset["from_image"])
-            for snap in drv.snapshots(name):  # snapshots of the old system are meaningless
-                drv.delete_snapshot(name, snap.name)
-            drv.delete_volume(place.pool, system)
-            drv.create_volume(place.pool, system, int(spec["disks"][0]), backing=source)
-            if "cloud-init" in spec.get("modules", []):
-                self._write_seed(desired, drv, place)  # new instance id: cloud-init runs again
-            self.store.record_guest_observed(desired.id, observed={
-                "system_reset_generation": reset["generation"],
-                "instance_id": spec.get("instance_id", "")})
-            actions.append(Action(Verb.REPLACE, Key("volume", system), None,
-                                  {"from_image": reset["from_image"]}, reason="system reset"))
-
-        restore = spec.get("restore") or None
-        if restore and pending(restore.get("generation", 0), obs.get("restore_generation")):
-            drv.revert_snapshot(name, restore["target"])
-            self.store.record_guest_observed(desired.id, observed={
-                "restore_generation": restore["generation"], "current_snapshot":
-                restore["target"]})
-            actions.append(Action(Verb.UPDATE, key, None, {"snapshot": restore["target"]},
-                                  reason="restore snapshot"))
-
-        have = {s.name: s for s in drv.snapshots(name)}
-        for snap in desired.snapshots:
-            if snap.deleting:
-                if snap.name in have:
-                    drv.delete_snapshot(name, snap.name)
-                    actions.append(Action(Verb.DELETE, Key("snapshot", snap.name), {}, None))
-                self.store.finish_snapshot_delete(desired.id, snap.name)
-            elif snap.name not in have:
-                drv.create_snapshot(name, snap.name, snap.description)
-                self.store.record_snapshot_observed(desired.id, snap.name, phase="created",
-                                                    generation=snap.generation)
-                self.store.record_guest_observed(desired.id, observed={
-                    "current_snapshot": snap.name})
-                actions.append(Action(Verb.CREATE, Key("snapshot", snap.name), None,
-                                      {"description": snap.description}))
-            elif snap.phase != "created":
-                self.store.record_snapshot_observed(desired.id, snap.name, phase="created",
-                                                    generation=snap.generation)
-
-        shrink = spec.get("disk_shrink") or {}
-        done = dict(obs.get("disk_shrink") or {})
-        for index, generation in shrink.items():
-            if pending(generation, done.get(index)):
-                self._shrink(desired, drv, place, int(index))
-                done[index] = generation
-                self.store.record_guest_observed(desired.id, observed={"disk_shrink": done})
-                actions.append(Action(Verb.UPDATE, Key("volume", volume_name(desired.id,
-                                                                             int(index))),
-                                      None, {"compacted": True}, reason="shrink"))
-        return actions
 
     def _shrink(self, desired: Any, drv: Any, place: Placement, index: int) -> None:
         """Compact a qcow2 disk on the cell with `qemu-img convert` (argv, no shell)."""
@@ -630,116 +695,216 @@ class GuestReconciler:
         return Result(actions=(Action(Verb.DELETE, Key("guest", desired.id),
                                       {"domain": name}, None),))
 
-    # -- observe and record --------------------------------------------------------------------
+    # -- conditions and status -----------------------------------------------------------------
 
-    def _observe(self, desired: Any, drv: Any, link: Any, conditions: list[dict],
-                 pending_restart: list[Change]) -> list[dict]:
-        name = domain_name(desired.id)
-        fresh = self.store.guest_desired(desired.id) or desired
-        spec = fresh.spec
-        state = drv.state(name)
-        running = state == "running"
-        observed: dict[str, Any] = {"running": running, "state": state or "missing",
-                                    "boot_once_running": bool(running and fresh.observed.get(
-                                        "boot_once_running")),
-                                    "display_protocol": (spec.get("template_spec") or {})
-                                    .get("control") or "vnc"}
-        live_xml = drv.domain_xml(name) or ""
-        live = parse_domain_xml(live_xml) if live_xml else None
-        media = live.media.source if live and live.media else None
-        observed["media_attached"] = bool(media)
-        source = spec.get("media", "")
-        if media and not source and observed["boot_once_running"]:
-            source = (spec.get("boot_once") or {}).get("source", "")
-        observed["media_source"] = source if media else ""
-        port = live.graphics_port if live and running else None
-        observed["display_port"] = port or 0
-        address = fresh.interfaces[0]["address"] if fresh.interfaces else ""
-        cell = self.store.cell_spec(fresh.cell)
-        host = cell.address if cell else ""
-        display = f"{host}:{port}" if port else ""
-        for nic in fresh.interfaces:
-            observed[nic["type"]] = {"network_address": nic.get("address", ""),
-                                     "allocated_address": nic.get("address", ""),
-                                     "display_address": display}
-        if not fresh.interfaces:
-            observed["internal"] = {"network_address": address, "display_address": display}
-        observed["host"] = host
-        stats = drv.stats([name]).get(name) if running else None
-        total_disk = sum(int(s) for s in spec["disks"])
-        if stats is not None:
-            now = time.monotonic()
-            prev = self._cpu.get(desired.id)
-            usage = 0.0
-            if prev and now > prev[0] and stats.vcpus:
-                usage = 100.0 * (stats.cpu_time_ns - prev[1]) / ((now - prev[0]) * 1e9
-                                                                 * stats.vcpus)
-            self._cpu[desired.id] = (now, stats.cpu_time_ns)
-            allocated = sum(stats.disk_allocation.values())
-            observed.update({
-                "cpu_usage": round(max(0.0, min(100.0, usage)), 2),
-                "memory_available": stats.memory_available_bytes,
-                "disk_available": max(0, total_disk - allocated),
-                "bytes_read": stats.block_read_bytes, "bytes_written": stats.block_write_bytes,
-                "bytes_received": stats.net_rx_bytes, "bytes_sent": stats.net_tx_bytes,
-            })
-        else:
-            self._cpu.pop(desired.id, None)
-            observed.update({"cpu_usage": 0, "memory_available": 0,
-                             "disk_available": total_disk, "bytes_read": 0,
-                             "bytes_written": 0, "bytes_received": 0, "bytes_sent": 0})
-
+    def _conditions(self, desired: Any, conditions: list[dict], first: GuestPlan,
+                    final: GuestPlan, outcome: dict[str, Any], observed: ObservedGuest,
+                    ) -> list[dict]:
+        """Every condition from the final plan (made from the last observation) and from
+        what this pass found drifted."""
+        now = now_text()
+        ready, reason, message = ready_reason(final)
+        if outcome.get("agent_error") and reason == "Converging" and all(
+                a.do is Do.SET_PASSWORD for a in final.actions):
+            reason = "PasswordPending"
+            message = f"the new password waits for the guest agent: {outcome['agent_error']}"
+        conditions = set_condition(conditions, READY, ready, reason, message, now)
+        restart = [h for h in final.holds if h.reason is HoldReason.RESTART_REQUIRED]
         conditions = set_condition(
-            conditions, "RestartRequired", bool(pending_restart),
-            "ChangesWaitForRestart" if pending_restart else "InSync",
-            ("takes effect at the next restart: " + ", ".join(sorted({c.field for c in
-                                                                       pending_restart})))
-            if pending_restart else "", now_text())
-        conditions = set_condition(conditions, "Drifted", False, "InSync", "", now_text())
-        admin = spec.get("admin") or {}
-        conditions = self._agent(fresh, drv, admin, running, conditions)
-        phase = "running" if running else "stopped"
-        conditions = set_condition(conditions, READY, True, "Converged",
-                                   f"domain {state}", now_text())
-        self.store.record_guest_observed(desired.id, generation=desired.generation,
-                                         phase=phase, observed=observed, conditions=conditions,
-                                         last_error="")
+            conditions, "RestartRequired", bool(restart),
+            "ChangesWaitForRestart" if restart else "InSync",
+            "; ".join(h.message for h in restart), now)
+        conditions = self._drift(desired, conditions, first, final, now)
+        admin = desired.spec.get("admin") or {}
+        if outcome.get("password_set"):
+            conditions = set_condition(conditions, "AgentReady", True, "PasswordSet",
+                                       "the guest agent set the password", now)
+        elif outcome.get("agent_error"):
+            conditions = set_condition(conditions, "AgentReady", False, "AgentUnavailable",
+                                       f"password not set yet: no guest agent answers "
+                                       f"({outcome['agent_error']})", now)
+        elif pending(admin.get("generation", 0), desired.observed.get("admin_generation")) \
+                and not observed.running:
+            conditions = set_condition(conditions, "AgentReady", False, "GuestStopped",
+                                       "the new password is set by the guest agent once the "
+                                       "guest runs", now)
         return conditions
 
-    def _agent(self, desired: Any, drv: Any, admin: dict[str, Any], running: bool,
-               conditions: list[dict]) -> list[dict]:
-        """Password resets through the guest agent (generation > 0 are API requests)."""
-        if not pending(admin.get("generation", 0), desired.observed.get("admin_generation")):
+    def _sign_of_life(self, desired: Any, observed: ObservedGuest, link: Any, drv: Any,
+                      conditions: list[dict]) -> list[dict]:
+        """GuestActive: has the running guest shown any sign of executing code since it
+        started (bytes on its serial console, or its agent answering)? Looked for once per
+        start: a domain that runs but executes nothing (KVM that runs no guest code) looks
+        like any other running domain to libvirt."""
+        now = now_text()
+        if not observed.running or observed.live is None:
+            return set_condition(conditions, "GuestActive", False, "NotRunning",
+                                 "the guest is not running", now)
+        rec = desired.observed
+        boot = observed.live.domain_id
+        if rec.get("life_boot") == boot and rec.get("life_seen"):
             return conditions
-        if not running:
-            return set_condition(conditions, "AgentReady", False, "GuestStopped",
-                                 "the new password is set by the guest agent once the guest "
-                                 "runs", now_text())
-        try:
-            drv.set_user_password(domain_name(desired.id), admin.get("user") or "root",
-                                  admin.get("password", ""))
-        except NanoError as exc:
-            return set_condition(conditions, "AgentReady", False, "AgentUnavailable",
-                                 f"password not set yet: no guest agent answers ({exc.message})",
-                                 now_text())
+        since = float(rec.get("running_since") or 0) if rec.get("life_boot") == boot else 0.0
+        since = since or time.time()
+        name = domain_name(desired.id)
+        printed = self._console_bytes(link, desired.id)
+        answers = drv.agent_answers(name) if not printed else False
+        seen = bool(printed) or answers
         self.store.record_guest_observed(desired.id, observed={
-            "admin_generation": admin.get("generation", 0)})
-        return set_condition(conditions, "AgentReady", True, "PasswordSet",
-                             "the guest agent set the password", now_text())
+            "life_boot": boot, "running_since": since, "life_seen": seen})
+        if seen:
+            how = (f"{printed} bytes on its serial console" if printed
+                   else "its guest agent answers")
+            return set_condition(conditions, "GuestActive", True,
+                                 "ConsoleOutput" if printed else "AgentAnswers", how, now)
+        waited = int(time.time() - since)
+        if waited < self.sign_of_life_seconds:
+            return set_condition(conditions, "GuestActive", False, "Booting",
+                                 f"running for {waited} s; no serial console output and no "
+                                 "guest agent yet", now)
+        return set_condition(
+            conditions, "GuestActive", False, "NoSignOfLife",
+            f"running for {waited} s without a byte on its serial console or an answer from "
+            "its guest agent. Normal for a system that uses neither; otherwise the guest "
+            "may not execute at all (e.g. a cell where KVM runs no guest code: use "
+            "virt_type qemu on it)", now)
+
+    def _console_bytes(self, link: Any, guest_id: str) -> int:
+        """Bytes the guest printed on its serial console since it started (0 when the log
+        is missing: a domain defined before logs were kept, a simulated cell)."""
+        result = link.shell.run(["stat", "-c", "%s", serial_log_path(guest_id)], timeout=15)
+        text = result.stdout.strip()
+        return int(text) if result.rc == 0 and text.isdigit() else 0
+
+    def _drift(self, desired: Any, conditions: list[dict], first: GuestPlan,
+               final: GuestPlan, now: str) -> list[dict]:
+        if final.drift:
+            text = "; ".join(final.drift)
+            return set_condition(conditions, "Drifted", True, "Drift",
+                                 f"changed on the cell outside nano: {text}", now)
+        if first.drift:
+            text = "; ".join(first.drift)
+            log.warning("guest %s (%s) drifted and was corrected: %s", desired.name,
+                        desired.id, text)
+            self.store.add_log(f"guest {desired.name} drifted and was corrected: {text}"[:1000],
+                               user="nanod", resource=f"guest/{desired.id}")
+            self.store.record_guest_observed(desired.id, observed={
+                "last_drift": {"at": now, "changes": list(first.drift)}})
+            return set_condition(conditions, "Drifted", False, "Corrected",
+                                 f"corrected at {now}: {text}", now)
+        previous = get_condition(conditions, "Drifted")
+        if previous is not None and previous.reason == "Corrected":
+            return conditions  # the last drift, corrected, stays on record
+        return set_condition(conditions, "Drifted", False, "InSync", "", now)
+
+    def _record(self, desired: Any, observed: ObservedGuest, final: GuestPlan,
+                conditions: list[dict], drv: Any, cell: CellSpec) -> None:
+        fresh = self.store.guest_desired(desired.id) or desired
+        spec = fresh.spec
+        running = observed.running
+        live = observed.live
+        facts: dict[str, Any] = {
+            "running": running, "state": observed.state or "missing",
+            "state_reason": observed.state_reason,
+            "boot_once_running": bool(running and fresh.observed.get("boot_once_running")),
+            "display_protocol": (spec.get("template_spec") or {}).get("control") or "vnc",
+            "failed_generation": None,
+        }
+        media = live.media.source if live and live.media else (
+            observed.config.media.source if observed.config and observed.config.media
+            and not running else None)
+        facts["media_attached"] = bool(media)
+        source = spec.get("media", "")
+        if media and not source and facts["boot_once_running"]:
+            source = (spec.get("boot_once") or {}).get("source", "")
+        facts["media_source"] = source if media else ""
+        port = live.graphics_port if live and running else None
+        facts["display_port"] = port or 0
+        address = fresh.interfaces[0]["address"] if fresh.interfaces else ""
+        host = cell.address
+        display = f"{host}:{port}" if port else ""
+        for nic in fresh.interfaces:
+            facts[nic["type"]] = {"network_address": nic.get("address", ""),
+                                  "allocated_address": nic.get("address", ""),
+                                  "display_address": display}
+        if not fresh.interfaces:
+            facts["internal"] = {"network_address": address, "display_address": display}
+        facts["host"] = host
+        facts.update(self._stats(desired, drv, running, spec))
+        for snap in fresh.snapshots:
+            if snap.name in observed.snapshots and snap.phase != "created" and \
+                    not snap.deleting:
+                self.store.record_snapshot_observed(desired.id, snap.name, phase="created",
+                                                    generation=snap.generation)
+        phase = "running" if running else "stopped"
+        if not observed.defined:
+            phase = "failed" if final.blocked else "creating"
+        self.store.record_guest_observed(desired.id, generation=desired.generation,
+                                         phase=phase, observed=facts, conditions=conditions,
+                                         last_error="")
+
+    def _stats(self, desired: Any, drv: Any, running: bool, spec: dict[str, Any]
+               ) -> dict[str, Any]:
+        name = domain_name(desired.id)
+        stats = drv.stats([name]).get(name) if running else None
+        total_disk = sum(int(s) for s in spec["disks"])
+        if stats is None:
+            self._cpu.pop(desired.id, None)
+            return {"cpu_usage": 0, "memory_available": 0, "disk_available": total_disk,
+                    "bytes_read": 0, "bytes_written": 0, "bytes_received": 0, "bytes_sent": 0}
+        now = time.monotonic()
+        prev = self._cpu.get(desired.id)
+        usage = 0.0
+        if prev and now > prev[0] and stats.vcpus:
+            usage = 100.0 * (stats.cpu_time_ns - prev[1]) / ((now - prev[0]) * 1e9
+                                                             * stats.vcpus)
+        self._cpu[desired.id] = (now, stats.cpu_time_ns)
+        allocated = sum(stats.disk_allocation.values())
+        return {
+            "cpu_usage": round(max(0.0, min(100.0, usage)), 2),
+            "memory_available": stats.memory_available_bytes,
+            "disk_available": max(0, total_disk - allocated),
+            "bytes_read": stats.block_read_bytes, "bytes_written": stats.block_write_bytes,
+            "bytes_received": stats.net_rx_bytes, "bytes_sent": stats.net_tx_bytes,
+        }
+
+    def _blocked(self, desired: Any, plan: GuestPlan, conditions: list[dict]) -> Result:
+        """Something the guest needs cannot be had (a capability of the cell, a lost disk):
+        nothing is changed; a guest not created yet fails at once, for this spec."""
+        hold = plan.blocked
+        assert hold is not None
+        now = now_text()
+        conditions = set_condition(conditions, READY, False, str(hold.reason), hold.message,
+                                   now)
+        conditions = self._drift(desired, conditions, plan, plan, now)
+        created = bool(desired.observed.get("created"))
+        log.warning("guest %s (%s): %s", desired.name, desired.id, hold.message)
+        self.store.record_guest_observed(
+            desired.id, phase=None if created else "failed", last_error=hold.message,
+            conditions=conditions, generation=desired.generation,
+            observed=None if created else {"failed_generation": desired.generation})
+        return Result(requeue_after=self.poll_seconds if created else None,
+                      note=f"blocked: {hold.message}")
 
     def _lost(self, desired: Any, cell: CellSpec) -> Result:
+        why = f"cell {cell.name} is offline: {cell.observed.get('error', '')}".rstrip(": ")
         conditions = set_condition(list(self.store.guest_conditions(desired.id)),
-                                   "CellReachable", False, "CellOffline",
-                                   f"cell {cell.name} is offline: {cell.observed.get('error', '')}"
-                                   .rstrip(": "), now_text())
+                                   "CellReachable", False, "CellOffline", why, now_text())
+        conditions = set_condition(conditions, READY, False, "CellOffline",
+                                   f"{why}; the guest's state is unknown until it answers",
+                                   now_text())
         phase = "lost" if desired.observed.get("created") else desired.phase
         self.store.record_guest_observed(desired.id, phase=phase, conditions=conditions)
         return Result(requeue_after=self.poll_seconds, note="cell offline")
 
-    def _fail(self, desired: Any, message: str) -> None:
-        self.store.record_guest_observed(desired.id, phase="failed" if not
-                                         desired.observed.get("created") else desired.phase,
-                                         last_error=message)
+    def _cell_gone(self, desired: Any) -> Result:
+        message = f"cell {desired.cell!r} is not registered any more"
+        conditions = set_condition(list(self.store.guest_conditions(desired.id)), READY,
+                                   False, "CellMissing", message, now_text())
+        self.store.record_guest_observed(
+            desired.id, phase="failed" if not desired.observed.get("created") else "lost",
+            last_error=message, conditions=conditions)
+        return Result(note=message)
 
     def _record_error(self, desired: Any, exc: NanoError, conditions: list[dict]) -> None:
         conditions = set_condition(conditions, READY, False, "Error", exc.message, now_text())
@@ -750,9 +915,63 @@ class GuestReconciler:
             conditions=conditions)
 
 
-def _before(changes: list[Change]) -> dict[str, Any]:
-    return {c.field: c.before for c in changes}
+def dry_run(store: Any, guest_id: str, changes: Mapping[str, Any], *, max_cores: int,
+            stop_grace_seconds: float = 60.0) -> dict[str, Any]:
+    """How `changes` (API field -> value, as `POST /guests/{id}/plan` takes them) would take
+    effect on the guest: the guest planner run on the proposed spec against the current one
+    as the cell holds it once converged. Reads the store only; no cell is contacted.
+    Returns {fields: {field: {effect, reason}}, actions: [...], holds: [...]}."""
+    desired = store.guest_desired(guest_id)
+    if desired is None:
+        raise NotFound(f"no guest {guest_id!r}")
+    cell = store.cell_spec(desired.cell)
+    if cell is None:
+        raise NotFound(f"the cell {desired.cell!r} of guest {desired.name} is not registered")
+    place = placement_of(desired, cell)
+    try:
+        spec, snaps, known = propose(desired.spec, desired.snapshots, changes)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+    ids = {spec.get("media"), spec.get("from_image"), desired.spec.get("media"),
+           desired.spec.get("from_image"), (spec.get("system_reset") or {}).get("from_image"),
+           (desired.spec.get("boot_once") or {}).get("source")}
+    images = {i: store.image_source(i) for i in ids if i}
 
+    def want_of(guest: Any) -> tuple[GuestWant, list[ImageNeed]]:
+        return guest_want(guest, place, max_cores=max_cores, images=images,
+                          paths=lambda v: f"/{place.pool}/{v}", now=time.time(),
+                          stop_grace_seconds=stop_grace_seconds)
 
-def _after(changes: list[Change]) -> dict[str, Any]:
-    return {c.field: c.after for c in changes}
+    current, needs = want_of(desired)
+    running = bool(desired.observed.get("running"))
+    config = parse_domain_xml(render_domain_xml(current.config))
+    live = dataclasses.replace(parse_domain_xml(render_domain_xml(current.running_spec)),
+                               domain_id=1) if running else None
+    volumes = {v.name: v.size for v in current.volumes}
+    if "cloud-init" in desired.spec.get("modules", []):
+        volumes[current.seed_volume] = 0
+    observed = ObservedGuest(
+        defined=bool(desired.observed.get("created")), state="running" if running
+        else "stopped", state_reason="" if running else "shutdown", config=config, live=live,
+        volumes=volumes, images=frozenset(n.volume for n in needs),
+        snapshots=frozenset(s.name for s in desired.snapshots if not s.deleting),
+        autostart=bool(desired.spec.get("auto_start")), network=(True, True, ""),
+        caps=cell_caps(cell))
+    by_name = {s.name: s for s in desired.snapshots}
+    proposed = dataclasses.replace(
+        desired, spec=spec, generation=desired.generation + 1,
+        snapshots=tuple(dataclasses.replace(by_name[n], deleting=d) if n in by_name else
+                        SnapshotDesired(n, "", desc, d, 1, "creating", "")
+                        for n, desc, d in snaps))
+    try:
+        want, _ = want_of(proposed)
+    except Permanent as exc:
+        raise Invalid(exc.message) from None
+    plan = plan_guest(want, observed)
+    return {
+        "fields": dry_run_fields(plan, known, changes),
+        "actions": [{"do": str(a.do), "effect": str(a.effect), "field": a.field,
+                     "reason": a.reason} for a in plan.actions],
+        "holds": [{"reason": str(h.reason), "field": h.field, "effect": str(h.effect),
+                   "message": h.message} for h in plan.holds],
+    }

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from reconciler.cells import CellConnections
-from reconciler.contract import Action, Key, Result, Verb
-from reconciler.guests import placement_of, volume_name
+from reconciler.contract import READY, Action, Key, Result, Verb, get_condition, set_condition
+from reconciler.guests import now_text, placement_of, volume_name
 from state.errors import NanoError, Unavailable
 
 log = logging.getLogger("nano.reconciler.images")
@@ -46,14 +46,17 @@ class ImageReconciler:
             return Result()
         if guest.observed_generation < guest.generation or guest.phase == "creating":
             # a change of the guest (a system reset, a restore) is still being made
-            self.store.record_clone(key.id, phase="waiting", error="")
+            self._wait(key.id, "WaitingForGuest", f"waiting for guest {guest.name} to "
+                       f"converge: {self._why(guest.id)}")
             return Result(requeue_after=2.0, note="source guest converging")
         if guest.observed.get("running"):
-            self.store.record_clone(key.id, phase="waiting",
-                                    error=f"guest {guest.name} is running: stop it to clone")
+            self._wait(key.id, "GuestRunning",
+                       f"guest {guest.name} is running: stop it to clone its system disk")
             return Result(requeue_after=10.0, note="source guest running")
         cell = self.store.cell_spec(guest.cell)
         if cell is None or not cell.observed.get("alive"):
+            self._wait(key.id, "CellUnreachable",
+                       f"cell {guest.cell} of guest {guest.name} is not reachable")
             raise Unavailable(f"cell {guest.cell} of guest {guest.name} is not reachable")
         from reconciler.drivers.domains import LibvirtGuests
         from reconciler.drivers.volumes import download_volume
@@ -78,8 +81,13 @@ class ImageReconciler:
         try:
             size, sha1 = download_volume(link.hypervisor, pool, volume, final)
         except NanoError as exc:
-            self.store.record_clone(key.id, phase="failed", error=exc.message)
-            raise
+            conditions = set_condition(self.store.image_conditions(key.id), READY, False,
+                                       "CloneFailed", exc.message, now_text())
+            self.store.record_clone(key.id, phase="failed", error=exc.message,
+                                    conditions=conditions)
+            if isinstance(exc, Unavailable):
+                raise  # the cell may answer again: retried
+            return Result(note=f"failed: {exc.message}")  # stays failed: delete, clone again
         finally:
             done.set()
             watcher.join(timeout=5)
@@ -89,6 +97,20 @@ class ImageReconciler:
         log.info("disk image %s cloned from guest %s (%d bytes)", key.id, guest.name, size)
         return Result(actions=(Action(Verb.CREATE, key, None, {
             "from_guest": guest.id, "size": size, "sha1": sha1}),))
+
+    def _wait(self, image_id: str, reason: str, message: str) -> None:
+        """The clone waits on another resource: its own status names it and why."""
+        conditions = set_condition(self.store.image_conditions(image_id), READY, False,
+                                   reason, message, now_text())
+        self.store.record_clone(image_id, phase="waiting", error=message,
+                                conditions=conditions)
+
+    def _why(self, guest_id: str) -> str:
+        """The source guest's own account of what it waits for (its Ready condition)."""
+        ready = get_condition(self.store.guest_conditions(guest_id), READY)
+        if ready is None or ready.status:
+            return "its last change is still being made"
+        return f"{ready.reason}: {ready.message}" if ready.message else ready.reason
 
     def _watch(self, image_id: str, folder: str, total: int, done: threading.Event) -> None:
         """Progress from the size of the download's temporary file."""

@@ -40,19 +40,27 @@ class CloneStore:
             Image.id == image_id).execute()
 
     def clone_jobs(self) -> list[str]:
+        """Clones still to be made; a failed one stays failed (delete it, clone again)."""
         return [i.id for i in Image.select(Image.id).where(
-            (Image.source_guest != "") & (Image.version == 0))]
+            (Image.source_guest != "") & (Image.version == 0) & (Image.phase != "failed"))]
 
     def clone_job(self, image_id: str) -> dict[str, Any] | None:
         """A pending clone (None when done, deleted or not a clone)."""
         row = Image.get_or_none(Image.id == image_id)
-        if row is None or not row.source_guest or row.version > 0:
+        if row is None or not row.source_guest or row.version > 0 or row.phase == "failed":
             return None
         return {"id": row.id, "guest": row.source_guest, "generation": row.generation}
 
+    def image_conditions(self, image_id: str) -> list[dict[str, Any]]:
+        row = Image.get_or_none(Image.id == image_id)
+        return list(row.conditions or []) if row else []
+
     def record_clone(self, image_id: str, *, progress: int | None = None,
-                     error: str | None = None, phase: str | None = None) -> None:
+                     error: str | None = None, phase: str | None = None,
+                     conditions: list[dict[str, Any]] | None = None) -> None:
         columns: dict[Any, Any] = {}
+        if conditions is not None:
+            columns[Image.conditions] = conditions
         if progress is not None:
             columns[Image.progress] = max(0, min(99, progress))
         if error is not None:
@@ -67,5 +75,6 @@ class CloneStore:
         with db.atomic():
             return bool(Image.update(version=1, size=size, checksum=sha1, progress=100,
                                      phase="created", last_error="", modified_at=now(),
+                                     conditions=[],
                                      observed_generation=Image.generation)
                         .where((Image.id == image_id) & (Image.version == 0)).execute())

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import libvirt
+import libvirt_qemu
 
 from reconciler.drivers.libvirt_hv import NAMESPACE, LibvirtHypervisor
-from state.errors import Conflict, Invalid, NotFound
+from state.errors import Conflict, Invalid, NanoError, NotFound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,7 +36,27 @@ STATE_NAMES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
+SHUTOFF_REASONS = {
+    libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN: "unknown",
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",      # the guest powered itself off
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_SHUTOFF_SAVED: "saved",
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",
+    libvirt.VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT: "from_snapshot",
+    libvirt.VIR_DOMAIN_SHUTOFF_DAEMON: "daemon",
+}
+"""libvirt's reason for a stopped domain, as the guest planner reads it."""
 OWNED_PREFIX = "nano-"
+# Undefine flags, strongest first: drivers without NVRAM (libvirt's test driver) refuse the
+# flag as unsupported, so undefine falls back to the next set.
+_UNDEFINE_FLAGS = (
+    libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM,
+    libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE,
+    0,
+)
 
 
 def _owned(name: str) -> None:
@@ -111,6 +132,16 @@ class LibvirtGuests:
             return None
         return STATE_NAMES.get(st, "nostate")
 
+    def power(self, name: str) -> tuple[str, str] | None:
+        """(state, reason) of a domain, e.g. ("stopped", "destroyed"), or None when it
+        does not exist. The reason is given for stopped domains only ("" otherwise)."""
+        try:
+            st, reason = self._call(f"state of {name}", lambda c: self._dom(c, name).state())
+        except NotFound:
+            return None
+        text = SHUTOFF_REASONS.get(reason, "unknown") if st == libvirt.VIR_DOMAIN_SHUTOFF else ""
+        return STATE_NAMES.get(st, "nostate"), text
+
     def define(self, xml: str) -> None:
         name = ET.fromstring(xml).findtext("name") or ""
         _owned(name)
@@ -123,10 +154,15 @@ class LibvirtGuests:
             dom = self._dom(conn, name)
             if dom.isActive():
                 dom.destroy()
-            flags = (libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                     | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                     | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-            dom.undefineFlags(flags)
+            for flags in _UNDEFINE_FLAGS:
+                try:
+                    dom.undefineFlags(flags) if flags else dom.undefine()
+                    return
+                except libvirt.libvirtError as exc:
+                    unsupported = exc.get_error_code() in (libvirt.VIR_ERR_INVALID_ARG,
+                                                           libvirt.VIR_ERR_NO_SUPPORT)
+                    if not unsupported or not flags:
+                        raise
 
         with contextlib.suppress(NotFound):
             self._call(f"undefine domain {name}", go)
@@ -225,6 +261,18 @@ class LibvirtGuests:
         return self._call("domain statistics", read)
 
     # -- guest agent ------------------------------------------------------------------------
+
+    def agent_answers(self, name: str) -> bool:
+        """Whether the guest agent of a running domain answers a ping (within 2 s)."""
+        def ping(conn: libvirt.virConnect) -> bool:
+            libvirt_qemu.qemuAgentCommand(self._dom(conn, name), '{"execute": "guest-ping"}',
+                                          2, 0)
+            return True
+
+        try:
+            return self._call(f"ping the guest agent of {name}", ping)
+        except NanoError:  # not connected, not answering, or a driver without agents
+            return False
 
     def set_user_password(self, name: str, user: str, password: str) -> None:
         """Through qemu-guest-agent; raises Unavailable when no agent answers."""

@@ -33,6 +33,15 @@ PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"; LC_ALL=C; export PATH LC_ALL
 t=$1; shift
 run() { n=$1; shift; printf '@@%s %s\n' "$t" "$n"; "$@" 2>&1; printf '\n@@%s/rc %s\n' "$t" "$?"; }
 devices() { for d in "$1"/*; do [ -e "$d/device" ] && echo "${d##*/}"; done; return 0; }
+qdiscs() {
+  r=$(uname -r)
+  if [ -r /proc/config.gz ]; then gzip -dc /proc/config.gz
+  elif [ -r "/boot/config-$r" ]; then cat "/boot/config-$r"
+  else echo "no kernel config"; fi | grep -E '^(# )?CONFIG_NET_SCH_SFQ[= ]|^no kernel config'
+  [ -d /sys/module/sch_sfq ] && echo "loaded sch_sfq"
+  ls "/lib/modules/$r/kernel/net/sched/" 2>/dev/null | grep '^sch_sfq' | sed 's/^/module /'
+  return 0
+}
 run nproc nproc
 run meminfo cat /proc/meminfo
 run kernel uname -r
@@ -44,6 +53,7 @@ run diskstats cat /proc/diskstats
 run disks devices /sys/block
 run netdev cat /proc/net/dev
 run nics devices /sys/class/net
+run qdiscs qdiscs
 i=0
 for p in "$@"; do run "df$i" df -B1 --output=target,size,avail -- "$p"; i=$((i+1)); done
 """
@@ -116,6 +126,8 @@ class HostFacts:
     nft: Version
     counters: Counters
     warnings: tuple[str, ...] = ()
+    sfq: bool | None = None  # the sfq qdisc libvirt needs for NIC bandwidth; None = unknown
+    sfq_detail: str = ""     # what decided it, for messages
 
 
 # -- parsers (pure) --------------------------------------------------------------------
@@ -285,6 +297,24 @@ def parse_counters(sections: Mapping[str, Section], warnings: list[str]) -> Coun
     return Counters(disk_read, disk_write, net_rx, net_tx)
 
 
+def parse_sfq(section: Section | None) -> tuple[bool | None, str]:
+    """Whether the kernel has the sfq qdisc (libvirt's NIC bandwidth limits need it): built
+    in, or a module that is loaded or installed. None when the kernel's config cannot be
+    read. Returns (answer, what decided it)."""
+    if section is None:
+        return None, "no qdisc section in the host facts"
+    lines = [line.strip() for line in section.text.splitlines() if line.strip()]
+    if "loaded sch_sfq" in lines or any(line.startswith("module sch_sfq") for line in lines):
+        return True, "sch_sfq module present"
+    if "CONFIG_NET_SCH_SFQ=y" in lines:
+        return True, "CONFIG_NET_SCH_SFQ=y"
+    if "CONFIG_NET_SCH_SFQ=m" in lines:
+        return False, "CONFIG_NET_SCH_SFQ=m but no sch_sfq module is installed"
+    if "# CONFIG_NET_SCH_SFQ is not set" in lines:
+        return False, "its kernel has no sfq qdisc (CONFIG_NET_SCH_SFQ is not set)"
+    return None, "the kernel's config is not readable"
+
+
 def parse_facts(output: str, token: str, storage_paths: Sequence[str]) -> HostFacts:
     """`HostFacts` from the whole output of `GATHER_SCRIPT`. Raises `Permanent` when the
     essentials (CPUs, memory, kernel) are missing; other failures become None values,
@@ -325,6 +355,7 @@ def parse_facts(output: str, token: str, storage_paths: Sequence[str]) -> HostFa
         else:
             disks.append(parse_df(section.text, path))
 
+    sfq, sfq_detail = parse_sfq(sections.get("qdiscs"))
     return HostFacts(
         cpus=cpus,
         memory_total_bytes=memory_total,
@@ -337,6 +368,8 @@ def parse_facts(output: str, token: str, storage_paths: Sequence[str]) -> HostFa
         nft=version_from("nft", sections.get("nft")),
         counters=parse_counters(sections, warnings),
         warnings=tuple(warnings),
+        sfq=sfq,
+        sfq_detail=sfq_detail,
     )
 
 

@@ -23,6 +23,7 @@ from reconciler.drivers.facts import (
     parse_facts,
     parse_meminfo,
     parse_netdev,
+    parse_sfq,
     parse_version,
     speeds,
     split_sections,
@@ -258,3 +259,37 @@ def test_storage_paths_are_data_not_script(tmp_path: Path) -> None:
     odd.mkdir()
     (disk,) = gather_facts(LocalShell(), [str(odd)]).disks
     assert disk.path == str(odd) and disk.error is None and disk.total_bytes
+
+
+@pytest.mark.parametrize(("text", "expect"), [
+    # this CI machine's kernel (6.18, captured): no sfq, so libvirt cannot limit NIC speed
+    ("# CONFIG_NET_SCH_SFQ is not set\n", (False, "its kernel has no sfq qdisc "
+                                           "(CONFIG_NET_SCH_SFQ is not set)")),
+    # Debian 12's kernel: a module, installed
+    ("CONFIG_NET_SCH_SFQ=m\nmodule sch_sfq.ko\n", (True, "sch_sfq module present")),
+    ("CONFIG_NET_SCH_SFQ=m\n", (False, "CONFIG_NET_SCH_SFQ=m but no sch_sfq module is "
+                                       "installed")),
+    ("CONFIG_NET_SCH_SFQ=y\n", (True, "CONFIG_NET_SCH_SFQ=y")),
+    ("no kernel config\nloaded sch_sfq\n", (True, "sch_sfq module present")),
+    ("no kernel config\n", (None, "the kernel's config is not readable")),
+])
+def test_sfq_qdisc_is_read_from_the_kernel_config(text, expect):
+    assert parse_sfq(Section(text, 0)) == expect
+
+
+def test_sfq_is_probed_on_this_host():
+    """The real probe on this machine agrees with its kernel's config."""
+    import gzip
+
+    facts = gather_facts(LocalShell())
+    config = Path("/proc/config.gz")
+    if not config.exists():
+        assert facts.sfq in (None, True), facts.sfq_detail
+        return
+    lines = gzip.decompress(config.read_bytes()).decode().splitlines()
+    if "# CONFIG_NET_SCH_SFQ is not set" in lines:
+        assert facts.sfq is False
+    elif "CONFIG_NET_SCH_SFQ=y" in lines:
+        assert facts.sfq is True
+    else:
+        assert facts.sfq is not None

@@ -60,6 +60,7 @@ def write_test_cell(
     running: bool = True,
     domain_vcpus: int = 1,
     domain_memory_kib: int = 131072,
+    default_network: bool = True,
 ) -> TestCell:
     """Write a test-driver node file at `path` and describe what it holds.
 
@@ -89,6 +90,15 @@ def write_test_cell(
             f"<name>{escape(name)}</name><uuid>{dom_uuid}</uuid>{metadata}"
             f"<memory unit='KiB'>{domain_memory_kib}</memory><vcpu>{domain_vcpus}</vcpu>"
             f"<os><type>hvm</type></os>{runstate}</domain>"
+        )
+    # libvirt's NAT network `default`, as a freshly installed host has it (guests of pools
+    # without an address pool attach to it); `default_network=False`: a host without it
+    if default_network:
+        parts.append(
+            "  <network><name>default</name><uuid>"
+            f"{uuid.uuid5(_IDS, f'{target}#network-default')}</uuid>"
+            "<forward mode='nat'/><bridge name='virbr0'/>"
+            "<ip address='192.168.122.1' netmask='255.255.255.0'/></network>"
         )
     parts.append("</node>\n")
     target.parent.mkdir(parents=True, exist_ok=True)

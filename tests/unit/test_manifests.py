@@ -130,34 +130,24 @@ def test_matches_compares_given_keys_only():
     assert not matches(True, 1) and matches(1, 1.0) and not matches("", None)
 
 
-def test_guest_changes_are_classified():
-    guest = ADAPTERS["Guest"]
-    assert guest.classify("cores", 1, 2)[0] is Effect.RESTART
-    assert guest.classify("disks", [10, 20], [10, 30]) == (
-        Effect.RESTART, "disks grow while the guest is stopped")
-    assert guest.classify("disks", [10, 20], [10, 5]) == (Effect.DESTRUCTIVE, "disk shrink")
-    assert guest.classify("disks", [10], [10, 5])[0] is Effect.REPLACE
-    assert guest.classify("from_image", "a", "b")[1].startswith("system reset")
-    assert guest.classify("template", "a", "b")[0] is Effect.REPLACE
-    assert guest.classify("power", "stopped", "running")[0] is Effect.LIVE
-    assert guest.classify("media", None, "iso")[0] is Effect.LIVE
-    assert guest.classify("snapshots", ["a", "b"], ["a"]) == (
-        Effect.DESTRUCTIVE, "deletes snapshot(s) b")
-    assert guest.classify("snapshots", ["a"], ["a", "b"])[0] is Effect.LIVE
-    assert guest.classify("qos", {}, {"cpu_priority": "high"})[0] is Effect.LIVE
-
-
 class FakeGuestApi:
     """What the Guest adapter calls on one guest "g"; with `follows`, the guest is observed
-    at once in the power state last asked for (an instant reconciler)."""
+    at once in the power state last asked for (an instant reconciler). Its dry runs
+    (`POST /guests/g/plan`) answer `plan` (field -> effect, "live" when not named): what the
+    server's planner says is tested in tests/api/test_guests_plan.py, not here."""
 
-    def __init__(self, running: bool, follows: bool = True) -> None:
+    def __init__(self, running: bool, follows: bool = True,
+                 plan: dict[str, str] | None = None) -> None:
         self.running, self.follows, self.calls = running, follows, []
+        self.plan = plan or {}
 
     def call(self, method, path, body=None):
         return Reply(200, 0, "", {"created": True, "running": self.running})
 
     def ok(self, method, path, body=None):
+        if path.endswith("/plan"):
+            return {"fields": {f: {"effect": self.plan.get(f, "live"), "reason": ""}
+                               for f in body}}
         if method != "GET":
             self.calls.append(f"{method} {path}")
         if path == "/media_images/":
@@ -198,7 +188,7 @@ def test_guest_power_orders_snapshots_and_media():
 def test_a_new_guest_with_media_must_run():
     """A new guest (a replacement too) is created stopped; media goes into running guests
     only: refused before anything is created or deleted."""
-    guest, api = ADAPTERS["Guest"], FakeGuestApi(running=False)
+    guest, api = ADAPTERS["Guest"], FakeGuestApi(running=False, plan={"disks": "replaces"})
     spec = {"pool": "p", "cores": 1, "memory": 1, "disks": [1], "media": "iso"}
     with pytest.raises(ManifestError, match="needs power: running"):
         guest.create(api, "g", spec, ApplyContext())
@@ -207,11 +197,13 @@ def test_a_new_guest_with_media_must_run():
                      ["disks"], ApplyContext())
     assert api.calls == []
     # --check foresees both refusals; a change in place, or power: running, is not refused
-    assert "needs power: running" in guest.refusal(None, spec, [])
+    assert "needs power: running" in guest.refusal(None, spec, [], {})
     assert "needs power: running" in guest.refusal(
-        Found("g", {"disks": [1]}), {**spec, "disks": [1, 1]}, ["disks"])
-    assert guest.refusal(Found("g", {"disks": [1]}), {**spec, "disks": [2]}, ["disks"]) == ""
-    assert guest.refusal(None, {**spec, "power": "running"}, []) == ""
+        Found("g", {"disks": [1]}), {**spec, "disks": [1, 1]}, ["disks"],
+        {"disks": Effect.REPLACE})
+    assert guest.refusal(Found("g", {"disks": [1]}), {**spec, "disks": [2]}, ["disks"],
+                         {"disks": Effect.LIVE}) == ""
+    assert guest.refusal(None, {**spec, "power": "running"}, [], {}) == ""
 
 
 def test_address_pool_range_removal_is_destructive():
