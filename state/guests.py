@@ -328,22 +328,11 @@ class GuestStore:
             elif GuestInterface.select().where(GuestInterface.mac == mac).exists():
                 raise Conflict(f"ethernet_address: {mac} is already used by another guest")
         network_address = body.get("network_address") or ""
-        allocator = hasattr(self, "allocate_guest_addresses")
-        if pool.network and not allocator:
-            problems.append(f"pool: compute pool {pool.name!r} uses address pool "
-                            f"{pool.network!r}, but address allocation is not available in "
-                            "this version yet: use a pool without an address pool")
         if network_address and not pool.network:
             problems.append(f"network_address: compute pool {pool.name!r} has no address "
                             "pool to take it from: leave it empty, or give the pool an "
                             "address pool")
         policy = body.get("security_policy_group") or ""
-        if policy and not hasattr(self, "copy_policy_to_guest"):
-            problems.append("security_policy_group: security policies are not available in "
-                            "this version yet: leave it empty")
-        if body.get("ports") and not hasattr(self, "allocate_guest_ports"):
-            problems.append("ports: port forwarding is not available in this version yet: "
-                            "leave it empty")
         if problems:
             raise Invalid("invalid guest: " + "; ".join(problems), details=problems)
         from_image = body.get("from_image") or ""
@@ -458,7 +447,7 @@ class GuestStore:
         addresses: dict[str, str] = {}
         if plan["network"]:
             addresses = self.allocate_guest_addresses(  # type: ignore[attr-defined]
-                guest_id, plan["network"], requested=spec["network_address"] or None) or {}
+                guest_id, plan["network"], requested=spec["network_address"] or None)
         try:
             GuestInterface.create(guest=guest_id, type="internal", mac=spec["ethernet_address"],
                                   address=addresses.get("internal", "") or "")
@@ -754,9 +743,8 @@ class GuestStore:
                 return False
             if not row.deleting:
                 raise Conflict(f"guest {row.name!r} is not being deleted: refusing to remove it")
-            for release in ("release_guest_addresses", "release_guest_ports"):
-                if hasattr(self, release):
-                    getattr(self, release)(guest_id)
+            self.release_guest_addresses(guest_id)  # type: ignore[attr-defined]
+            self.release_guest_ports(guest_id)  # type: ignore[attr-defined]
             GuestInterface.delete().where(GuestInterface.guest == guest_id).execute()
             Snapshot.delete().where(Snapshot.guest == guest_id).execute()
             row.delete_instance(recursive=True)
