@@ -171,6 +171,37 @@ def test_memory_and_disk_count_promises_not_measurements(store):
                                             disks=[30 * GIB, 11 * GIB]))["cell"] == "a"
 
 
+def test_resizes_grow_only_into_free_room(store):
+    store, session = store
+    observe_cell("a", disk=50 * GIB)  # under limits.max_disk (64 GiB) of one disk
+    ids = [store.create_guest(session, body(f"g{i}", cores=2))["id"] for i in range(3)]
+    guest = ids[0]
+    with pytest.raises(NoRoom) as cores:
+        store.set_cores(session, guest, 5)
+    assert str(cores.value) == (
+        "cell 'a' has no room to grow guest 'g0' to 5 cores: 2 cores free of 3 cores needed "
+        "(6 of 8 cores promised: 2 host cores x overcommit.cpu 4)")
+    store.set_cores(session, guest, 4)                       # 8 of 8
+    store.set_cores(session, guest, 1)                       # a shrink always passes
+    assert Guest.get_by_id(guest).spec["cores"] == 1
+    with pytest.raises(NoRoom) as memory:
+        store.set_memory(session, guest, 16 * GIB)
+    assert str(memory.value).startswith(
+        "cell 'a' has no room to grow guest 'g0' to 16.0 GiB memory: 15.2 GiB memory free "
+        "of 15.8 GiB memory needed (0.8 of 16.0 GiB memory promised")
+    store.set_memory(session, guest, 10 * GIB)
+    with pytest.raises(NoRoom) as disk:
+        store.resize_disk(session, guest, "0", 49 * GIB)
+    assert str(disk.value).startswith(
+        "cell 'a' has no room to grow guest 'g0' disk 0 to 49.0 GiB: 47.0 GiB disk free of "
+        "48.0 GiB disk needed (3.0 of 50.0 GiB disk promised")
+    store.resize_disk(session, guest, "0", 48 * GIB)
+    assert Guest.get_by_id(guest).spec["disks"] == [48 * GIB]
+    # the grown guest's promise is what placement counts next
+    with pytest.raises(NoRoom, match="has 1.0 GiB disk free"):
+        store.create_guest(session, body("x"))
+
+
 def test_a_migration_target_is_checked_for_the_whole_guest(store):
     store, session = store
     store.register_cell("b", {"libvirt_uri": "test:///default"})
