@@ -3,7 +3,8 @@
 one-core guests on a 2-core cell is refused at the default ratio (4 vCPUs per core) with
 a message naming the short resource and how the cell's room is counted, and accepted
 whole once the cell's own `overcommit` allows 40 vCPUs; the guests then count the same
-once the reconciler has created them as while they were pending."""
+once the reconciler has created them as while they were pending, and a resize grows a
+guest only into room its cell has left."""
 
 from __future__ import annotations
 
@@ -95,3 +96,11 @@ async def test_a_batch_of_forty_one_core_guests_on_a_two_core_cell(api, tmp_path
     await until(all_created, timeout=120, what="the 40 guests created")
     still_full = await api.call("POST", "/guests/", one_more)
     assert still_full.code == 409 and "40 of 40 cores promised" in still_full.message
+    first = next(g for g in guests if g["name"] == "small_0")
+    grow = await api.call("PUT", f"/guests/{first['id']}/cores", {"cores": 2})
+    assert grow.code == 409
+    assert grow.message == (
+        "cell 'cell-a' has no room to grow guest 'small_0' to 2 cores: 0 cores free of 1 core "
+        "needed (40 of 40 cores promised: 2 host cores x overcommit.cpu 20)")
+    await api.ok("PUT", "/cells/cell-a", {"overcommit": {"cpu": 21}})
+    await api.ok("PUT", f"/guests/{first['id']}/cores", {"cores": 2})
