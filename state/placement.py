@@ -41,7 +41,7 @@ from state.errors import Conflict, NotFound, Unavailable
 GIB = 1 << 30
 RESOURCES = ("cores", "memory", "disk")
 RATIO_OF = {"cores": "cpu", "memory": "memory", "disk": "disk"}  # Overcommit field per resource
-RATIOS = ("cpu", "memory", "disk")
+RATIOS = tuple(RATIO_OF.values())  # cpu, memory, disk: the keys of the setting and the field
 
 
 class NoRoom(Conflict):
