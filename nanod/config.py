@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from state.placement import overcommit_from
+
 DEFAULTS: dict[str, Any] = {
     "listen": "127.0.0.1:5870",
     "data_dir": "/var/lib/nano",
@@ -20,6 +22,9 @@ DEFAULTS: dict[str, Any] = {
     "cors_origins": [],
     "log_level": "info",
     "limits": {"max_cores": 24, "max_memory": 32, "max_disk": 64},
+    # placement's ratios: vCPUs per host core, guest memory/disk bytes per host byte; a
+    # cell's own `overcommit` field overrides them (state/placement.py)
+    "overcommit": {"cpu": 4, "memory": 1.0, "disk": 1.0},
     "reconciler": {"enabled": True, "workers": 4, "resync_seconds": 30, "offline_after": 3},
     "images": {"max_upload_bytes": 64 << 30, "upload_idle_seconds": 60},
 }
@@ -57,6 +62,10 @@ def load(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
         settings = merge(settings, data)
     settings = merge(settings, {k: v for k, v in overrides.items() if v not in (None, "")})
     settings["data_dir"] = os.path.abspath(settings["data_dir"])
+    try:
+        overcommit_from(settings["overcommit"], "overcommit")
+    except ValueError as exc:
+        raise SystemExit(f"nanod: config {path or '(defaults)'}: {exc}") from None
     return settings
 
 

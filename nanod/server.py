@@ -68,7 +68,7 @@ def open_store(settings: dict[str, Any]) -> Store:
     os.makedirs(settings["data_dir"], exist_ok=True)
     open_database(database_url(settings.get("database"), settings["data_dir"]))
     return Store(session_timeout=int(settings["session_timeout"]), limits=settings["limits"],
-                 data_dir=settings["data_dir"])
+                 data_dir=settings["data_dir"], overcommit=settings["overcommit"])
 
 
 def lock_data_dir(data_dir: str) -> int:

@@ -9,7 +9,9 @@ entry, as "fail" with the reason.
 
 Batch creates insert every guest in one transaction: all or none, so a crash or a refusal
 (no room for the 5th guest, a name taken) never leaves half a batch, and a retry cannot
-create a guest twice.
+create a guest twice. Placement counts each guest of the batch as it places it, as it
+counts guests that exist (state/placement.py): a batch of N fits exactly when N single
+creates would.
 
 Names: rule `order` gives <prefix>_0, <prefix>_1, ...; `MAC` names a guest after its MAC
 with ':' replaced by '-' (00-16-3e-1a-2b-3c, after "<prefix>_" when a prefix is given);
@@ -30,6 +32,7 @@ from state.db import db
 from state.errors import Conflict, Invalid, NanoError, NotFound
 from state.identity import SessionInfo
 from state.models import BatchEntry, BatchTask, Guest, now
+from state.placement import NoRoom
 
 KEEP_FINISHED = dt.timedelta(hours=1)
 FINISHED = {"created", "deleted", "stopped", "fail"}
@@ -92,8 +95,12 @@ class BatchStore:
             for position in range(count):
                 name: Any = {"order": f"{prefix}_{position}", "MAC": by_mac,
                              "address": by_address}[rule]
-                row = self.insert_guest(plan, name, batch=task.id,  # type: ignore[attr-defined]
-                                        rooms=rooms)
+                try:
+                    row = self.insert_guest(plan, name,  # type: ignore[attr-defined]
+                                            batch=task.id, rooms=rooms)
+                except NoRoom as exc:
+                    raise NoRoom(f"batch of {count} guests: room for {position} only: "
+                                 f"{exc.message}") from None
                 BatchEntry.create(task=task.id, position=position, guest=row.id, name=row.name,
                                   status="creating")
                 guests.append({"id": row.id, "name": row.name, "cell": row.cell})

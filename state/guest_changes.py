@@ -5,7 +5,9 @@ generation bumped in one compare-and-set transaction (`GuestStore._change`).
 
 Called by the guest routes (`api/guests.py`) and the batch store (`state/batches.py`).
 Refusals that depend on what the reconciler observed (running or not, created or not) are
-checked here, against the observed facts stored at the time of the request.
+checked here, against the observed facts stored at the time of the request. A resize that
+grows a guest is refused when its cell has not that much room left (state/placement.py
+counts it, the same way as for creates), in the transaction that stores it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from state.errors import Conflict, Invalid, NotFound
 from state.guests import GIB, QOS_DEFAULTS, GuestStore, generate_password, generate_secret
 from state.identity import SessionInfo
 from state.models import Guest
+from state.placement import Amounts, check_room, growth, guest_need
 
 
 def ask_power(spec: dict[str, Any], power: str) -> None:
@@ -40,6 +43,16 @@ def ask_stop(spec: dict[str, Any], mode: str, *, escalate: bool = False) -> None
 class GuestChangeStore(GuestStore):
     """Mixin of `state.store.Store`: the verbs on existing guests."""
 
+    def _check_growth(self, row: Guest, before: Amounts, spec: dict[str, Any], what: str
+                      ) -> None:
+        """Refuse (NoRoom, naming the cell and the short resource) a resize from `before`
+        to `spec` that asks the guest's cell for more than it has not promised yet. A
+        shrink, or a change within what the guest already holds, always passes."""
+        more = growth(before, guest_need(spec))
+        if more != Amounts():
+            check_room(self._cell_room(row.cell), more,
+                       purpose=f"to grow guest {row.name!r} {what}")
+
     def set_auto_start(self, session: SessionInfo, guest_id: str, enable: bool) -> str:
         def change(row: Guest, spec: dict) -> str:
             spec["auto_start"] = enable
@@ -52,7 +65,9 @@ class GuestChangeStore(GuestStore):
             raise Invalid(f"cores: {cores} is more than the limit of {self.limits['max_cores']}")
 
         def change(row: Guest, spec: dict) -> str:
+            before = guest_need(spec)
             spec["cores"] = cores
+            self._check_growth(row, before, spec, f"to {cores} cores")
             spec["immediate"]["cores"] = immediate
             return row.name
         return self._change(session, guest_id, change)
@@ -64,7 +79,9 @@ class GuestChangeStore(GuestStore):
                           f"{self.limits['max_memory']} GiB")
 
         def change(row: Guest, spec: dict) -> str:
+            before = guest_need(spec)
             spec["memory"] = memory
+            self._check_growth(row, before, spec, f"to {memory / GIB:.1f} GiB memory")
             spec["immediate"]["memory"] = immediate
             return row.name
         return self._change(session, guest_id, change)
@@ -92,7 +109,9 @@ class GuestChangeStore(GuestStore):
                 raise Invalid(f"size: {size} bytes is smaller than disk {index} "
                               f"({current} bytes): disks only grow; to compact a disk use "
                               f"PUT /guests/{row.id}/disks/shrink/{index}")
+            before = guest_need(spec)
             spec["disks"][index] = size
+            self._check_growth(row, before, spec, f"disk {index} to {size / GIB:.1f} GiB")
             spec["immediate"]["disks"][str(index)] = immediate
             return row.name
         return self._change(session, guest_id, change)

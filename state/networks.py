@@ -447,7 +447,7 @@ class NetworkStore(PolicyStore):
 
     def guest_port_range(self) -> tuple[int, int]:
         """Cell ports handed to guests: limits.guest_ports of the settings, or 20000-29999."""
-        low, high = (getattr(self, "limits", None) or {}).get("guest_ports", DEFAULT_PORT_RANGE)
+        low, high = self.limits.get("guest_ports", DEFAULT_PORT_RANGE)
         return int(low), int(high)
 
     def allocate_guest_ports(self, guest_id: str, cell: str,

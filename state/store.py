@@ -16,6 +16,7 @@ from state.images import ImageStore
 from state.netconfig import NetConfigStore
 from state.netstatus import NetStatusStore
 from state.networks import NetworkStore
+from state.placement import overcommit_from
 from state.poolstatus import PoolStatusStore
 from state.replicas import ReplicaStore
 from state.snapshots import SnapshotStore
@@ -30,7 +31,9 @@ class Store(CloneStore, PoolStatusStore, NetStatusStore, IdentityStore, ComputeS
     """Facade over the database opened by `state.db.open_database`."""
 
     def __init__(self, *, session_timeout: int = 180, limits: dict | None = None,
-                 data_dir: str = "") -> None:
+                 data_dir: str = "", overcommit: dict | None = None) -> None:
         self.session_timeout = session_timeout
         self.data_dir = data_dir
         self.limits = {"max_cores": 24, "max_memory": 32, "max_disk": 64, **(limits or {})}
+        # placement's ratios (state/placement.py); cells may override them
+        self.overcommit = overcommit_from(overcommit or {}, "overcommit")

@@ -68,7 +68,7 @@ async def test_batch_create_by_order(api, server):
 
 @pytest.mark.gen_test
 async def test_batch_create_is_all_or_nothing(api):
-    await make_pool(api, "pool1", {"cell-a": {"available_memory": 5 * GIB}})
+    await make_pool(api, "pool1", {"cell-a": {"max_memory": 5 * GIB}})
     full = await api.call("POST", "/batch/create_guest/", batch_body(count=3, memory=2 * GIB))
     assert full.code == 409 and "memory free" in full.message
     assert Guest.select().count() == 0 and BatchTask.select().count() == 0

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 IO_LIBRARIES = {"libvirt", "paramiko", "peewee", "playhouse", "tornado", "subprocess", "socket"}
 PURE_MODULES = ["reconciler/contract.py", "reconciler/guest_xml.py", "reconciler/cloudinit.py",
                 "reconciler/guest_plan.py",
-                "state/rules.py",
+                "state/rules.py", "state/placement.py",
                 "reconciler/firewall.py"]
 
 
