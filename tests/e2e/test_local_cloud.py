@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from nanod.kinds import ADAPTERS
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.e2e.conftest import EXAMPLES, Nanod, lines
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,7 @@ def libvirt_names(qemu_dir: Path) -> Iterator[dict[str, str]]:
            "NANO_TEMPLATE": f"tpl-{tag}", "NANO_POLICY": f"pol-{tag}",
            "NANO_STORAGE_PATH": str(qemu_dir / "images"), "NANO_VIRT_TYPE": "qemu"}
     yield env
-    pool = f"nano-{env['NANO_CELL']}"
+    pool = f"{PREFIX}-{env['NANO_CELL']}"
     for domain in virsh("list", "--all", "--name").stdout.split():
         if f"pool='{pool}'" in virsh("dumpxml", domain).stdout:  # a guest left by a failure
             virsh("destroy", domain)
@@ -114,7 +115,7 @@ def test_local_cloud_example_lifecycle(libvirt_names, nanod: Nanod, tmp_path: Pa
     assert any(line.startswith("converged:") for line in out), first.stdout
     cell = nanod.data_of(f"/cells/{env['NANO_CELL']}")
     assert cell["pool"] == env["NANO_POOL"] and cell["status"]["phase"] == "online"
-    assert virsh("pool-info", f"nano-{env['NANO_CELL']}").returncode == 0
+    assert virsh("pool-info", f"{PREFIX}-{env['NANO_CELL']}").returncode == 0
 
     again = nanod.run("apply", "-f", str(example), extra_env=env)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -191,8 +192,8 @@ def test_drift_reported_after_a_change_made_directly_in_libvirt(libvirt_names, n
     # and its directory replaced by a file, so the reconciler cannot bring it back.
     path.rmdir()
     path.write_text("not a directory")
-    assert virsh("pool-destroy", f"nano-{cell}").returncode == 0
-    assert virsh("pool-undefine", f"nano-{cell}").returncode == 0
+    assert virsh("pool-destroy", f"{PREFIX}-{cell}").returncode == 0
+    assert virsh("pool-undefine", f"{PREFIX}-{cell}").returncode == 0
 
     def drifted():
         out = nanod.run("drift")
@@ -206,6 +207,6 @@ def test_drift_reported_after_a_change_made_directly_in_libvirt(libvirt_names, n
 
     path.unlink()  # repaired: the reconciler recreates the pool and the drift goes away
     wait_for(lambda: nanod.run("drift").returncode == 0, 30, "the drift to be repaired")
-    assert virsh("pool-info", f"nano-{cell}").returncode == 0
+    assert virsh("pool-info", f"{PREFIX}-{cell}").returncode == 0
     deleted = nanod.run("delete", "-f", str(manifest))
     assert lines(deleted.stdout)[-1] == "ok=0 changed=1 failed=0"
