@@ -23,6 +23,8 @@ from nanod import config
 from reconciler import naming
 from state.db import close_database
 
+pytest_plugins = ["tests.setup_guard"]  # a setup nanod on this host is left as it was
+
 ADMIN = "admin"
 ADMIN_PASSWORD = "Adm1nPassword"
 PG_URL = os.environ.get("NANO_TEST_POSTGRES", "")

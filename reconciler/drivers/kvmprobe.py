@@ -193,13 +193,13 @@ class ProbeResult:
 def run_probe(uri: str, virt_type: str, *, timeout: float = DEFAULT_TIMEOUT) -> ProbeResult:
     """Boot the probe under `virt_type` (kvm or qemu) on `uri` and wait for its output;
     the domain and its files are gone when this returns, whatever happened."""
-    work = tempfile.mkdtemp(prefix="nano-kvm-probe-", dir=WORK_BASE)
+    work = tempfile.mkdtemp(prefix="nanoprobe-kvm-", dir=WORK_BASE)
     os.chmod(work, 0o755)  # QEMU runs as libvirt's user
     disk = os.path.join(work, "boot.img")
     console = os.path.join(work, "console.log")
     with open(disk, "wb") as fh:
         fh.write(boot_sector().ljust(1 << 20, b"\0"))  # a whole MiB: SeaBIOS sees a disk
-    name = f"nano-kvm-probe-{uuid.uuid4().hex[:8]}"
+    name = f"nanoprobe-kvm-{uuid.uuid4().hex[:8]}"
     hv = LibvirtHypervisor(uri)
     domain: libvirt.virDomain | None = None
     try:

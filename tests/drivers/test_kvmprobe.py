@@ -35,8 +35,8 @@ def test_boot_sector_is_one_bootable_sector_with_both_markers():
 
 def leftovers(system_hv) -> tuple[list[str], list[str]]:
     domains = system_hv.call("list", lambda c: [d.name() for d in c.listAllDomains()])
-    return ([d for d in domains if d.startswith("nano-kvm-probe-")],
-            [p for p in os.listdir(WORK_BASE) if p.startswith("nano-kvm-probe-")])
+    return ([d for d in domains if d.startswith("nanoprobe-kvm-")],
+            [p for p in os.listdir(WORK_BASE) if p.startswith("nanoprobe-kvm-")])
 
 
 @pytest.mark.integration
