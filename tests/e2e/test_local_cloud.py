@@ -251,7 +251,7 @@ def test_drift_reported_after_a_change_made_directly_in_libvirt(libvirt_names, n
         return out if out.returncode == 1 else None
 
     report = wait_for(drifted, 30, "nanod drift to report the cell")
-    assert f"Cell/{cell}: not ready: StorageFailed: start pool nano-{cell}: " in report.stdout
+    assert f"Cell/{cell}: not ready: StorageFailed: start pool {PREFIX}-{cell}: " in report.stdout
     assert "Not a directory" in report.stdout
     table = lines(nanod.run("get", "cell", cell).stdout)
     assert table[1].startswith(f"{cell} online False ") and "StorageReady=False" in table[1]
