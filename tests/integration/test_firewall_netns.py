@@ -298,7 +298,8 @@ def test_stale_table_of_the_other_family_is_reported_and_purged(
     lab.run(lab.cell, ["nft", "add", "table", str(other), TABLE])
     observed = firewall.inspect()
     assert observed.stale == (other,)
-    assert any(a.reason == f"stale table {other} nano" for a in plan_firewall(desired, observed))
+    assert any(a.reason == f"stale table {other} {TABLE}"
+               for a in plan_firewall(desired, observed))
     firewall.apply(desired, observed=observed)
     assert converged(firewall, desired)
 
