@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--no-local-cell", dest="local_cell", action="store_false",
                       help="do not register this host as cell 'local' in compute pool 'default'")
     init.add_argument("--virt-type", choices=["auto", "kvm", "qemu"], default="auto",
-                      help="virtualization of the local cell (auto: kvm when /dev/kvm is usable)")
+                      help="virtualization of the local cell (auto: kvm only when a KVM guest "
+                      "really runs code on this host, tried with a boot sector; else qemu)")
 
     rec = sub.add_parser("reconcile", help="run the reconciler")
     _server_flags(rec)
@@ -115,7 +116,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.local_cell:
         virt = args.virt_type
         if virt == "auto":
-            virt = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
+            from reconciler.drivers.kvmprobe import choose_virt_type
+
+            print("probing KVM: booting a test guest under kvm on qemu:///system ...",
+                  flush=True)
+            virt, why = choose_virt_type("qemu:///system")
+            print(f"virt_type {virt}: {why}")
         done = store.bootstrap_local_cell(virt_type=virt)
         print(done)
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from reconciler.naming import check_prefix
 from state.placement import overcommit_from
 
 DEFAULTS: dict[str, Any] = {
@@ -27,6 +28,10 @@ DEFAULTS: dict[str, Any] = {
     "overcommit": {"cpu": 4, "memory": 1.0, "disk": 1.0},
     "reconciler": {"enabled": True, "workers": 4, "resync_seconds": 30, "offline_after": 3},
     "images": {"max_upload_bytes": 64 << 30, "upload_idle_seconds": 60},
+    # The prefix of everything nanod makes on its cells (reconciler/naming.py): domains,
+    # volumes, storage pools, networks, bridges, nft tables. Two nanods sharing a host
+    # (e.g. the test suite's beside scripts/setup's) need different ones.
+    "names": {"prefix": "nano"},
 }
 
 
@@ -66,6 +71,13 @@ def load(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
         overcommit_from(settings["overcommit"], "overcommit")
     except ValueError as exc:
         raise SystemExit(f"nanod: config {path or '(defaults)'}: {exc}") from None
+    names = settings["names"]
+    if not isinstance(names, dict) or set(names) != {"prefix"}:
+        raise SystemExit(f"nanod: names must be {{prefix: PREFIX}}, not {names!r}")
+    try:
+        check_prefix(names["prefix"])
+    except ValueError as exc:
+        raise SystemExit(f"nanod: {exc}") from None
     return settings
 
 

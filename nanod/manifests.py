@@ -461,6 +461,7 @@ def wait(client: NanoClient, docs: Sequence[Document], seconds: float, *,
     deadline = clock() + seconds
     tty = out.isatty()
     started = clock()
+    pause = 0.2  # most changes converge within a second or two: look early, then every 1 s
     while True:
         by_key = {(s.kind, s.scope, s.name): s for s in statuses(client)}
         pending: list[str] = []
@@ -487,7 +488,8 @@ def wait(client: NanoClient, docs: Sequence[Document], seconds: float, *,
             out.flush()
         if not pending or clock() >= deadline:
             break
-        time.sleep(1.0)
+        time.sleep(pause)
+        pause = min(1.0, pause * 1.5)
     if tty:
         out.write("\n")
     elapsed = clock() - started

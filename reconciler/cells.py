@@ -29,6 +29,7 @@ from reconciler.contract import (
     get_condition,
     set_condition,
 )
+from reconciler.naming import names
 from state.compute import CellSpec, libvirt_uri_for
 from state.errors import NanoError, Unavailable
 
@@ -37,15 +38,15 @@ log = logging.getLogger("nano.reconciler.cells")
 def local_pool_name(cell: str) -> str:
     """The libvirt dir pool for a cell's local storage path (per cell: two cells may share
     one libvirtd in tests and demos)."""
-    return f"nano-{cell}"
+    return names().local_pool(cell)
 
 
 def shared_pool_name(storage_pool: str) -> str:
-    return f"nano-shared-{storage_pool}"
+    return names().shared_pool(storage_pool)
 
 
 def shared_mount(storage_pool: str) -> str:
-    return f"/var/lib/nano/mnt/{storage_pool}"
+    return names().shared_mount(storage_pool)
 
 
 @dataclass(frozen=True)
@@ -407,7 +408,8 @@ class CellReconciler:
             "storage_pools": [{"name": name, **state} for name, state in sorted(pools.items())],
             "networks": networks,
             "domains": len(domains),
-            "unowned_domains": sorted(d.name for d in domains if d.owned_id is None),
+            "unowned_domains": sorted(d.name for d in domains
+                                      if d.owned_id is None and not d.foreign),
             "owned_domains": {d.owned_id: d.state for d in domains if d.owned_id},
         }
         return observed, actions

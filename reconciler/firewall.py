@@ -51,6 +51,7 @@ from enum import StrEnum
 from typing import Any
 
 from reconciler.contract import Action, Key, Verb
+from reconciler.naming import names
 from state.errors import Invalid
 from state.rules import (  # noqa: F401  (re-exported: the firewall model)
     ACTIONS,
@@ -64,8 +65,12 @@ from state.rules import (  # noqa: F401  (re-exported: the firewall model)
     validate_rule,
 )
 
-TABLE = "nano"
-"""Our table's name in whichever family: everything in it is ours, nothing else is."""
+
+def _table() -> str:
+    """Our table's name (the names prefix, `nano` by default) in whichever family:
+    everything in it is ours, nothing else is."""
+    return names().firewall_table
+
 
 MAP = "guests"
 """The verdict map from a guest's MAC to a jump to its chain."""
@@ -300,14 +305,15 @@ def render_ruleset(
     Raises `Invalid` for duplicate MACs and interface rules that cannot be rendered."""
     ordered = sorted(policies, key=lambda p: p.mac)
     _check_renderable(ordered, family)
+    table = _table()
     out: list[str] = []
     for other in purge:
         if other is not family:
-            out += [f"table {other} {TABLE}", f"delete table {other} {TABLE}"]
+            out += [f"table {other} {table}", f"delete table {other} {table}"]
     out += [
-        f"table {family} {TABLE}",
-        f"delete table {family} {TABLE}",
-        f"table {family} {TABLE} {{",
+        f"table {family} {table}",
+        f"delete table {family} {table}",
+        f"table {family} {table} {{",
     ]
     for policy in ordered:
         out += _guest_chain_block(policy)
@@ -340,27 +346,28 @@ def render_changes(
         return render_ruleset(wanted, family=family, purge=observed.stale)
     have = {p.mac: p for p in observed.policies}
     want = {p.mac: p for p in wanted}
+    table = _table()
     out: list[str] = []
     for mac in sorted(set(have) - set(want)):
-        out.append(f"delete element {family} {TABLE} {MAP} {{ {mac} }}")
-        out.append(f"delete chain {family} {TABLE} {chain_name(mac)}")
+        out.append(f"delete element {family} {table} {MAP} {{ {mac} }}")
+        out.append(f"delete chain {family} {table} {chain_name(mac)}")
     added: list[GuestPolicy] = []
     for policy in wanted:
         before = have.get(policy.mac)
         if before == policy:
             continue
         if before is None:
-            out.append(f"add chain {family} {TABLE} {policy.chain}")
+            out.append(f"add chain {family} {table} {policy.chain}")
             added.append(policy)
         else:
-            out.append(f"flush chain {family} {TABLE} {policy.chain}")
+            out.append(f"flush chain {family} {table} {policy.chain}")
         out += [
-            f"add rule {family} {TABLE} {policy.chain} {line}"
+            f"add rule {family} {table} {policy.chain} {line}"
             for line in render_guest_rules(policy)
         ]
     if added:
         elements = ", ".join(_element(p) for p in added)
-        out.append(f"add element {family} {TABLE} {MAP} {{ {elements} }}")
+        out.append(f"add element {family} {table} {MAP} {{ {elements} }}")
     return "\n".join(out) + "\n" if out else ""
 
 
@@ -678,12 +685,12 @@ def parse_observed(json_text: str) -> ObservedFirewall:
         ((kind, body),) = item.items()
         if not isinstance(body, dict):
             continue
-        if kind == "table" and body.get("name") == TABLE:
+        if kind == "table" and body.get("name") == _table():
             try:
                 family = Family(str(body.get("family")))
             except ValueError as exc:
                 raise ValueError(
-                    f"table {TABLE} in unexpected family {body.get('family')!r}"
+                    f"table {_table()} in unexpected family {body.get('family')!r}"
                 ) from exc
         elif kind == "chain":
             chains[body["name"]] = body
@@ -786,7 +793,7 @@ def plan_firewall(
     """
     wanted = sorted(desired, key=lambda p: p.mac)
     actions: list[Action] = []
-    table = Key(TABLE_KIND, TABLE)
+    table = Key(TABLE_KIND, _table())
     if isinstance(observed, ObservedFirewall):
         if not observed.present:
             where = f"{family} " if family else ""
@@ -796,7 +803,7 @@ def plan_firewall(
                     table,
                     None,
                     {"guests": len(wanted)},
-                    reason=f"table {where}{TABLE} missing",
+                    reason=f"table {where}{_table()} missing",
                 )
             )
         elif family is not None and observed.family is not family:
@@ -815,10 +822,10 @@ def plan_firewall(
             actions.append(
                 Action(
                     Verb.DELETE,
-                    Key(TABLE_KIND, f"{stale}:{TABLE}"),
+                    Key(TABLE_KIND, f"{stale}:{_table()}"),
                     None,
                     None,
-                    reason=f"stale table {stale} {TABLE}",
+                    reason=f"stale table {stale} {_table()}",
                 )
             )
         have_list: Sequence[GuestPolicy] = observed.policies

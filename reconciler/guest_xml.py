@@ -32,11 +32,12 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Protocol
 
+from reconciler.naming import names
+
 NANO_NS = "https://nano.cloud/xmlns/guest/1"
 """Namespace of our `<metadata>` mark (the same URI as `reconciler.drivers.libvirt_hv`)."""
 NANO_PREFIX = "nano"
-DOMAIN_PREFIX = "nano-"
-"""Libvirt domain names are `nano-<guest id>`: deterministic, so a lost create is found."""
+"""The XML prefix of our `<metadata>` element (not the names prefix of reconciler/naming.py)."""
 MAC_OUI = "00:16:3e"
 SECRET_LENGTH = 8
 CPU_SHARES = {"high": 2000, "medium": 1000, "low": 500}
@@ -284,8 +285,9 @@ class DomainSpec:
 
 
 def domain_name(guest_id: str) -> str:
-    """The libvirt domain name of a guest."""
-    return DOMAIN_PREFIX + guest_id
+    """The libvirt domain name of a guest, `nano-<guest id>` for names prefix `nano`:
+    deterministic, so a lost create is found."""
+    return names().domain(guest_id)
 
 
 def serial_log_path(guest_id: str) -> str:

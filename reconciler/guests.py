@@ -64,6 +64,7 @@ from reconciler.guest_xml import (
     render_graphics_xml,
     serial_log_path,
 )
+from reconciler.naming import names
 from state.compute import CellSpec
 from state.errors import Invalid, NanoError, NotFound, Permanent, Unavailable
 from state.guests import SnapshotDesired
@@ -75,19 +76,19 @@ DEFAULT_NETWORK = "default"  # libvirt's NAT network, for pools without an addre
 
 def address_pool_network(name: str) -> str:
     """The libvirt network of an address pool on every cell of its compute pools."""
-    return f"nano-net-{name}"
+    return names().network(name)
 
 
 def volume_name(guest_id: str, index: int) -> str:
-    return f"nano-{guest_id}-disk{index}"
+    return names().volume(guest_id, index)
 
 
 def seed_volume(guest_id: str) -> str:
-    return f"nano-{guest_id}-seed.iso"
+    return names().seed_volume(guest_id)
 
 
 def image_volume(kind: str, image_id: str, version: int) -> str:
-    return f"nano-{kind}-{image_id}-v{version}"
+    return names().image_volume(kind, image_id, version)
 
 
 def now_text() -> str:
@@ -684,7 +685,7 @@ class GuestReconciler:
         self.store.record_guest_observed(desired.id, phase="deleting")
         drv.undefine(name)
         for vol in drv.volumes(place.pool):
-            if vol.startswith(f"nano-{desired.id}-"):
+            if vol.startswith(names().guest_volumes(desired.id)):
                 drv.delete_volume(place.pool, vol)
         if drv.state(name) is not None:
             raise Unavailable(f"domain {name} still exists after undefine; retrying")

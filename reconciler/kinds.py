@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from reconciler import naming
 from reconciler.cells import CellConnections, CellReconciler
 from reconciler.contract import Key
 from reconciler.firewalls import FirewallReconciler
@@ -16,6 +17,7 @@ from reconciler.pools import ComputePoolReconciler, StoragePoolReconciler
 
 
 def build(store: Any, settings: dict[str, Any]) -> Controller:
+    naming.use(settings["names"]["prefix"])  # before any reconciler names anything
     conf = settings.get("reconciler", {})
     pending: list[Controller] = []
 

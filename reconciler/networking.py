@@ -9,7 +9,8 @@ API) by waking the network of every cell that uses the pool and recording when a
 serve its current generation.
 
 What a cell gets for address pool P (ARCHITECTURE.md §4 networks):
-- libvirt network `nano-net-P` (`render_network_xml`): the pool gateway with the pool's
+- libvirt network `nano-net-P` (`render_network_xml`; `nano` is the names prefix,
+  reconciler/naming.py): the pool gateway with the pool's
   netmask on bridge `nanobr-<hash>`; `<dhcp>` with no range and one `<host>` per internal
   address allocated to a guest interface (dnsmasq answers only those MACs); DNS forwarders
   from the pool. Host entries follow guests live (`networkUpdate`), never by a restart.
@@ -40,7 +41,6 @@ Pure parts (names, render, parse, plans) are module functions; effects go throug
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import xml.etree.ElementTree as ET
@@ -50,13 +50,11 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from reconciler.contract import READY, Action, Key, Result, Verb, format_time, set_condition
+from reconciler.naming import names
 from state.errors import Conflict, NanoError, Unavailable
 
 log = logging.getLogger("nano.reconciler.networking")
 
-NETWORK_PREFIX = "nano-net-"
-BRIDGE_PREFIX = "nanobr-"
-NAT_PREFIX = "nano_nat_"
 NAMESPACE = "https://nano.cloud/xmlns/network/1"
 NETWORK_KEY = "address_network"  # the cell's observed key (state/netstatus.py)
 NETWORK_READY = "NetworkReady"
@@ -68,22 +66,18 @@ MASQUERADE_COMMENT = "nano outbound"
 
 def network_name(pool: str) -> str:
     """The libvirt network of address pool `pool` (reconciler.guests uses the same)."""
-    return f"{NETWORK_PREFIX}{pool}"
-
-
-def _short_hash(pool: str) -> str:
-    return hashlib.sha1(pool.encode()).hexdigest()[:8]
+    return names().network(pool)
 
 
 def bridge_name(pool: str) -> str:
-    """The host bridge of the pool's network: 'nanobr-' + 8 hex digits (15 characters,
-    the kernel's limit), the same on every cell."""
-    return f"{BRIDGE_PREFIX}{_short_hash(pool)}"
+    """The host bridge of the pool's network: `nanobr-` + 8 hex digits for prefix `nano`
+    (15 characters, the kernel's limit), the same on every cell."""
+    return names().bridge(pool)
 
 
 def nat_table(pool: str) -> str:
     """The `ip` family nftables table holding the pool network's NAT on a cell."""
-    return f"{NAT_PREFIX}{_short_hash(pool)}"
+    return names().nat_table(pool)
 
 
 def now_text() -> str:
@@ -575,7 +569,7 @@ class NetworkReconciler:
         from reconciler.drivers.networks import list_networks
 
         hv = link.hypervisor
-        existing = {n.name: n for n in list_networks(hv, NETWORK_PREFIX)}
+        existing = {n.name: n for n in list_networks(hv, names().network_prefix)}
         actions: list[Action] = []
         drift: list[str] = []
         notes: list[str] = []
@@ -766,7 +760,7 @@ class NetworkReconciler:
                 continue
             delete_network(hv, name)
             delete_nft_table(self.connections.link(spec).shell, "ip",
-                             nat_table(have.pool or name[len(NETWORK_PREFIX):]))
+                             nat_table(have.pool or name[len(names().network_prefix):]))
             owned.pop(name, None)
             actions.append(Action(Verb.DELETE, Key("network", name), {"bridge": have.bridge},
                                   None, reason="no cell of this libvirtd uses its pool"))
@@ -790,8 +784,9 @@ class NetworkReconciler:
             return []
         self._orphans_checked[spec.name] = time.monotonic()
         try:
-            tables = [t for t in nft_table_names(shell, "ip") if t.startswith(NAT_PREFIX)]
-            bridges = {t: BRIDGE_PREFIX + t[len(NAT_PREFIX):] for t in tables}
+            ours = names()
+            tables = [t for t in nft_table_names(shell, "ip") if t.startswith(ours.nat_prefix)]
+            bridges = {t: ours.bridge_of_nat_table(t) for t in tables}
             present = existing_links(shell, sorted(bridges.values()))
             actions = []
             for table, bridge in sorted(bridges.items()):

@@ -35,8 +35,11 @@ class PoolStatusStore:
         cells = []
         for cell in Cell.select().where(Cell.pool.in_(users)).order_by(Cell.name) if users \
                 else []:
-            pools = {p["name"]: p for p in (cell.observed or {}).get("storage_pools", [])}
-            seen = pools.get(f"nano-shared-{name}")
+            # libvirt names `<names prefix>-shared-<name>` (reconciler/naming.py; the prefix
+            # has no '-')
+            pools = {p["name"].partition("-")[2]: p
+                     for p in (cell.observed or {}).get("storage_pools", [])}
+            seen = pools.get(f"shared-{name}")
             cells.append({"cell": cell.name, "attached": bool(seen and seen.get("active")),
                           "error": (seen or {}).get("error", "") if seen else
                           "not set up on this cell yet"})

@@ -20,11 +20,55 @@ import pytest
 import tornado.httpclient
 
 from nanod import config
+from reconciler import naming
 from state.db import close_database
+
+pytest_plugins = ["tests.setup_guard"]  # a setup nanod on this host is left as it was
 
 ADMIN = "admin"
 ADMIN_PASSWORD = "Adm1nPassword"
 PG_URL = os.environ.get("NANO_TEST_POSTGRES", "")
+
+TEST_NAMES_PREFIX = "nanotest"
+"""Every nanod and reconciler the tests run names what it makes on this host with this
+prefix (reconciler/naming.py): `nanotest-<guest id>`, pools `nanotest-<cell>`, networks
+`nanotest-net-*`, nft tables `nanotest` and `nanotest_nat_*`. Never the production `nano`:
+the suite runs beside a nanod that scripts/setup started (tests/setup_guard.py checks it
+is left as it was)."""
+TEST_SETTINGS: dict[str, Any] = {
+    "names": {"prefix": TEST_NAMES_PREFIX},
+    # cell ports for guests' port forwards, apart from a production nanod's 20000-29999
+    "limits": {"guest_ports": [46000, 46999]},
+}
+naming.use(TEST_NAMES_PREFIX)  # for tests that drive reconcilers and drivers directly
+
+
+def write_nanod_config(path: Any, settings: dict[str, Any] | None = None) -> Any:
+    """A `nanod --config` file for a nanod process a test starts: the tests' names and
+    ports (TEST_SETTINGS) under `settings`."""
+    import yaml
+
+    merged = config.merge(TEST_SETTINGS, settings or {})
+    with open(path, "w") as fh:
+        yaml.safe_dump(merged, fh)
+    return path
+
+
+@pytest.fixture
+def production_names() -> Iterator[naming.Names]:
+    """The production prefix `nano`, for pure tests that compare with listings, scripts and
+    XML captured from (or written for) a production cell; nothing touches the host."""
+    with naming.using(naming.DEFAULT_PREFIX) as names:
+        yield names
+
+
+@pytest.fixture(autouse=True)
+def _names_stay_the_tests() -> Iterator[None]:
+    """Fails a test that left this process naming things like a production nanod."""
+    yield
+    assert naming.names().prefix == TEST_NAMES_PREFIX, (
+        f"the test left names prefix {naming.names().prefix!r}: build nanod settings with "
+        "the `settings` fixture or config.merge(TEST_SETTINGS, ...)")
 
 
 def _postgres(sql: str) -> None:
@@ -64,11 +108,11 @@ def database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
 
 @pytest.fixture
 def settings(tmp_path: Any, database: str) -> dict[str, Any]:
-    return config.load(None, {
+    return config.load(None, config.merge(TEST_SETTINGS, {
         "data_dir": str(tmp_path / "data"),
         "database": database,
         "reconciler": {"enabled": False},
-    })
+    }))
 
 
 @dataclass

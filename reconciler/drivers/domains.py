@@ -3,8 +3,9 @@ statistics and the guest agent. `LibvirtGuests(hypervisor)` works on the connect
 `LibvirtHypervisor` (reconnects and error translation included).
 
 Called by the guest reconciler (reconciler/guests.py) from worker threads; every method is
-blocking. Ownership: we only touch domains whose name starts with `nano-` and whose
-metadata carries our mark, and volumes named `nano-...`.
+blocking. Ownership: we only touch domains whose name starts with `nano-` (the names
+prefix, reconciler/naming.py) and whose metadata carries our mark, and volumes named
+`nano-...`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any, TypeVar
 import libvirt
 import libvirt_qemu
 
+from reconciler import naming
 from reconciler.drivers.libvirt_hv import NAMESPACE, LibvirtHypervisor
-from state.errors import Conflict, Invalid, NanoError, NotFound
+from state.errors import Conflict, NanoError, NotFound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,7 +50,6 @@ SHUTOFF_REASONS = {
     libvirt.VIR_DOMAIN_SHUTOFF_DAEMON: "daemon",
 }
 """libvirt's reason for a stopped domain, as the guest planner reads it."""
-OWNED_PREFIX = "nano-"
 # Undefine flags, strongest first: drivers without NVRAM (libvirt's test driver) refuse the
 # flag as unsupported, so undefine falls back to the next set.
 _UNDEFINE_FLAGS = (
@@ -60,8 +61,7 @@ _UNDEFINE_FLAGS = (
 
 
 def _owned(name: str) -> None:
-    if not name.startswith(OWNED_PREFIX):
-        raise Invalid(f"refusing to change {name!r}: not a nano-owned object")
+    naming.names().require_owned(name, "change domain")
 
 
 @dataclass(frozen=True)
@@ -252,8 +252,9 @@ class LibvirtGuests:
             else:
                 records = conn.getAllDomainStats(flags)
             out = {}
+            ours = naming.names().owned
             for dom, rec in records:
-                if not dom.name().startswith(OWNED_PREFIX):
+                if not dom.name().startswith(ours):
                     continue
                 out[dom.name()] = _stats(rec)
             return out

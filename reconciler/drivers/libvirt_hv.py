@@ -6,8 +6,9 @@ as they happen. URIs: `qemu:///system` (local cell), `qemu+ssh://user@host/syste
 (remote cell), `test:///path/cell-N.xml` (libvirt's test driver: tests, scale runs).
 
 Ownership (ARCHITECTURE.md §3): our domains carry
-`<metadata><nano:guest xmlns:nano="https://nano.cloud/xmlns/guest/1" id="GUEST_ID"/>`;
-our storage pools are named `nano-...`. We change or delete only what carries the mark.
+`<metadata><nano:guest xmlns:nano="https://nano.cloud/xmlns/guest/1" id="GUEST_ID"/>` and
+are named `nano-GUEST_ID`; our storage pools are named `nano-...` (`nano` is the names
+prefix, reconciler/naming.py). We change or delete only what carries the mark and the prefix.
 
 Every libvirt error is translated at this edge by `libvirt_errors(what)`: NotFound,
 Conflict, Unavailable (unreachable cell; retried), Permanent; raw `libvirtError` never
@@ -29,7 +30,8 @@ from typing import TypeVar
 
 import libvirt
 
-from state.errors import Conflict, Invalid, NanoError, NotFound, Permanent, Unavailable
+from reconciler import naming
+from state.errors import Conflict, NanoError, NotFound, Permanent, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,6 @@ T = TypeVar("T")
 #: XML namespace of our ownership mark in domain `<metadata>`.
 NAMESPACE = "https://nano.cloud/xmlns/guest/1"
 NAMESPACE_PREFIX = "nano"
-#: Storage pools (and later networks) we own are named with this prefix.
-OWNED_PREFIX = "nano-"
 
 # -- error translation -----------------------------------------------------------------
 
@@ -225,7 +225,9 @@ class NodeInfo:
 @dataclass(frozen=True)
 class ObservedDomain:
     """A domain as found on the cell; `owned_id` is our guest id from the ownership mark,
-    None for a domain we did not create (reported, never changed)."""
+    None for a domain we did not create (reported, never changed). `foreign`: it carries
+    the mark but not our names prefix, so another nanod (e.g. the test suite's) owns it:
+    neither ours nor reported as unowned (reconciler/naming.py)."""
 
     name: str
     uuid: str
@@ -233,6 +235,7 @@ class ObservedDomain:
     owned_id: str | None
     vcpus: int
     memory_bytes: int  # configured maximum, not the balloon's current size
+    foreign: bool = False
 
 
 @dataclass(frozen=True)
@@ -322,8 +325,7 @@ def _version_string(number: int) -> str:
 
 
 def _require_owned(name: str) -> None:
-    if not name.startswith(OWNED_PREFIX):
-        raise Invalid(f"pool {name!r} is not ours: our pools are named {OWNED_PREFIX}...")
+    naming.names().require_owned(name, "change storage pool")
 
 
 # -- the driver ------------------------------------------------------------------------
@@ -490,23 +492,34 @@ class LibvirtHypervisor:
             state = info[0] if state is None else state
             memory_kib = info[1] if memory_kib is None else memory_kib
             vcpus = info[3] if vcpus is None else vcpus
+        name = dom.name()
+        marked = self._read_mark(dom)
+        owned = marked if naming.names().owns_domain(name, marked) else None
         return ObservedDomain(
-            name=dom.name(),
+            name=name,
             uuid=dom.UUIDString(),
             state=_STATES.get(state, DomainState.UNKNOWN),
-            owned_id=self._read_owned_id(dom),
+            owned_id=owned,
             vcpus=int(vcpus),
             memory_bytes=int(memory_kib) * 1024,
+            foreign=marked is not None and owned is None,
         )
 
     @staticmethod
-    def _read_owned_id(dom: libvirt.virDomain) -> str | None:
+    def _read_mark(dom: libvirt.virDomain) -> str | None:
+        """The guest id in the domain's nano mark, whichever nanod's it is."""
         try:
             return parse_owned_id(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE))
         except libvirt.libvirtError as exc:
             if _is_code(exc, libvirt.VIR_ERR_NO_DOMAIN_METADATA):
                 return None
             raise
+
+    @classmethod
+    def _read_owned_id(cls, dom: libvirt.virDomain) -> str | None:
+        """Our guest id: the mark's, when the domain also carries our names prefix."""
+        marked = cls._read_mark(dom)
+        return marked if naming.names().owns_domain(dom.name(), marked) else None
 
     # -- lifecycle events --------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""libvirt networks on one cell: the NAT networks of address pools (ours, named `nano-...`)
+"""libvirt networks on one cell: the NAT networks of address pools (ours, named `nano-...`
+for names prefix `nano`, reconciler/naming.py)
 and libvirt's own `default` network, which guests of pools without an address pool use;
 and the nftables NAT tables that go with our networks.
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import libvirt
 
+from reconciler import naming
 from reconciler.drivers.libvirt_hv import LibvirtHypervisor
 from reconciler.drivers.shell import RC_NOT_FOUND, HostShell, check
 from state.errors import Invalid, NotFound, Permanent
@@ -63,8 +65,7 @@ def define_network(hv: LibvirtHypervisor, xml: str) -> NetworkState:
     definition changed is restarted (guests on it reattach when libvirt restarts it? no:
     callers change DHCP hosts live and redefine only when addressing changed)."""
     name = ET.fromstring(xml).findtext("name") or ""
-    if not name.startswith("nano-"):
-        raise Invalid(f"refusing to define network {name!r}: not a nano-owned name")
+    naming.names().require_owned(name, "define network")
 
     def go(conn: libvirt.virConnect) -> None:
         with contextlib.suppress(libvirt.libvirtError):
@@ -78,8 +79,7 @@ def define_network(hv: LibvirtHypervisor, xml: str) -> NetworkState:
 
 
 def delete_network(hv: LibvirtHypervisor, name: str) -> None:
-    if not name.startswith("nano-"):
-        raise Invalid(f"refusing to delete network {name!r}: not a nano-owned name")
+    naming.names().require_owned(name, "delete network")
 
     def go(conn: libvirt.virConnect) -> None:
         net = conn.networkLookupByName(name)
@@ -158,8 +158,7 @@ def define_network_config(hv: LibvirtHypervisor, xml: str) -> None:
     """Replace the persistent definition of one of our networks without touching the
     running one (the change applies at its next start)."""
     name = ET.fromstring(xml).findtext("name") or ""
-    if not name.startswith("nano-"):
-        raise Invalid(f"refusing to define network {name!r}: not a nano-owned name")
+    naming.names().require_owned(name, "define network")
     hv.call(f"define network {name}", lambda conn: conn.networkDefineXML(xml))
 
 
@@ -190,8 +189,10 @@ def load_nft(shell: HostShell, script: str, what: str) -> None:
 
 def delete_nft_table(shell: HostShell, family: str, table: str) -> None:
     """Delete one table of ours if it exists (idempotent)."""
-    if not table.startswith("nano"):
-        raise Invalid(f"refusing to delete nft table {table!r}: not a nano-owned name")
+    ours = naming.names()
+    if not ours.owns_nft_table(table):
+        raise Invalid(f"refusing to delete nft table {table!r}: not ours (prefix "
+                      f"{ours.prefix!r})")
     if nft_table_listing(shell, family, table) is not None:
         load_nft(shell, f"delete table {family} {table}\n", f"nft delete table {family} {table}")
 

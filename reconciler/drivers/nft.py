@@ -1,4 +1,5 @@
-"""The firewall driver: a cell's `nano` nftables table, driven through a `HostShell`.
+"""The firewall driver: a cell's `nano` nftables table (named by the names prefix,
+reconciler/naming.py), driven through a `HostShell`.
 
 Callers: the guest reconciler (apply a cell's policies after a guest starts or its policy
 changes, report drift) and the cell reconciler (`available()` in the cell's facts). What
@@ -23,7 +24,6 @@ from collections.abc import Iterable
 
 from reconciler.drivers.shell import RC_NOT_FOUND, CommandResult, HostShell, check
 from reconciler.firewall import (
-    TABLE,
     Family,
     GuestPolicy,
     ObservedFirewall,
@@ -31,6 +31,7 @@ from reconciler.firewall import (
     render_changes,
     render_ruleset,
 )
+from reconciler.naming import names
 from state.errors import Permanent
 
 log = logging.getLogger("nano.drivers.nft")
@@ -162,12 +163,13 @@ class NftFirewall:
         """`nft -j list table <family> nano`, None when there is no such table. (Listing
         one table is cheap when it is absent; `nft list tables` is not: nft 1.0.6 loads
         every rule first.)"""
-        result = self._run(["-j", "list", "table", str(family), TABLE])
+        table = names().firewall_table
+        result = self._run(["-j", "list", "table", str(family), table])
         if result.ok:
             return result.stdout
         if "No such file or directory" in result.stderr or "not supported" in result.stderr:
             return None
-        check(result, f"nft list table {family} {TABLE} on {self.cell}")
+        check(result, f"nft list table {family} {table} on {self.cell}")
         return None
 
     def _stale(self, family: Family) -> tuple[Family, ...]:
@@ -234,5 +236,6 @@ class NftFirewall:
         tables = [family for family in Family if self._listing(family) is not None]
         if not tables:
             return
-        script = "".join(f"delete table {family} {TABLE}\n" for family in tables)
+        table = names().firewall_table
+        script = "".join(f"delete table {family} {table}\n" for family in tables)
         self._load(script, "nft delete table")

@@ -15,7 +15,7 @@ against `fmt`. Creating it as qcow2 up front does not work: libvirt formats a fr
 smaller than that would keep a tail of stale bytes. After the upload the volume is read
 back through a download stream and its size and SHA-1 compared with the file's.
 
-Volumes we create are named `nano-...` (ownership, ARCHITECTURE.md §3); an existing volume
+Volumes we create are named `nano-...` (the names prefix, reconciler/naming.py; ownership, ARCHITECTURE.md §3); an existing volume
 of that name is replaced (a leftover of an interrupted attempt). Errors come out as ours:
 NotFound (no such pool or volume), Conflict (pool not active), Unavailable (cell
 unreachable; retried), Permanent (the driver cannot stream volumes, a verification
@@ -36,13 +36,13 @@ from typing import Literal, TypeVar
 
 import libvirt
 
+from reconciler import naming
 from reconciler.drivers.libvirt_hv import LibvirtHypervisor
 from state.errors import Conflict, Invalid, NanoError, NotFound, Permanent
 
 T = TypeVar("T")
 Format = Literal["raw", "qcow2"]
 Target = LibvirtHypervisor | str
-OWNED_PREFIX = "nano-"
 _ACCEPTED = {"raw": ("raw", "iso"), "qcow2": ("qcow2",)}
 
 
@@ -152,8 +152,9 @@ def upload_volume(target: Target, pool_name: str, volume_name: str, path: str, *
     `fmt` is what the volume must be once written: "raw" for ISO media, "qcow2" for disk
     images; a file that libvirt does not see as such is refused (and the volume removed).
     With `verify` (the default) the volume is read back and compared by size and SHA-1."""
-    if not volume_name.startswith(OWNED_PREFIX) or "/" in volume_name:
-        raise Invalid(f"refusing to write volume {volume_name!r}: not a nano-owned name")
+    naming.names().require_owned(volume_name, "write volume")
+    if "/" in volume_name:
+        raise Invalid(f"refusing to write volume {volume_name!r}: '/' in its name")
     if fmt not in _ACCEPTED:
         raise Invalid(f"unknown volume format {fmt!r}: use raw or qcow2")
     what = f"upload {path} to volume {pool_name}/{volume_name}"
@@ -240,8 +241,7 @@ def download_volume(target: Target, pool_name: str, volume_name: str, path: str
 
 def delete_volume(target: Target, pool_name: str, volume_name: str) -> None:
     """Remove a volume we own; a missing one is fine."""
-    if not volume_name.startswith(OWNED_PREFIX):
-        raise Invalid(f"refusing to delete volume {volume_name!r}: not a nano-owned name")
+    naming.names().require_owned(volume_name, "delete volume")
     with _hypervisor(target) as hv, contextlib.suppress(NotFound):
         hv.call(f"delete volume {pool_name}/{volume_name}",
                 lambda conn: conn.storagePoolLookupByName(pool_name)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.helpers.testdriver import write_test_cell
 
 
@@ -190,10 +191,10 @@ async def test_storage_pools_and_refusals(api, tmp_path):
         return st["storage"] or None
 
     storage = await until(reported, what="shared storage reported")
-    assert storage == [{"name": "nano-shared-nfs1", "attached": True}]
+    assert storage == [{"name": f"{PREFIX}-shared-nfs1", "attached": True}]
     rec = await api.ok("GET", "/cells/cell-n")
     netfs = [p for p in rec["status"]["observed"]["storage_pools"] if p["shared"]]
-    assert netfs[0]["path"] == "/var/lib/nano/mnt/nfs1" and netfs[0]["active"] is True
+    assert netfs[0]["path"] == f"/var/lib/{PREFIX}/mnt/nfs1" and netfs[0]["active"] is True
 
     await api.ok("DELETE", "/compute_pool_cells/shared/cell-n", {})
     await api.ok("PUT", "/compute_pools/shared", {"storage": "", "failover": False})

@@ -32,7 +32,7 @@ from tests.api.test_images import (
     sha1,
     upload,
 )
-from tests.conftest import ADMIN, ADMIN_PASSWORD, Api
+from tests.conftest import ADMIN, ADMIN_PASSWORD, Api, write_nanod_config
 
 NANOD = str(Path(sys.executable).with_name("nanod"))
 
@@ -47,8 +47,9 @@ class Nanod:
     """One `nanod serve` child process; its stdout and stderr go to a file beside the data."""
 
     def __init__(self, data_dir: Path, port: int, database: str | None) -> None:
-        self.args = [NANOD, "serve", "--data-dir", str(data_dir), "--listen",
-                     f"127.0.0.1:{port}"]
+        conf = write_nanod_config(data_dir.parent / "nanod.yaml")  # the tests' names
+        self.args = [NANOD, "serve", "--config", str(conf), "--data-dir", str(data_dir),
+                     "--listen", f"127.0.0.1:{port}"]
         if database:
             self.args += ["--database", database]
         self.url = f"http://127.0.0.1:{port}"

@@ -37,6 +37,8 @@ import tornado.httpclient  # noqa: E402
 from nanod import config  # noqa: E402
 from nanod.server import Server  # noqa: E402
 from reconciler.guest_xml import DiskSpec, DomainSpec, render_domain_xml  # noqa: E402
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX  # noqa: E402  (sets the names)
+from tests.conftest import TEST_SETTINGS  # noqa: E402
 from tests.helpers.testdriver import write_test_cell  # noqa: E402
 
 MiB = 1 << 20
@@ -63,7 +65,7 @@ class Client:
 
 
 async def start_server(data: Path, reconciler: dict) -> tuple[Server, Client]:
-    settings = config.load(None, {"data_dir": str(data)})
+    settings = config.load(None, config.merge(TEST_SETTINGS, {"data_dir": str(data)}))
     settings["reconciler"] = reconciler
     server = Server(settings)
     server.listen("127.0.0.1", 0)
@@ -88,7 +90,7 @@ async def wait_for(check, timeout: float = 600):
 def direct_libvirt(pool_path: Path) -> float:
     """Volume + define + start with libvirt directly, as a tool without nano would."""
     conn = libvirt.open("qemu:///system")
-    name = f"nano-bench-{uuid.uuid4().hex[:8]}"
+    name = f"{PREFIX}-bench-{uuid.uuid4().hex[:8]}"
     pool = conn.storagePoolDefineXML(
         f"<pool type='dir'><name>{name}</name><target><path>{pool_path}</path></target></pool>")
     pool.build(0)
@@ -141,7 +143,7 @@ async def through_nanod(tmp: Path, pool_path: Path) -> list[float]:
             await wait_for(lambda gid=gid: _gone(client, gid))
     finally:
         await server.shutdown()
-        _drop_pool("nano-bench")
+        _drop_pool(f"{PREFIX}-bench")
     return times
 
 
@@ -310,7 +312,7 @@ def vnc_rate(port: int, path: str, seconds: float) -> float:
 def vnc_guest(pool_path: Path) -> tuple[libvirt.virDomain, libvirt.virStoragePool, int]:
     """A TCG guest whose VNC has no password (bench only), its pool, and its VNC port."""
     conn = libvirt.open("qemu:///system")
-    name = f"nano-bench-vnc-{uuid.uuid4().hex[:8]}"
+    name = f"{PREFIX}-bench-vnc-{uuid.uuid4().hex[:8]}"
     pool = conn.storagePoolDefineXML(
         f"<pool type='dir'><name>{name}</name><target><path>{pool_path}</path></target></pool>")
     pool.build(0)

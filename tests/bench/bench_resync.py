@@ -31,6 +31,7 @@ from nanod.server import open_store  # noqa: E402
 from reconciler.kinds import build  # noqa: E402
 from state.db import close_database  # noqa: E402
 from state.models import Guest  # noqa: E402
+from tests.conftest import TEST_SETTINGS, write_nanod_config  # noqa: E402  (sets the names)
 from tests.helpers.testdriver import write_test_cell  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         data = tmpdir / "data"
-        settings = config.load(None, {"data_dir": str(data)})
+        settings = config.load(None, config.merge(TEST_SETTINGS, {"data_dir": str(data)}))
         store = open_store(settings)
         store.init_system("admin", "Adm1nPassword")
         store.create_pool("bench", {})
@@ -112,7 +113,8 @@ def main() -> None:
 
         port = 15999
         proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("nanod")), "serve", "--data-dir", str(data),
+            [str(Path(sys.executable).with_name("nanod")), "serve", "--config",
+             str(write_nanod_config(tmpdir / "nanod.yaml")), "--data-dir", str(data),
              "--listen", f"127.0.0.1:{port}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": str(ROOT)})

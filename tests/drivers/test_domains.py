@@ -14,6 +14,7 @@ import pytest
 from reconciler.drivers.domains import LibvirtGuests, owned_guest_id
 from reconciler.drivers.libvirt_hv import LibvirtHypervisor, render_owner_metadata
 from state.errors import Invalid
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ def guests(qemu_dir):
     except libvirt.libvirtError as exc:
         pytest.skip(f"qemu:///system not reachable: {exc}")
     hv = LibvirtHypervisor("qemu:///system")
-    pool = f"nano-test-{uuid.uuid4().hex[:8]}"
+    pool = f"{PREFIX}-test-{uuid.uuid4().hex[:8]}"
     hv.ensure_dir_pool(pool, str(qemu_dir / "pool"))
     drv = LibvirtGuests(hv)
     yield drv, pool
@@ -51,19 +52,19 @@ def domain_xml(name: str, guest_id: str, pool: str, volume: str) -> str:
 
 def test_volumes_streams_and_growth(guests):
     drv, pool = guests
-    info = drv.create_volume(pool, "nano-v1", 64 << 20)
+    info = drv.create_volume(pool, f"{PREFIX}-v1", 64 << 20)
     assert info.capacity == 64 << 20 and info.format == "qcow2"
-    drv.resize_volume(pool, "nano-v1", 128 << 20)
-    assert drv.volume(pool, "nano-v1").capacity == 128 << 20
-    copy = drv.create_volume(pool, "nano-v2", 256 << 20, backing="nano-v1")
+    drv.resize_volume(pool, f"{PREFIX}-v1", 128 << 20)
+    assert drv.volume(pool, f"{PREFIX}-v1").capacity == 128 << 20
+    copy = drv.create_volume(pool, f"{PREFIX}-v2", 256 << 20, backing=f"{PREFIX}-v1")
     assert copy.capacity == 256 << 20
 
     payload = bytes(range(256)) * 4096  # 1 MiB
-    drv.write_volume(pool, "nano-seed", payload)
-    assert drv.read_volume(pool, "nano-seed", len(payload)) == payload
-    assert sorted(drv.volumes(pool)) == ["nano-seed", "nano-v1", "nano-v2"]
-    drv.delete_volume(pool, "nano-v2")
-    assert drv.volume(pool, "nano-v2") is None
+    drv.write_volume(pool, f"{PREFIX}-seed", payload)
+    assert drv.read_volume(pool, f"{PREFIX}-seed", len(payload)) == payload
+    assert sorted(drv.volumes(pool)) == [f"{PREFIX}-seed", f"{PREFIX}-v1", f"{PREFIX}-v2"]
+    drv.delete_volume(pool, f"{PREFIX}-v2")
+    assert drv.volume(pool, f"{PREFIX}-v2") is None
     with pytest.raises(Invalid):
         drv.delete_volume(pool, "not-ours")
 
@@ -71,9 +72,9 @@ def test_volumes_streams_and_growth(guests):
 def test_domain_lifecycle_stats_and_snapshots(guests):
     drv, pool = guests
     gid = str(uuid.uuid4())
-    name = f"nano-{gid}"
-    drv.create_volume(pool, f"nano-{gid}-0", 32 << 20)
-    drv.define(domain_xml(name, gid, pool, f"nano-{gid}-0"))
+    name = f"{PREFIX}-{gid}"
+    drv.create_volume(pool, f"{PREFIX}-{gid}-0", 32 << 20)
+    drv.define(domain_xml(name, gid, pool, f"{PREFIX}-{gid}-0"))
     try:
         assert drv.state(name) == "stopped"
         xml = drv.domain_xml(name)

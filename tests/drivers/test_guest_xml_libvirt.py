@@ -43,6 +43,7 @@ from reconciler.guest_xml import (
     render_graphics_xml,
     render_metadata_xml,
 )
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.helpers.templates import TEMPLATES
 
 MiB = 1 << 20
@@ -89,7 +90,7 @@ def qemu() -> Iterator[libvirt.virConnect]:
 def cell(qemu: libvirt.virConnect, qemu_dir: Path) -> Iterator[Cell]:
     """A transient dir pool and an isolated transient network (no addresses, no dnsmasq)."""
     tag = uuid.uuid4().hex[:8]
-    name = f"nano-test-xml-{tag}"
+    name = f"{PREFIX}-test-xml-{tag}"
     path = qemu_dir / "pool"
     path.mkdir(mode=0o755)
     pool = qemu.storagePoolCreateXML(
@@ -126,7 +127,7 @@ def make_spec(
     """A complete guest on `cell`: a volume system disk, a file data disk, a real seed
     ISO, a NIC on the cell's network, QoS limits and a monitor secret."""
     guest_id = str(uuid.uuid4())
-    system = f"nano-{guest_id}-0"
+    system = f"{PREFIX}-{guest_id}-0"
     cell.volume(system)
     seed = build_seed_iso(
         instance_id=guest_id,
@@ -145,9 +146,9 @@ def make_spec(
         virt_type=virt_type,
         disks=(
             DiskSpec(index=0, pool=cell.pool_name, volume=system),
-            DiskSpec(index=1, path=cell.volume(f"nano-{guest_id}-1")),
+            DiskSpec(index=1, path=cell.volume(f"{PREFIX}-{guest_id}-1")),
         ),
-        seed_iso=cell.file(f"nano-{guest_id}-seed.iso", seed),
+        seed_iso=cell.file(f"{PREFIX}-{guest_id}-seed.iso", seed),
         interfaces=(
             InterfaceSpec(
                 mac=generate_mac(),
@@ -215,7 +216,7 @@ def test_redefining_a_changed_spec_converges(cell: Cell) -> None:
             memory_bytes=96 * MiB,
             iotune=IoTune(write_bytes_sec=MiB),
             display=Display.QXL,
-            disks=spec.disks + (DiskSpec(index=2, path=cell.volume("nano-extra")),),
+            disks=spec.disks + (DiskSpec(index=2, path=cell.volume(f"{PREFIX}-extra")),),
             cdrom=cell.file(
                 "media.iso",
                 build_seed_iso(instance_id="m", hostname="m", admin_name=None, admin_password="p"),
@@ -289,7 +290,7 @@ def test_test_driver_accepts_rendered_xml(template: str, virt_type: str) -> None
             memory_bytes=64 * MiB,
             virt_type=VirtType(virt_type),
             disks=(
-                DiskSpec(index=0, pool="default-pool", volume=f"nano-{guest_id}-0"),
+                DiskSpec(index=0, pool="default-pool", volume=f"{PREFIX}-{guest_id}-0"),
                 DiskSpec(index=1, path=f"/var/lib/nano/nano-{guest_id}-1.qcow2"),
             ),
             seed_iso="/var/lib/nano/seed.iso",

@@ -28,6 +28,7 @@ from reconciler.drivers.libvirt_hv import (
     render_owner_metadata,
 )
 from state.errors import Conflict, Invalid, NotFound, Permanent, Unavailable
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.helpers.sshd import SshServer
 from tests.helpers.testdriver import TestCell, write_test_cell
 
@@ -88,9 +89,9 @@ def test_ownership_mark_round_trips() -> None:
 
 
 def test_netfs_pool_xml_escapes_and_names_every_part() -> None:
-    xml = render_netfs_pool_xml("nano-shared", "nfs.example", "/export/a&b", "/mnt/shared/")
+    xml = render_netfs_pool_xml(f"{PREFIX}-shared", "nfs.example", "/export/a&b", "/mnt/shared/")
     pool = ET.fromstring(xml)
-    assert pool.get("type") == "netfs" and pool.findtext("name") == "nano-shared"
+    assert pool.get("type") == "netfs" and pool.findtext("name") == f"{PREFIX}-shared"
     assert pool.find("source/host").get("name") == "nfs.example"  # type: ignore[union-attr]
     assert pool.find("source/dir").get("path") == "/export/a&b"  # type: ignore[union-attr]
     assert pool.find("source/format").get("type") == "nfs"  # type: ignore[union-attr]
@@ -156,28 +157,30 @@ def test_lifecycle_events_arrive_with_owned_ids(hv: LibvirtHypervisor, cell: Tes
         (d1.name, d1.owned_id, "undefined"),
     )
 
-    guest_id = str(uuid.uuid4())
-    conn.defineXML(
-        f"<domain type='test'><name>new</name><metadata>{render_owner_metadata(guest_id)}"
-        "</metadata><memory>65536</memory><os><type>hvm</type></os></domain>"
-    )
+    guest_id, theirs = str(uuid.uuid4()), str(uuid.uuid4())
+    for name, gid in ((f"{PREFIX}-{guest_id}", guest_id), (f"nano-{theirs}", theirs)):
+        conn.defineXML(  # ours, and a guest of another nanod (the production prefix)
+            f"<domain type='test'><name>{name}</name><metadata>{render_owner_metadata(gid)}"
+            "</metadata><memory>65536</memory><os><type>hvm</type></os></domain>"
+        )
     conn.defineXML("<domain type='test'><name>foreign</name><memory>65536</memory>"
                    "<os><type>hvm</type></os></domain>")  # fmt: skip
-    events.wait_for(("new", guest_id, "defined"), ("foreign", None, "defined"))
+    events.wait_for((f"{PREFIX}-{guest_id}", guest_id, "defined"),
+                    (f"nano-{theirs}", None, "defined"), ("foreign", None, "defined"))
 
 
 def test_pools_on_the_test_driver(hv: LibvirtHypervisor, tmp_path: Path) -> None:
-    state = hv.ensure_dir_pool("nano-local", str(tmp_path / "images"))
-    assert (state.name, state.active, state.error, state.type) == ("nano-local", True, None, "dir")
+    state = hv.ensure_dir_pool(f"{PREFIX}-local", str(tmp_path / "images"))
+    assert (state.name, state.active, state.error, state.type) == (f"{PREFIX}-local", True, None, "dir")
     assert state.capacity > 0 and state.path == str(tmp_path / "images")
-    assert hv.ensure_dir_pool("nano-local", str(tmp_path / "images")) == state
-    assert hv.pool_state("nano-local") == state
+    assert hv.ensure_dir_pool(f"{PREFIX}-local", str(tmp_path / "images")) == state
+    assert hv.pool_state(f"{PREFIX}-local") == state
     with pytest.raises(Conflict, match="exists as dir at .*/images, wanted dir at .*/elsewhere"):
-        hv.ensure_dir_pool("nano-local", str(tmp_path / "elsewhere"))
-    hv.delete_pool("nano-local")
-    hv.delete_pool("nano-local")  # already gone: fine
-    with pytest.raises(NotFound, match="nano-local"):
-        hv.pool_state("nano-local")
+        hv.ensure_dir_pool(f"{PREFIX}-local", str(tmp_path / "elsewhere"))
+    hv.delete_pool(f"{PREFIX}-local")
+    hv.delete_pool(f"{PREFIX}-local")  # already gone: fine
+    with pytest.raises(NotFound, match=f"{PREFIX}-local"):
+        hv.pool_state(f"{PREFIX}-local")
 
 
 def test_only_our_pools_are_touched(hv: LibvirtHypervisor, tmp_path: Path) -> None:
@@ -214,7 +217,7 @@ def test_close_then_use_again_reconnects(hv: LibvirtHypervisor, cell: TestCell) 
 
 @pytest.mark.integration
 def test_dir_pool_on_system_libvirt(system_hv: LibvirtHypervisor, tmp_path: Path) -> None:
-    name, path = f"nano-test-{uuid.uuid4().hex[:8]}", tmp_path / "pool"
+    name, path = f"{PREFIX}-test-{uuid.uuid4().hex[:8]}", tmp_path / "pool"
     try:
         state = system_hv.ensure_dir_pool(name, str(path))
         assert state.active and state.error is None and path.is_dir()
@@ -242,7 +245,7 @@ def test_netfs_pool_that_cannot_mount_reports_why(
 ) -> None:
     """No NFS client on this machine (and no server): the pool stays defined, inactive,
     autostarted, with the mount error to show the user."""
-    name = f"nano-nfs-{uuid.uuid4().hex[:8]}"
+    name = f"{PREFIX}-nfs-{uuid.uuid4().hex[:8]}"
     try:
         state = system_hv.ensure_netfs_pool(name, "127.0.0.1", "/srv/nano", str(tmp_path / "m"))
         assert not state.active and state.type == "netfs"
@@ -286,7 +289,8 @@ def tiny_domain(tmp_path: Path) -> Iterator[Callable[[], tuple[str, str]]]:
     names: list[str] = []
 
     def define() -> tuple[str, str]:
-        name, guest_id = f"nano-test-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
+        guest_id = str(uuid.uuid4())
+        name = f"{PREFIX}-{guest_id}"  # ours: the mark and our names prefix
         xml = tmp_path / f"{name}.xml"
         xml.write_text(
             f"<domain type='qemu'><name>{name}</name>"

@@ -23,6 +23,7 @@ from reconciler.drivers.volumes import (
     volume_digest,
 )
 from state.errors import Invalid, NotFound, Permanent
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 
 
 def sha1_file(path: Path) -> str:
@@ -62,7 +63,7 @@ def volumes_of(hv: LibvirtHypervisor, pool: str) -> list[str]:
 @pytest.fixture
 def pool(system_hv: LibvirtHypervisor, tmp_path: Path) -> Iterator[str]:
     """A dir pool of our own in a temp directory; volumes and pool removed afterwards."""
-    name = f"nano-test-volumes-{uuid.uuid4().hex[:8]}"
+    name = f"{PREFIX}-test-volumes-{uuid.uuid4().hex[:8]}"
     system_hv.ensure_dir_pool(name, str(tmp_path / "pool"))
     try:
         yield name
@@ -78,12 +79,12 @@ def pool(system_hv: LibvirtHypervisor, tmp_path: Path) -> Iterator[str]:
 @pytest.mark.integration
 def test_iso_round_trip(system_hv, pool, tmp_path):
     iso = make_iso(tmp_path / "media.iso", os.urandom(3 << 20))
-    size, digest = upload_volume(system_hv, pool, "nano-image-m1-1.iso", str(iso), fmt="raw")
+    size, digest = upload_volume(system_hv, pool, f"{PREFIX}-image-m1-1.iso", str(iso), fmt="raw")
     assert (size, digest) == (iso.stat().st_size, sha1_file(iso))
-    assert volume_digest(system_hv, pool, "nano-image-m1-1.iso") == (size, digest)
+    assert volume_digest(system_hv, pool, f"{PREFIX}-image-m1-1.iso") == (size, digest)
     back = tmp_path / "back" / "media.iso"
     back.parent.mkdir()
-    assert download_volume(system_hv, pool, "nano-image-m1-1.iso", str(back)) == (size, digest)
+    assert download_volume(system_hv, pool, f"{PREFIX}-image-m1-1.iso", str(back)) == (size, digest)
     assert back.read_bytes() == iso.read_bytes()
     assert [p.name for p in back.parent.iterdir()] == ["media.iso"]  # no temp file left
 
@@ -93,7 +94,7 @@ def test_qcow2_round_trip_keeps_the_virtual_size_and_no_stale_tail(system_hv, po
                                                                     tmp_path):
     big = make_qcow2(tmp_path / "big.qcow2", 6 << 20, virtual="10G")
     small = make_qcow2(tmp_path / "small.qcow2", 64 << 10)
-    name = "nano-image-d1-1.qcow2"
+    name = f"{PREFIX}-image-d1-1.qcow2"
     assert upload_volume(system_hv, pool, name, str(big), fmt="qcow2")[1] == sha1_file(big)
 
     def info(conn):
@@ -117,16 +118,16 @@ def test_qcow2_round_trip_keeps_the_virtual_size_and_no_stale_tail(system_hv, po
 def test_wrong_format_and_bad_targets_are_refused(system_hv, pool, tmp_path):
     iso = make_iso(tmp_path / "m.iso", b"not a disk")
     with pytest.raises(Permanent, match="not qcow2"):
-        upload_volume(system_hv, pool, "nano-image-x-1.qcow2", str(iso), fmt="qcow2")
+        upload_volume(system_hv, pool, f"{PREFIX}-image-x-1.qcow2", str(iso), fmt="qcow2")
     assert volumes_of(system_hv, pool) == []  # the refused volume is gone
     with pytest.raises(NotFound):
-        upload_volume(system_hv, "nano-no-such-pool", "nano-v", str(iso), fmt="raw")
-    with pytest.raises(Invalid, match="not a nano-owned name"):
+        upload_volume(system_hv, f"{PREFIX}-no-such-pool", f"{PREFIX}-v", str(iso), fmt="raw")
+    with pytest.raises(Invalid, match="'someone-elses.iso' is not ours"):
         upload_volume(system_hv, pool, "someone-elses.iso", str(iso), fmt="raw")
     with pytest.raises(NotFound):
-        volume_digest(system_hv, pool, "nano-missing")
+        volume_digest(system_hv, pool, f"{PREFIX}-missing")
     with pytest.raises(NotFound):
-        download_volume(system_hv, pool, "nano-missing", str(tmp_path / "never"))
+        download_volume(system_hv, pool, f"{PREFIX}-missing", str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
 
@@ -145,7 +146,7 @@ def test_hv() -> Iterator[LibvirtHypervisor]:
 
 def test_test_driver_cannot_stream_volumes_and_leaves_nothing(test_hv, tmp_path):
     iso = make_iso(tmp_path / "m.iso", b"x")
-    name = f"nano-image-{uuid.uuid4().hex[:8]}.iso"
+    name = f"{PREFIX}-image-{uuid.uuid4().hex[:8]}.iso"
     with pytest.raises(Permanent, match="cannot stream volumes"):
         upload_volume(test_hv, "default-pool", name, str(iso), fmt="raw")
     assert name not in volumes_of(test_hv, "default-pool")
@@ -156,7 +157,7 @@ def test_test_driver_cannot_stream_volumes_and_leaves_nothing(test_hv, tmp_path)
 def test_round_trip_on_the_test_driver(test_hv, tmp_path):
     iso = make_iso(tmp_path / "m.iso", b"x")
     try:
-        upload_volume(test_hv, "default-pool", "nano-image-t-1.iso", str(iso), fmt="raw")
+        upload_volume(test_hv, "default-pool", f"{PREFIX}-image-t-1.iso", str(iso), fmt="raw")
     except Permanent as exc:
         reason = ("libvirt's test driver does not implement virStorageVolUpload/Download, so "
                   f"volume streams are tested on qemu:///system only ({exc.message})")

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.conftest import ADMIN, ADMIN_PASSWORD
+from tests.conftest import ADMIN, ADMIN_PASSWORD, write_nanod_config
 
 NANOD = str(Path(sys.executable).with_name("nanod"))
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +82,8 @@ class Nanod:
 
 @pytest.fixture
 def nanod_config() -> str:
-    """The server's config file; a test module overrides this fixture to change settings."""
+    """The server's settings (YAML) over the tests' names and ports (TEST_SETTINGS); a test
+    module overrides this fixture to change them."""
     return ("reconciler: {workers: 2, resync_seconds: 2, probe_seconds: 1, "
             "offline_after: 2}\n")
 
@@ -93,8 +95,7 @@ def nanod(tmp_path: Path, nanod_config: str) -> Iterator[Nanod]:
                            "--password", ADMIN_PASSWORD, "--no-local-cell"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    conf = tmp_path / "nanod.yaml"
-    conf.write_text(nanod_config)
+    conf = write_nanod_config(tmp_path / "nanod.yaml", yaml.safe_load(nanod_config))
     port = free_port()
     proc = subprocess.Popen([NANOD, "serve", "--config", str(conf), "--data-dir", str(data),
                              "--listen", f"127.0.0.1:{port}"],

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.e2e.conftest import Nanod, lines
 
 pytestmark = pytest.mark.integration
@@ -63,7 +64,7 @@ def names(qemu_dir: Path) -> Iterator[dict[str, str]]:
 
     conn = libvirt.open("qemu:///system")
     try:
-        remove_cell_leftovers(conn, f"nano-{env['cell']}")
+        remove_cell_leftovers(conn, f"{PREFIX}-{env['cell']}")
         for net_obj in conn.listAllNetworks():
             if tag in net_obj.name():
                 if net_obj.isActive():
@@ -150,7 +151,7 @@ def guest_row(nanod: Nanod, env: dict[str, str]) -> dict[str, Any]:
 
 
 def domstate(ident: str) -> str:
-    done = virsh("domstate", f"nano-{ident}")
+    done = virsh("domstate", f"{PREFIX}-{ident}")
     return done.stdout.strip() if done.returncode == 0 else "missing"
 
 
@@ -184,7 +185,7 @@ def test_guest_manifest_power_media_snapshots_replace(names, nanod: Nanod, tmp_p
     media_id = next(r["id"] for r in nanod.data_of("/media_images/") if r["name"] == env["iso"])
 
     def media_in_live_xml() -> bool:
-        xml = virsh("dumpxml", f"nano-{first['id']}").stdout
+        xml = virsh("dumpxml", f"{PREFIX}-{first['id']}").stdout
         return bool(re.search(r"<disk type='(?:file|volume)' device='cdrom'>.*?<source [^>]*"
                               + re.escape(media_id), xml, re.S))
 
@@ -199,9 +200,9 @@ def test_guest_manifest_power_media_snapshots_replace(names, nanod: Nanod, tmp_p
     assert f"changed {label} updated power, snapshots" in out, out
     assert "~ power: 'running' -> 'stopped' [live]" in out, out
     assert "~ snapshots: [] -> ['s1'] [live]" in out, out
-    reason = virsh("domstate", "--reason", f"nano-{first['id']}").stdout.strip()
+    reason = virsh("domstate", "--reason", f"{PREFIX}-{first['id']}").stdout.strip()
     assert reason == "shut off (destroyed)", reason  # the ignored shutdown was escalated
-    snaps = virsh("snapshot-list", f"nano-{first['id']}", "--name")
+    snaps = virsh("snapshot-list", f"{PREFIX}-{first['id']}", "--name")
     assert snaps.returncode == 0 and snaps.stdout.split() == ["s1"], snaps.stdout + snaps.stderr
     assert sorted(nanod.data_of(f"/instances/{first['id']}/snapshots/")) == ["s1"]
 
@@ -239,7 +240,7 @@ def test_guest_manifest_power_media_snapshots_replace(names, nanod: Nanod, tmp_p
     assert not second["running"] and not second["media_attached"], second
     assert domstate(first["id"]) == "missing"
     assert domstate(second["id"]) == "shut off"
-    snaps = virsh("snapshot-list", f"nano-{second['id']}", "--name")
+    snaps = virsh("snapshot-list", f"{PREFIX}-{second['id']}", "--name")
     assert snaps.stdout.split() == ["s1"], snaps.stdout + snaps.stderr
     out = applied(nanod, folder)
     assert out[-1] == "ok=5 changed=0 failed=0", out
@@ -266,7 +267,7 @@ def leftovers(env: dict[str, str], ids: list[str]) -> list[str]:
         out = [f"domain {d.name()}" for d in conn.listAllDomains()
                if any(i in d.name() for i in ids)]
         try:
-            pool = conn.storagePoolLookupByName(f"nano-{env['cell']}")
+            pool = conn.storagePoolLookupByName(f"{PREFIX}-{env['cell']}")
             pool.refresh(0)
             out += [f"volume {v}" for v in pool.listVolumes()]
         except libvirt.libvirtError:

@@ -18,6 +18,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from reconciler.drivers.libvirt_hv import render_owner_metadata
+from reconciler.naming import names
 
 _TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
 _RUNSTATE_SHUTOFF = 5  # virDomainState VIR_DOMAIN_SHUTOFF, for <test:runstate>
@@ -64,9 +65,11 @@ def write_test_cell(
 ) -> TestCell:
     """Write a test-driver node file at `path` and describe what it holds.
 
-    Domains are named `{name_prefix}{i}`; their uuids and guest ids are derived from the
-    file path and name, so they are stable across runs and distinct between cells.
-    An owned domain's guest id is its uuid (as Nano's guest ids are)."""
+    Unowned domains are named `{name_prefix}{i}`, owned ones as nanod names a guest's
+    domain (`<names prefix>-<guest id>`, reconciler/naming.py); their uuids and guest ids
+    are derived from the file path and `{name_prefix}{i}`, so they are stable across runs
+    and distinct between cells. An owned domain's guest id is its uuid (as Nano's guest
+    ids are)."""
     target = Path(path).resolve()
     listed: list[TestDomain] = []
     parts = [
@@ -80,6 +83,8 @@ def write_test_cell(
         name = f"{name_prefix}{index}"
         dom_uuid = str(uuid.uuid5(_IDS, f"{target}#{name}"))
         owned_id = dom_uuid if owned else None
+        if owned_id:
+            name = names().domain(owned_id)
         listed.append(
             TestDomain(name, dom_uuid, owned_id, domain_vcpus, domain_memory_kib, running)
         )

@@ -2,7 +2,9 @@
 for an address with DHCP and says what it got on its serial console.
 
 `build()` makes (once, cached under /var/tmp/nano-tests/cache) a kernel taken from Debian's
-`linux-image-amd64` package (`apt-get download` + the package's data tarball, no install)
+`linux-image-cloud-amd64` package (`apt-get download` + the package's data tarball, no
+install; 26 MB instead of the generic kernel's 70, and it reaches /init under TCG in less
+than half the time: fewer built-in drivers probe for hardware a VM does not have)
 and an initramfs (cpio newc, gzip, written here in Python) holding the host's static
 busybox and the package's virtio modules (virtio, virtio_ring, virtio_pci and its helpers,
 failover, net_failover, virtio_net), loaded in dependency order read from each module's
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CACHE = Path("/var/tmp/nano-tests/cache")
-META_PACKAGE = "linux-image-amd64"
+META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
 WANTED_MODULES = ("virtio_net", "virtio_pci")
 SERVICE_PORTS = (80, 81)
@@ -57,7 +59,7 @@ while ! ip link show eth0 >/dev/null 2>&1; do
   n=$((n + 1)); [ $n -gt 50 ] && say "NANO-ERROR=no eth0" && break; sleep 0.2
 done
 ip link set eth0 up
-until udhcpc -i eth0 -s /bin/dhcp-event -n -q -t 5 -T 2; do say NANO-DHCP-RETRY; sleep 1; done
+until udhcpc -i eth0 -s /bin/dhcp-event -n -q -t 5 -T 1; do say NANO-DHCP-RETRY; sleep 1; done
 for p in PORTS; do nc -ll -p $p -e /bin/hello $p & done
 say NANO-READY
 while true; do sleep 3600; done
@@ -120,7 +122,7 @@ def _kernel_package() -> str:
 
 
 def _download(debs: Path) -> Path:
-    found = sorted(debs.glob("linux-image-*-amd64_*_amd64.deb"))
+    found = sorted(debs.glob("linux-image-*-cloud-amd64_*_amd64.deb"))
     if found:
         return found[-1]
     package = _kernel_package()

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
+from reconciler.naming import names
+
 
 @pytest.fixture
 def system() -> Iterator[libvirt.virConnect]:
@@ -25,7 +27,7 @@ def remove_cell_leftovers(conn: libvirt.virConnect, pool_name: str) -> None:
     """Domains whose disks live in `pool_name`, then the pool's volumes and the pool.
     Volume jobs still under way make libvirt refuse for a while: retried."""
     for dom in conn.listAllDomains():
-        if dom.name().startswith("nano-") and f"pool='{pool_name}'" in dom.XMLDesc(0):
+        if dom.name().startswith(names().owned) and f"pool='{pool_name}'" in dom.XMLDesc(0):
             if dom.isActive():
                 dom.destroy()
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)

@@ -13,7 +13,8 @@ import pytest
 
 from nanod import config
 from state.db import close_database
-from tests.conftest import ADMIN, ADMIN_PASSWORD
+from tests.conftest import ADMIN, ADMIN_PASSWORD, write_nanod_config
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.integration.conftest import remove_cell_leftovers
 from tests.integration.test_faults import call, free_port, login, serve, wait
 
@@ -30,9 +31,9 @@ def prepare(data, qemu_dir) -> None:
                                     "storage_path": str(qemu_dir / "pool")})
     store.create_pool("bp", {})
     close_database()
-    (data / "nanod.yaml").write_text(
-        "reconciler: {workers: 4, resync_seconds: 2, probe_seconds: 1, offline_after: 3, "
-        "guest_poll_seconds: 2, stop_grace_seconds: 3}\n")
+    write_nanod_config(data / "nanod.yaml", {"reconciler": {
+        "workers": 4, "resync_seconds": 2, "probe_seconds": 1, "offline_after": 3,
+        "guest_poll_seconds": 2, "stop_grace_seconds": 3}})
 
 
 def test_batch_create_survives_a_killed_nanod(tmp_path, qemu_dir, system):
@@ -73,11 +74,11 @@ def test_batch_create_survives_a_killed_nanod(tmp_path, qemu_dir, system):
         ids = [e["id"] for e in entries]
         names = [d.name() for d in system.listAllDomains()]
         for gid in ids:
-            assert names.count(f"nano-{gid}") == 1
-        pool = system.storagePoolLookupByName("nano-local-b")
+            assert names.count(f"{PREFIX}-{gid}") == 1
+        pool = system.storagePoolLookupByName(f"{PREFIX}-local-b")
         pool.refresh(0)
-        volumes = sorted(v.name() for v in pool.listAllVolumes() if v.name().startswith("nano-"))
-        assert volumes == sorted(f"nano-{gid}-disk0" for gid in ids)
+        volumes = sorted(v.name() for v in pool.listAllVolumes() if v.name().startswith(f"{PREFIX}-"))
+        assert volumes == sorted(f"{PREFIX}-{gid}-disk0" for gid in ids)
 
         for gid in ids[:2]:
             assert call(port, "POST", f"/instances/{gid}", {}, session)["error_code"] == 0
@@ -96,10 +97,10 @@ def test_batch_create_survives_a_killed_nanod(tmp_path, qemu_dir, system):
             port, "GET", f"/batch/delete_guest/{delete_id}", session=session)["data"]), 120,
              "batch delete done")
         names = [d.name() for d in system.listAllDomains()]
-        assert not [gid for gid in ids if f"nano-{gid}" in names]
+        assert not [gid for gid in ids if f"{PREFIX}-{gid}" in names]
         pool.refresh(0)
-        assert not [v.name() for v in pool.listAllVolumes() if v.name().startswith("nano-")]
+        assert not [v.name() for v in pool.listAllVolumes() if v.name().startswith(f"{PREFIX}-")]
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-        remove_cell_leftovers(system, "nano-local-b")
+        remove_cell_leftovers(system, f"{PREFIX}-local-b")

@@ -13,6 +13,7 @@ import libvirt
 import pytest
 
 from tests.api.test_compute import until
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.helpers.sshd import SSHD, start_sshd
 
 pytestmark = pytest.mark.integration
@@ -41,8 +42,8 @@ def libvirt_pools(server):
     yield conn
     if server.controller:
         server.controller.stop(10.0)
-    mine = {"nano-local-t", "nano-local-n", "nano-remote", "nano-shared-nfs-x",
-            "nano-x1", "nano-x2", "nano-shared-dirshare"}
+    mine = {f"{PREFIX}-local-t", f"{PREFIX}-local-n", f"{PREFIX}-remote", f"{PREFIX}-shared-nfs-x",
+            f"{PREFIX}-x1", f"{PREFIX}-x2", f"{PREFIX}-shared-dirshare"}
     for name in set(conn.listStoragePools() + conn.listDefinedStoragePools()) - before:
         if name not in mine:  # other tests' pools (run in parallel) are theirs
             continue
@@ -73,7 +74,7 @@ async def test_local_cell_facts_and_storage(api, tmp_path, libvirt_pools):
     assert facts["libvirt"] and facts["qemu"]
     assert facts["memory_total"] > facts["memory_available"] > 0
 
-    pool = libvirt_pools.storagePoolLookupByName("nano-local-t")
+    pool = libvirt_pools.storagePoolLookupByName(f"{PREFIX}-local-t")
     assert pool.isActive() and f"<path>{images}</path>" in pool.XMLDesc()
     assert images.is_dir()
 
@@ -86,7 +87,7 @@ async def test_local_cell_facts_and_storage(api, tmp_path, libvirt_pools):
     # unregistering removes the cell's own (empty) libvirt pool, never the files in it
     await api.ok("DELETE", "/cells/local-t")
     assert (await api.call("GET", "/cells/local-t")).code == 404
-    assert "nano-local-t" not in libvirt_pools.listStoragePools() + \
+    assert f"{PREFIX}-local-t" not in libvirt_pools.listStoragePools() + \
         libvirt_pools.listDefinedStoragePools()
     assert images.is_dir()
 
@@ -107,7 +108,7 @@ async def test_nfs_storage_pool_failure_is_reported(api, tmp_path, libvirt_pools
         return st["storage"] or None
 
     storage = await until(reported, timeout=30, what="netfs pool reported")
-    assert storage[0]["name"] == "nano-shared-nfs-x"
+    assert storage[0]["name"] == f"{PREFIX}-shared-nfs-x"
     assert storage[0]["attached"] is False and storage[0]["error"]
     rec = await api.ok("GET", "/cells/local-n")
     conds = {c["type"]: c for c in rec["status"]["conditions"]}
@@ -135,7 +136,7 @@ async def test_ssh_cell_goes_offline_and_recovers(api, tmp_path, libvirt_pools, 
         assert facts["cpus"] == os.cpu_count() and facts["kernel"] == platform.release()
         known = (tmp_path / "data" / "known_hosts").read_text()
         assert f"[127.0.0.1]:{sshd.port}" in known  # host key pinned on first contact
-        assert libvirt_pools.storagePoolLookupByName("nano-remote").isActive()
+        assert libvirt_pools.storagePoolLookupByName(f"{PREFIX}-remote").isActive()
 
         await api.ok("POST", "/compute_pools/rp", {})
         await api.ok("POST", "/compute_pool_cells/rp/remote", {})
@@ -177,7 +178,7 @@ async def test_shared_directory_pool_between_two_cells(api, tmp_path, libvirt_po
 
     for name in ("x1", "x2"):
         assert await until(lambda n=name: attached(n), timeout=30,
-                           what=f"{name} attached") == [{"name": "nano-shared-dirshare",
+                           what=f"{name} attached") == [{"name": f"{PREFIX}-shared-dirshare",
                                                         "attached": True}]
     assert (await api.ok("GET", "/compute_cell_status/sp/x1/storages/"))["mode"] == "dir"
 
@@ -190,14 +191,14 @@ async def test_shared_directory_pool_between_two_cells(api, tmp_path, libvirt_po
         return reply.data if reply.status == 200 else None
 
     await until(created, timeout=60, what="guest on shared storage created")
-    assert (shared / f"nano-{gid}-disk0").is_file()
+    assert (shared / f"{PREFIX}-{gid}-disk0").is_file()
     await api.ok("DELETE", f"/guests/{gid}", {"force": True})
 
     async def gone():
         return (await api.call("GET", f"/guests/{gid}")).code == 404
 
     await until(gone, timeout=60, what="guest deleted")
-    assert not (shared / f"nano-{gid}-disk0").exists()
+    assert not (shared / f"{PREFIX}-{gid}-disk0").exists()
     for name in ("x1", "x2"):
         await api.ok("DELETE", f"/compute_pool_cells/sp/{name}", {})
 

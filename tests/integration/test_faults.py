@@ -20,7 +20,8 @@ import pytest
 
 from nanod import config
 from state.db import close_database
-from tests.conftest import ADMIN, ADMIN_PASSWORD
+from tests.conftest import ADMIN, ADMIN_PASSWORD, write_nanod_config
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.helpers.testdriver import write_test_cell
 
 pytestmark = pytest.mark.integration
@@ -94,22 +95,22 @@ def wait(check, timeout: float, what: str):
 
 
 def write_config(data: Path) -> Path:
-    path = data / "nanod.yaml"
-    path.write_text("reconciler: {workers: 2, resync_seconds: 2, probe_seconds: 1, "
-                    "offline_after: 2}\n")
-    return path
+    return write_nanod_config(data / "nanod.yaml", {"reconciler": {
+        "workers": 2, "resync_seconds": 2, "probe_seconds": 1, "offline_after": 2}})
 
 
 def test_reconcile_once_prints_what_it_did(tmp_path):
     data = tmp_path / "data"
     prepare(data, 2, tmp_path)
-    out = subprocess.run([NANOD, "reconcile", "--once", "--data-dir", str(data)],
-                         capture_output=True, text=True, timeout=120)
+    conf = write_nanod_config(tmp_path / "nanod.yaml")
+    out = subprocess.run([NANOD, "reconcile", "--once", "--config", str(conf), "--data-dir",
+                          str(data)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[0].startswith("cell/sim-0: create storage_pool/sim-0/nano-sim-0")
+    assert lines[0].startswith(f"cell/sim-0: create storage_pool/sim-0/{PREFIX}-sim-0")
     assert "alive" in lines[0] and lines[1].startswith("cell/sim-1: create")
-    again = subprocess.run([NANOD, "reconcile", "--once", "--data-dir", str(data)],
+    again = subprocess.run([NANOD, "reconcile", "--once", "--config", str(conf), "--data-dir",
+                            str(data)],
                            capture_output=True, text=True, timeout=120)
     # the test driver forgets its pools when the process ends, so a new process creates
     # them again; what matters is that each pass ends converged and alive
@@ -193,7 +194,7 @@ def test_libvirtd_stopped_and_started_again(tmp_path):
             subprocess.run(["/usr/sbin/libvirtd", "-d", "-p", str(LIBVIRTD_PIDFILE)])
         proc.terminate()
         proc.wait(timeout=20)
-        _drop_pool("nano-real")
+        _drop_pool(f"{PREFIX}-real")
 
 
 def _drop_pool(name: str) -> None:

@@ -31,6 +31,7 @@ from reconciler.firewall import chain_name, validate_policy
 from reconciler.firewalls import FirewallReconciler
 from state.compute import CellSpec
 from tests.api.test_compute import until
+from tests.conftest import TEST_NAMES_PREFIX as TABLE  # our nft table is named by the prefix
 from tests.helpers import tinyguest
 from tests.integration.test_networks_real import (  # noqa: F401  (fixtures)
     NetLab,
@@ -93,7 +94,7 @@ async def outcome(ns: str, address: str, port: int, want: str, what: str) -> Non
 def chain_rules(mac: str) -> list[str]:
     """The statements of the guest's chain as nft prints them (empty when absent)."""
     firewall = NftFirewall(LocalShell())
-    done = subprocess.run(["nft", "list", "chain", str(firewall.family()), "nano",
+    done = subprocess.run(["nft", "list", "chain", str(firewall.family()), TABLE,
                            chain_name(mac)], capture_output=True, text=True)
     if done.returncode:
         return []
@@ -160,7 +161,7 @@ async def test_policy_on_the_real_cell_with_real_packets(api, lab, server, syste
 
     # a hand edit on the cell: reported as drift and undone
     before = chain_rules(mac)
-    subprocess.run(["nft", "insert", "rule", str(firewall.family()), "nano", chain_name(mac),
+    subprocess.run(["nft", "insert", "rule", str(firewall.family()), TABLE, chain_name(mac),
                     "tcp", "dport", "22", "accept"], check=True)
 
     async def corrected():

@@ -28,6 +28,7 @@ from reconciler.firewall import (
     validate_policy,
 )
 from state.errors import Permanent
+from tests.conftest import TEST_NAMES_PREFIX as TABLE  # our nft table is named by the prefix
 from tests.helpers.netns import Host, Lab, netns_unusable
 from tests.unit.test_firewall import load_sample
 
@@ -160,9 +161,9 @@ def test_guests_come_and_go_one_chain_at_a_time(
     observed = firewall.inspect()
     chain = chain_name(g2.mac)
     lab.run(
-        lab.cell, ["nft", "delete", "element", str(family), "nano", "guests", f"{{ {G2_MAC} }}"]
+        lab.cell, ["nft", "delete", "element", str(family), TABLE, "guests", f"{{ {G2_MAC} }}"]
     )
-    lab.run(lab.cell, ["nft", "delete", "chain", str(family), "nano", chain])
+    lab.run(lab.cell, ["nft", "delete", "chain", str(family), TABLE, chain])
     changed = [policy(g2, "reject", {"action": "accept", "protocol": "tcp", "to_port": 22})]
     with caplog.at_level("WARNING", logger="nano.drivers.nft"):
         firewall.apply(changed, observed=observed)
@@ -232,7 +233,7 @@ def test_interface_rules_match_the_guests_tap(
 
 
 def _handle(lab: Lab, family: Family, chain: str, port: int) -> int:
-    listing = lab.run(lab.cell, ["nft", "-a", "-j", "list", "chain", str(family), "nano", chain])
+    listing = lab.run(lab.cell, ["nft", "-a", "-j", "list", "chain", str(family), TABLE, chain])
     for item in json.loads(listing.stdout)["nftables"]:
         rule = item.get("rule")
         if rule and any(e.get("match", {}).get("right") == port for e in rule["expr"]):
@@ -250,7 +251,7 @@ def test_hand_edits_are_drift_and_the_next_apply_corrects_them(
     chain = chain_name(g1.mac)
 
     handle = _handle(lab, family, chain, 22)
-    lab.run(lab.cell, ["nft", "delete", "rule", str(family), "nano", chain, "handle", str(handle)])
+    lab.run(lab.cell, ["nft", "delete", "rule", str(family), TABLE, chain, "handle", str(handle)])
     assert lab.probe(c, [("tcp", g1.address, 22)]) == [REFUSED]
     observed = firewall.inspect()
     plan = plan_firewall(desired, observed, family=family)
@@ -260,7 +261,7 @@ def test_hand_edits_are_drift_and_the_next_apply_corrects_them(
     assert lab.probe(c, [("tcp", g1.address, 22)]) == [OPEN]
 
     # a rule nano never writes is reported, and removed by re-declaring the table
-    lab.run(lab.cell, ["nft", "insert", "rule", str(family), "nano", chain, "tcp", "dport", "80",
+    lab.run(lab.cell, ["nft", "insert", "rule", str(family), TABLE, chain, "tcp", "dport", "80",
                        "counter", "accept"])  # fmt: skip
     assert lab.probe(c, [("tcp", g1.address, 80)]) == [OPEN]
     observed = firewall.inspect()
@@ -279,7 +280,7 @@ def test_round_trip_through_the_kernel(lab: Lab, firewall: NftFirewall, family: 
     assert observed.clean, observed.problems
     assert list(observed.policies) == sorted(desired, key=lambda p: p.mac)
     assert firewall.observe() == list(observed.policies)
-    listing = lab.run(lab.cell, ["nft", "-j", "list", "table", str(family), "nano"]).stdout
+    listing = lab.run(lab.cell, ["nft", "-j", "list", "table", str(family), TABLE]).stdout
     assert parse_observed(listing).policies == observed.policies
     firewall.apply(desired, observed=observed)  # converged: nothing to send
     assert converged(firewall, desired)
@@ -289,15 +290,16 @@ def test_stale_table_of_the_other_family_is_reported_and_purged(
     lab: Lab, firewall: NftFirewall, family: Family
 ) -> None:
     other = Family.INET if family is Family.BRIDGE else Family.BRIDGE
-    lab.run(lab.cell, ["nft", "add", "table", str(other), "nano"])
+    lab.run(lab.cell, ["nft", "add", "table", str(other), TABLE])
     desired = [GuestPolicy(G1_MAC, "reject", (Rule("accept", "tcp", 22),))]
     firewall.apply(desired)
     observed = firewall.inspect()
     assert observed.stale == ()
-    lab.run(lab.cell, ["nft", "add", "table", str(other), "nano"])
+    lab.run(lab.cell, ["nft", "add", "table", str(other), TABLE])
     observed = firewall.inspect()
     assert observed.stale == (other,)
-    assert any(a.reason == f"stale table {other} nano" for a in plan_firewall(desired, observed))
+    assert any(a.reason == f"stale table {other} {TABLE}"
+               for a in plan_firewall(desired, observed))
     firewall.apply(desired, observed=observed)
     assert converged(firewall, desired)
 

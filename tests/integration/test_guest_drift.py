@@ -16,6 +16,7 @@ import pytest
 from tests.api.test_compute import until
 from tests.api.test_images import create as create_image
 from tests.api.test_images import sha1, upload
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.helpers.bootsector import boot_disk
 from tests.helpers.kernel import has_sfq
 from tests.integration.test_guests_real import (  # noqa: F401  (fixtures)
@@ -103,7 +104,7 @@ async def logged(api, text):
 @pytest.mark.gen_test(timeout=300)
 async def test_a_guest_destroyed_behind_nanos_back_is_started_again(api, cell, system):  # noqa: F811
     gid = await blank_guest(api, "drift-destroy", running=True)
-    dom = system.lookupByName(f"nano-{gid}")
+    dom = system.lookupByName(f"{PREFIX}-{gid}")
     first_id = dom.ID()
     dom.destroy()  # virsh destroy
     item = await corrected(api, gid, "stopped outside nano (destroyed)")
@@ -118,7 +119,7 @@ async def test_a_guest_destroyed_behind_nanos_back_is_started_again(api, cell, s
 @pytest.mark.gen_test(timeout=300)
 async def test_memory_edited_on_the_cell_is_restored(api, cell, system):  # noqa: F811
     gid = await blank_guest(api, "drift-memory", running=False)
-    dom = system.lookupByName(f"nano-{gid}")
+    dom = system.lookupByName(f"{PREFIX}-{gid}")
     flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
     xml = dom.XMLDesc(flags)
     edited = re.sub(r"<memory unit='KiB'>\d+</memory>", "<memory unit='KiB'>262144</memory>",
@@ -128,7 +129,7 @@ async def test_memory_edited_on_the_cell_is_restored(api, cell, system):  # noqa
     assert edited != xml
     system.defineXML(edited)  # virsh edit
     await corrected(api, gid, "memory_bytes")
-    restored = system.lookupByName(f"nano-{gid}").XMLDesc(flags)
+    restored = system.lookupByName(f"{PREFIX}-{gid}").XMLDesc(flags)
     assert "<memory unit='KiB'>131072</memory>" in restored
     await converged(api, gid)
     await api.ok("DELETE", f"/guests/{gid}", {"force": True})
@@ -137,10 +138,10 @@ async def test_memory_edited_on_the_cell_is_restored(api, cell, system):  # noqa
 @pytest.mark.gen_test(timeout=300)
 async def test_an_undefined_guest_is_defined_again(api, cell, system):  # noqa: F811
     gid = await blank_guest(api, "drift-undefine", running=False)
-    system.lookupByName(f"nano-{gid}").undefine()  # virsh undefine: the disks stay
+    system.lookupByName(f"{PREFIX}-{gid}").undefine()  # virsh undefine: the disks stay
     await corrected(api, gid, "vanished")
-    dom = system.lookupByName(f"nano-{gid}")
-    assert f"nano-{gid}-disk0" in dom.XMLDesc(0)
+    dom = system.lookupByName(f"{PREFIX}-{gid}")
+    assert f"{PREFIX}-{gid}-disk0" in dom.XMLDesc(0)
     await converged(api, gid)
     await api.ok("DELETE", f"/guests/{gid}", {"force": True})
 
@@ -158,7 +159,7 @@ async def test_a_guest_that_powers_itself_off_stays_off_and_says_so(api, cell, s
     assert cond(item, "Ready")["status"] is False
     assert "POST /instances/" in cond(item, "Ready")["message"]
     assert cond(item, "Drifted")["status"] is False  # not drift: the guest's own choice
-    dom = system.lookupByName(f"nano-{gid}")
+    dom = system.lookupByName(f"{PREFIX}-{gid}")
     state, reason = dom.state()
     assert (state, reason) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN)
     await asyncio.sleep(3)  # several reconcile periods: it is not started again
@@ -189,7 +190,7 @@ async def test_network_speed_limits_need_the_sfq_qdisc(api, cell, system):  # no
         await created(api, gid)
         await api.ok("POST", f"/instances/{gid}", {})
         await instance(api, gid, True)
-        assert "<inbound average='1024'" in system.lookupByName(f"nano-{gid}").XMLDesc(0)
+        assert "<inbound average='1024'" in system.lookupByName(f"{PREFIX}-{gid}").XMLDesc(0)
     await api.ok("DELETE", f"/guests/{gid}", {"force": True})
 
 

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.api.test_compute import until
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.integration.test_guests_real import (  # noqa: F401  (fixtures)
     cell,
     created,
@@ -36,7 +37,7 @@ async def test_status_follows_a_domain_stopped_outside_nanod(api, cell, system):
     await api.ok("POST", f"/instances/{gid}", {})
     await instance(api, gid, True)
 
-    dom = system.lookupByName(f"nano-{gid}")
+    dom = system.lookupByName(f"{PREFIX}-{gid}")
     first_id = dom.ID()
     dom.destroy()  # behind nanod's back
     started = time.monotonic()

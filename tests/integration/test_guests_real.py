@@ -13,6 +13,7 @@ import libvirt
 import pytest
 
 from tests.api.test_compute import until
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.integration.conftest import remove_cell_leftovers
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,7 @@ def cell(api, io_loop, server, system, qemu_dir):
     yield "local-g"
     if server.controller:
         server.controller.stop(10.0)
-    remove_cell_leftovers(system, "nano-local-g")
+    remove_cell_leftovers(system, f"{PREFIX}-local-g")
 
 
 async def _alive(api, name):
@@ -83,7 +84,7 @@ async def instance(api, guest_id, running: bool):
 
 
 def domain(system, guest_id):
-    return system.lookupByName(f"nano-{guest_id}")
+    return system.lookupByName(f"{PREFIX}-{guest_id}")
 
 
 def qemu_img_size(path: str) -> int:
@@ -107,9 +108,9 @@ async def test_guest_lifecycle_on_real_qemu(api, cell, system):
     assert xml.findtext("vcpu").strip() in ("2", "1")
     assert xml.find("devices/vcpu") is None
     assert "org.qemu.guest_agent.0" in dom.XMLDesc(0)
-    pool = system.storagePoolLookupByName("nano-local-g")
+    pool = system.storagePoolLookupByName(f"{PREFIX}-local-g")
     names = {v.name() for v in pool.listAllVolumes()}
-    assert {f"nano-{gid}-disk0", f"nano-{gid}-seed.iso"} <= names
+    assert {f"{PREFIX}-{gid}-disk0", f"{PREFIX}-{gid}-seed.iso"} <= names
 
     # start, and watch it run
     await api.ok("POST", f"/instances/{gid}", {})
@@ -152,7 +153,7 @@ async def test_guest_lifecycle_on_real_qemu(api, cell, system):
         return converged()
 
     await until(xml_converged, timeout=30, what="domain XML shows the changes")
-    vol = pool.storageVolLookupByName(f"nano-{gid}-disk0")
+    vol = pool.storageVolLookupByName(f"{PREFIX}-{gid}-disk0")
 
     async def grown():
         return qemu_img_size(vol.path()) == 96 * MiB
@@ -230,7 +231,7 @@ async def test_guest_lifecycle_on_real_qemu(api, cell, system):
         return reply.code == 404
 
     await until(gone, timeout=60, what="guest deleted")
-    assert f"nano-{gid}" not in [d.name() for d in system.listAllDomains()]
+    assert f"{PREFIX}-{gid}" not in [d.name() for d in system.listAllDomains()]
     async def volumes_gone():
         try:
             pool.refresh(0)

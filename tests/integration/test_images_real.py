@@ -14,6 +14,7 @@ import pytest
 
 from tests.api.test_compute import until
 from tests.api.test_images import create, make_iso, sha1, upload
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.integration.test_guests_real import (  # noqa: F401  (fixtures)
     cell,
     created,
@@ -45,7 +46,7 @@ def qcow2_with_data(path) -> bytes:
 
 
 def volumes(conn, prefix=""):
-    pool = conn.storagePoolLookupByName("nano-local-g")
+    pool = conn.storagePoolLookupByName(f"{PREFIX}-local-g")
     try:
         pool.refresh(0)
     except libvirt.libvirtError:  # a volume job of the reconciler is under way: list as is
@@ -66,7 +67,7 @@ async def test_guest_from_image_media_and_reset(api, cell, system, tmp_path):  #
     gid = (await api.ok("POST", "/guests/", body))["id"]
     data = await created(api, gid)
     assert data["from_image"] == disk_id
-    disk = volumes(system)[f"nano-{gid}-disk0"]
+    disk = volumes(system)[f"{PREFIX}-{gid}-disk0"]
     assert disk.info()[1] == 64 * MiB  # grown to the requested size
     base = tmp_path / "base.qcow2"
     same = subprocess.run(["qemu-img", "compare", "-q", "-U", str(base), disk.path()])
@@ -74,7 +75,7 @@ async def test_guest_from_image_media_and_reset(api, cell, system, tmp_path):  #
 
     # once the guest exists, the cached image copy on the cell is removed
     async def cache_dropped():
-        return not volumes(system, f"nano-disk-{disk_id}")
+        return not volumes(system, f"{PREFIX}-disk-{disk_id}")
 
     await until(cache_dropped, timeout=30, what="cached image copy removed")
 
@@ -92,9 +93,9 @@ async def test_guest_from_image_media_and_reset(api, cell, system, tmp_path):  #
 
     data = await until(inserted, timeout=30, what="media attached")
     assert data["media_source"] == media_id
-    dom = system.lookupByName(f"nano-{gid}")
-    assert f"nano-media-{media_id}-v1" in dom.XMLDesc(0)
-    media_volume = volumes(system)[f"nano-media-{media_id}-v1"]
+    dom = system.lookupByName(f"{PREFIX}-{gid}")
+    assert f"{PREFIX}-media-{media_id}-v1" in dom.XMLDesc(0)
+    media_volume = volumes(system)[f"{PREFIX}-media-{media_id}-v1"]
     assert media_volume.info()[1] == len(iso)
     await api.ok("DELETE", f"/instances/{gid}/media")
 
@@ -110,13 +111,13 @@ async def test_guest_from_image_media_and_reset(api, cell, system, tmp_path):  #
     await api.ok("POST", f"/instances/{gid}", {"from_media": True, "source": media_id})
     await instance(api, gid, True)
     live = dom.XMLDesc(0)
-    assert "<boot dev='cdrom'/>" in live and f"nano-media-{media_id}-v1" in live
+    assert "<boot dev='cdrom'/>" in live and f"{PREFIX}-media-{media_id}-v1" in live
     assert "<boot dev='cdrom'/>" not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
 
     # system reset from the image makes the system disk again
     await api.ok("DELETE", f"/instances/{gid}", {"reboot": False, "force": True})
     await instance(api, gid, False)
-    before = volumes(system)[f"nano-{gid}-disk0"].key()
+    before = volumes(system)[f"{PREFIX}-{gid}-disk0"].key()
     await api.ok("PUT", f"/guests/{gid}/system/", {"from_image": disk_id})
 
     async def reset_done():
@@ -126,7 +127,7 @@ async def test_guest_from_image_media_and_reset(api, cell, system, tmp_path):  #
         if not done:  # the old disk holds the same data: wait for the reset itself
             return False
         vols = volumes(system)
-        vol = vols.get(f"nano-{gid}-disk0")
+        vol = vols.get(f"{PREFIX}-{gid}-disk0")
         if vol is None:
             return False
         return subprocess.run(["qemu-img", "compare", "-q", "-U", str(base),
@@ -159,6 +160,6 @@ async def test_guest_from_image_media_and_reset(api, cell, system, tmp_path):  #
     await api.ok("DELETE", f"/guests/{gid}", {"force": True})
 
     async def nothing_left():
-        return not volumes(system, f"nano-{gid}")
+        return not volumes(system, f"{PREFIX}-{gid}")
 
     await until(nothing_left, timeout=60, what="guest volumes removed")

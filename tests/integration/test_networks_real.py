@@ -44,6 +44,7 @@ from reconciler.networking import (
     render_nat_script,
 )
 from tests.api.test_compute import until
+from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.helpers import tinyguest
 from tests.helpers.netns import netns_unusable
 from tests.integration.conftest import remove_cell_leftovers
@@ -142,7 +143,7 @@ def clean_lab(lab: NetLab, server: Any, system: Any) -> None:
             dom.destroy()
         except libvirt.libvirtError:
             pass
-    remove_cell_leftovers(system, f"nano-{lab.cell}")
+    remove_cell_leftovers(system, f"{PREFIX}-{lab.cell}")
     try:
         net = system.networkLookupByName(lab.network)
         if net.isActive():
@@ -502,9 +503,9 @@ async def test_cloudinit_provider_puts_the_address_in_network_config(api, cloudi
     mac, address = allocated(server, gid)
     drv = LibvirtGuests(LibvirtHypervisor("qemu:///system"))
     try:
-        info = drv.volume(f"nano-{lab.cell}", f"nano-{gid}-seed.iso")
+        info = drv.volume(f"{PREFIX}-{lab.cell}", f"{PREFIX}-{gid}-seed.iso")
         assert info is not None
-        files = read_seed_iso(drv.read_volume(f"nano-{lab.cell}", info.name, info.capacity))
+        files = read_seed_iso(drv.read_volume(f"{PREFIX}-{lab.cell}", info.name, info.capacity))
     finally:
         drv.hv.close()
     import yaml

@@ -35,6 +35,8 @@ from state.errors import Invalid
 from tests.helpers.nft_samples import load_sample
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nft"
+# the fixtures were captured from (and the golden scripts written for) table `nano`
+pytestmark = pytest.mark.usefixtures("production_names")
 MAC = "00:16:3e:11:22:33"
 
 

@@ -44,6 +44,7 @@ from reconciler.guest_xml import (
     render_metadata_xml,
     restart_required,
 )
+from tests.conftest import TEST_NAMES_PREFIX
 from tests.helpers.templates import TEMPLATES
 
 GUEST = "2e8f2e23-d0e4-4db2-842c-f3f191252bc3"
@@ -142,7 +143,7 @@ def test_domain_identity_and_mark() -> None:
     xml = render_domain_xml(make_spec(title='a&b<"quoted">'))
     root = ET.fromstring(xml)
     assert root.get("type") == "qemu"
-    assert root.findtext("name") == "nano-" + GUEST
+    assert root.findtext("name") == f"{TEST_NAMES_PREFIX}-{GUEST}"
     assert root.findtext("uuid") == GUEST
     assert root.findtext("title") == 'a&b<"quoted">'
     mark = root.find(f"metadata/{{{NANO_NS}}}guest")

@@ -35,6 +35,9 @@ from reconciler.networking import (
 from state.netconfig import network_config
 from state.netstatus import merge_conditions
 
+# the names, XML and listings below are a production cell's (prefix `nano`)
+pytestmark = pytest.mark.usefixtures("production_names")
+
 MAC1, MAC2, MAC3 = "00:16:3e:00:00:01", "00:16:3e:00:00:02", "00:16:3e:00:00:03"
 
 
