@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import libvirt
 
+from reconciler.bootsector import Asm, print_loop, sector
 from reconciler.drivers.libvirt_hv import LibvirtHypervisor, libvirt_errors
 from state.errors import NanoError
 
@@ -45,51 +46,9 @@ DEFAULT_TIMEOUT = 10.0
 WORK_BASE = "/var/tmp"
 
 
-class _Asm:
-    """Just enough of an assembler for one boot sector: bytes, labels and fix-ups."""
-
-    def __init__(self, origin: int) -> None:
-        self.origin = origin
-        self.code = bytearray()
-        self.labels: dict[str, int] = {}
-        self.fixups: list[tuple[int, str, str]] = []  # (offset, label, kind)
-
-    def emit(self, data: bytes) -> None:
-        self.code += data
-
-    def label(self, name: str) -> None:
-        self.labels[name] = len(self.code)
-
-    def ref(self, kind: str, label: str) -> None:
-        """A placeholder for `label`: abs16 (address), rel8/rel32 (from the next byte)."""
-        self.fixups.append((len(self.code), label, kind))
-        self.code += b"\0" * {"abs16": 2, "rel8": 1, "rel32": 4}[kind]
-
-    def link(self) -> bytes:
-        for at, label, kind in self.fixups:
-            target = self.labels[label]
-            if kind == "abs16":
-                self.code[at:at + 2] = struct.pack("<H", self.origin + target)
-            elif kind == "rel8":
-                self.code[at:at + 1] = struct.pack("<b", target - (at + 1))
-            else:
-                self.code[at:at + 4] = struct.pack("<i", target - (at + 4))
-        return bytes(self.code)
-
-
-def _print_loop(asm: _Asm, name: str) -> None:
-    """`lodsb; test al, al; jz done; out dx, al; jmp loop` (same bytes in 16 and 64 bit)."""
-    asm.label(name)
-    asm.emit(b"\xac\x84\xc0\x74")         # lodsb; test al, al; jz
-    asm.ref("rel8", name + "_done")
-    asm.emit(b"\xee\xeb")                 # out dx, al; jmp
-    asm.ref("rel8", name)
-    asm.label(name + "_done")
-
-
 def boot_sector(iterations: int = LOOP_ITERATIONS) -> bytes:
     """The probe's boot sector (512 bytes ending in 55 AA); see the module docstring."""
-    asm = _Asm(0x7C00)
+    asm = Asm(0x7C00)
     # -- 16-bit real mode, as SeaBIOS leaves us at 0000:7C00
     asm.emit(b"\xfa\xfc")                 # cli; cld
     asm.emit(b"\x31\xc0\x8e\xd8\x8e\xc0\x8e\xd0")  # xor ax,ax; mov ds/es/ss, ax
@@ -97,7 +56,7 @@ def boot_sector(iterations: int = LOOP_ITERATIONS) -> bytes:
     asm.emit(b"\xbe")                     # mov si, start_msg
     asm.ref("abs16", "start_msg")
     asm.emit(b"\xba\xf8\x03")             # mov dx, 0x3f8 (COM1)
-    _print_loop(asm, "print16")
+    print_loop(asm, "print16")
     # identity-map the first 2 MiB: PML4 at 0x1000 -> PDPT 0x2000 -> PD 0x3000 (2 MiB page)
     asm.emit(b"\xbf\x00\x10\xb9\x00\x18\x31\xc0\xf3\xab")  # mov di,0x1000; mov cx,0x1800;
     #                                                         xor ax,ax; rep stosw
@@ -121,7 +80,7 @@ def boot_sector(iterations: int = LOOP_ITERATIONS) -> bytes:
     asm.emit(b"\x48\x8d\x35")                               # lea rsi, [rip + ok_msg]
     asm.ref("rel32", "ok_msg")
     asm.emit(b"\x66\xba\xf8\x03")                           # mov dx, 0x3f8
-    _print_loop(asm, "print64")
+    print_loop(asm, "print64")
     asm.label("halt")
     asm.emit(b"\xf4\xeb")                                   # hlt; jmp halt
     asm.ref("rel8", "halt")
@@ -135,10 +94,7 @@ def boot_sector(iterations: int = LOOP_ITERATIONS) -> bytes:
     asm.emit(START_MARKER + b"\0")
     asm.label("ok_msg")
     asm.emit(OK_MARKER + b"\0")
-    code = asm.link()
-    if len(code) > 510:
-        raise ValueError(f"boot sector code is {len(code)} bytes, more than 510")
-    return code.ljust(510, b"\0") + b"\x55\xaa"
+    return sector(asm)
 
 
 def probe_domain_xml(name: str, virt_type: str, disk: str, console: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 IO_LIBRARIES = {"libvirt", "paramiko", "peewee", "playhouse", "tornado", "subprocess", "socket"}
 PURE_MODULES = ["reconciler/contract.py", "reconciler/guest_xml.py", "reconciler/cloudinit.py",
+                "reconciler/bootsector.py",
                 "reconciler/guest_plan.py",
                 "state/rules.py", "state/placement.py",
                 "reconciler/firewall.py"]
