@@ -18,6 +18,7 @@ Not part of the test run (ARCHITECTURE.md §5: timing is measured, never asserte
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -157,6 +158,7 @@ def main() -> None:
         print(f"  {name:38s} {seconds * 1000:9.1f} ms")
     ratio = results["apply (driver, whole table)"] / results["raw nft -f FILE"]
     print(f"  apply / raw nft -f ratio                 {ratio:9.2f}  (goal <= 2)")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
