@@ -51,12 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--once", action="store_true", required=True,
                      help="one pass over every resource; print what it did")
 
-    try:
-        from nanod import client_cli
-    except ImportError:
-        client_cli = None
-    if client_cli is not None:
-        client_cli.add_commands(sub)
+    # The client commands are part of nanod: if they cannot be imported, nanod is broken
+    # and says so (the ImportError propagates) rather than running without them.
+    from nanod import client_cli
+
+    client_cli.add_commands(sub)
     return parser
 
 
@@ -143,7 +142,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             failed += 1
             print(f"{key}: failed: {outcome}")
         else:
-            print(f"{key}: {outcome.summary() if hasattr(outcome, 'summary') else 'ok'}")
+            print(f"{key}: {outcome.summary()}")
     return 1 if failed else 0
 
 

@@ -167,8 +167,8 @@ def build_controller(store: Store, settings: dict[str, Any]) -> Any:
     conf = settings.get("reconciler", {})
     if not conf.get("enabled", True):
         return None
-    try:
-        from reconciler.kinds import build
-    except ImportError:  # no reconcilers registered yet
-        return None
+    # Imported here, not at the top, so that importing the API does not load libvirt; an
+    # ImportError propagates: nanod never serves without the reconcilers it was built with.
+    from reconciler.kinds import build
+
     return build(store, settings)

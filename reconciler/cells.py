@@ -419,12 +419,9 @@ class CellReconciler:
         being created from them, media not inserted) are removed from the cell."""
         from reconciler.drivers.domains import LibvirtGuests
 
-        unused = getattr(self.store, "unused_replicas", None)
-        if unused is None:
-            return []
         drv = LibvirtGuests(hv)
         done = []
-        for replica in unused(spec.name):
+        for replica in self.store.unused_replicas(spec.name):
             pool, _, volume = replica["volume"].partition("/")
             drv.delete_volume(pool, volume)
             self.store.forget_replica(replica["image"], replica["version"], spec.name)
@@ -457,7 +454,7 @@ class CellReconciler:
                 if exc.code == 404:
                     continue
                 raise
-            states[want.name] = {"active": st.active, "path": getattr(st, "path", "") or "",
+            states[want.name] = {"active": st.active, "path": st.path or "",
                                  "error": st.error or "", "shared": want.shared,
                                  "attached": bool(st.active),
                                  "capacity": st.capacity, "available": st.available}

@@ -259,10 +259,9 @@ class FirewallReconciler:
         if drift:
             observed = {**observed, "last_drift": {"at": now, "changes": drift}}
             log.warning("cell %s: firewall drifted: %s", cell, "; ".join(drift))
-            if hasattr(self.store, "add_log"):
-                self.store.add_log(f"firewall of cell {cell} drifted and was corrected: "
-                                   + "; ".join(drift)[:900], user="nanod",
-                                   resource=f"cell/{cell}")
+            self.store.add_log(f"firewall of cell {cell} drifted and was corrected: "
+                               + "; ".join(drift)[:900], user="nanod",
+                               resource=f"cell/{cell}")
         elif "last_drift" in previous:
             observed = {**observed, "last_drift": previous["last_drift"]}
         wanted = [c for c in conditions if c["type"] in (FIREWALL_READY, FIREWALL_DRIFTED)]

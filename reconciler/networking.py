@@ -825,10 +825,9 @@ class NetworkReconciler:
             if drift:
                 observed = {**observed, "last_drift": {"at": now, "changes": drift}}
                 log.warning("cell %s: network drifted: %s", cell, "; ".join(drift))
-                if hasattr(self.store, "add_log"):
-                    self.store.add_log(f"network of cell {cell} drifted and was corrected: "
-                                       + "; ".join(drift)[:900], user="nanod",
-                                       resource=f"cell/{cell}")
+                self.store.add_log(f"network of cell {cell} drifted and was corrected: "
+                                   + "; ".join(drift)[:900], user="nanod",
+                                   resource=f"cell/{cell}")
         previous = self.store.cell_net_status(cell, NETWORK_KEY)
         if "last_drift" in previous and "last_drift" not in observed:
             observed = {**observed, "last_drift": previous["last_drift"]}

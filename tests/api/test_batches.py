@@ -9,7 +9,6 @@ import datetime as dt
 import pytest
 
 from state.models import BatchTask, Guest
-from state.store import Store
 from tests.api.guest_helpers import (
     GIB,
     create_guest,
@@ -96,8 +95,6 @@ async def test_batch_create_by_mac_and_address(api):
         "name_rule address needs a compute pool with an address pool")
 
 
-@pytest.mark.skipif(not hasattr(Store, "allocate_guest_addresses"),
-                    reason="no address allocation (state/networks.py) in this build")
 @pytest.mark.gen_test
 async def test_batch_create_by_address(api):
     await api.ok("POST", "/address_pools/net", {"gateway": "172.16.3.254", "dns": []})

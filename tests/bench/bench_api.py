@@ -4,7 +4,7 @@ Tornado handler that answers the same JSON bytes, measured in the same run; and 
 
 Run: .venv/bin/python tests/bench/bench_api.py [--concurrency 16] [--requests 4000]
      [--seconds 8] [--rounds 2] [--client keepalive|asynchttpclient|both]
-     [--database postgresql://...EMPTY database...]
+     [--database postgresql://...EMPTY database...] [--quick]
 Goal: nanod/bare throughput ratio >= 0.5.
 
 Both servers are child processes on loopback (nanod with its data in a temporary
@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,22 +32,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tornado.httpclient
-import tornado.tcpclient
-import tornado.web
-
-from state.identity import hash_password, verify_password
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import tornado.httpclient  # noqa: E402
+import tornado.tcpclient  # noqa: E402
+import tornado.web  # noqa: E402
+
+from state.identity import hash_password, verify_password  # noqa: E402
+from tests.bench.common import add_quick, free_port, parse, write_nanod_config  # noqa: E402
+
 NANOD = str(Path(sys.executable).with_name("nanod"))
 USER, PASSWORD = "admin", "Adm1nPassword"
 PATH = "/api/v1/roles/"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- the bare server (this file run with --serve-bare PORT BODYFILE) --------------------------
@@ -234,8 +230,8 @@ async def bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="nano-bench-") as tmp:
         tmpdir = Path(tmp)
         nanod_port, bare_port = free_port(), free_port()
-        serve = [NANOD, "serve", "--data-dir", str(tmpdir / "data"), "--listen",
-                 f"127.0.0.1:{nanod_port}"]
+        serve = [NANOD, "serve", "--config", str(write_nanod_config(tmpdir / "nanod.yaml")),
+                 "--data-dir", str(tmpdir / "data"), "--listen", f"127.0.0.1:{nanod_port}"]
         if args.database:
             serve += ["--database", args.database]
         nanod = Child("nanod", serve, nanod_port, tmpdir / "nanod.out")
@@ -290,7 +286,8 @@ def print_report(args: argparse.Namespace, totals: dict[tuple[str, str], Run],
     print(f"\nGET {PATH} ({size} bytes of JSON) on {args.database.split(':')[0] or 'sqlite'}, "
           f"concurrency {args.concurrency}, "
           f"{args.rounds} round(s) of <= {args.requests} requests / {args.seconds:g} s "
-          f"per target, loopback, {os.cpu_count()} CPUs")
+          f"per target, loopback, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}")
     header = f"{'target':<14}{'client':<17}{'requests':>9}{'errors':>7}{'req/s':>9}" \
              f"{'p50 ms':>9}{'p99 ms':>9}"
     print(header)
@@ -330,7 +327,9 @@ def main() -> None:
                         "the temporary data directory)")
     parser.add_argument("--client", choices=["keepalive", "asynchttpclient", "both"],
                         default="both")
-    asyncio.run(bench(parser.parse_args()))
+    add_quick(parser, {"concurrency": 4, "requests": 200, "seconds": 1.0, "rounds": 1,
+                       "logins": 2})
+    asyncio.run(bench(parse(parser)))
 
 
 if __name__ == "__main__":

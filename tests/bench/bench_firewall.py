@@ -1,6 +1,7 @@
 """Benchmark: a cell firewall with many guests, in a throwaway network namespace (root).
 
     .venv/bin/python tests/bench/bench_firewall.py [--guests 500] [--rules 10] [--repeat 5]
+                                                    [--quick]
 
 Measures (median of --repeat runs):
 - render: `render_ruleset` of the whole table;
@@ -17,6 +18,8 @@ Not part of the test run (ARCHITECTURE.md §5: timing is measured, never asserte
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import statistics
 import subprocess
 import sys
@@ -35,6 +38,7 @@ from reconciler.firewall import (  # noqa: E402
     plan_firewall,
     render_ruleset,
 )
+from tests.bench.common import add_quick, cannot_run, parse  # noqa: E402
 from tests.helpers.netns import Lab, netns_unusable  # noqa: E402
 
 
@@ -74,17 +78,18 @@ def main() -> None:
     parser.add_argument("--guests", type=int, default=500)
     parser.add_argument("--rules", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
+    add_quick(parser, {"guests": 20, "rules": 3, "repeat": 1})
+    args = parse(parser)
     reason = netns_unusable()
     if reason:
-        sys.exit(f"cannot run: {reason}")
+        cannot_run(reason)
 
     policies = make_policies(args.guests, args.rules)
     with Lab() as lab, tempfile.TemporaryDirectory() as tmp:
         firewall = NftFirewall(lab.shell())
         ok, why = firewall.available()
         if not ok:
-            sys.exit(f"cannot run: {why}")
+            cannot_run(why)
         family = firewall.family()
         script = render_ruleset(policies, family=family)
         path = Path(tmp) / "ruleset.nft"
@@ -101,7 +106,10 @@ def main() -> None:
         )
         results["inspect (list + parse)"] = timed(firewall.inspect, args.repeat)
 
-        listing_argv = ["nft", "-j", "list", "table", str(family), "nano"]
+        # the table the driver renders (its name is the driver's business)
+        table = re.search(rf"^table {family} (\S+) \{{$", script, re.MULTILINE)
+        assert table, "no table in the rendered ruleset"
+        listing_argv = ["nft", "-j", "list", "table", str(family), table.group(1)]
         listing = firewall.shell.run(listing_argv).stdout
         results["  of which nft -j list"] = timed(
             lambda: firewall.shell.run(listing_argv), args.repeat
@@ -150,6 +158,7 @@ def main() -> None:
         print(f"  {name:38s} {seconds * 1000:9.1f} ms")
     ratio = results["apply (driver, whole table)"] / results["raw nft -f FILE"]
     print(f"  apply / raw nft -f ratio                 {ratio:9.2f}  (goal <= 2)")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

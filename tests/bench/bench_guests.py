@@ -9,16 +9,19 @@
    (a TCG guest) for full raw framebuffer updates back to back, directly over TCP and
    through nanod's websocket proxy (goal: >= 0.8).
 
-Run: .venv/bin/python tests/bench/bench_guests.py [--skip-real] [--batch 500]
+Run: .venv/bin/python tests/bench/bench_guests.py [--skip-real] [--repeat 3] [--batch 500]
+     [--cells 10] [--console-seconds 5] [--quick]
 Real guests run under TCG in a temporary pool and are removed; nanod runs in-process on a
-free loopback port.
+free loopback port with its own temp data directory (tests/bench/common.py), simulated
+cells are test-driver node files in the temp directory, and the one real cell (for
+create-to-running) has this run's own name and storage pool, removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -32,59 +35,19 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import libvirt  # noqa: E402
-import tornado.httpclient  # noqa: E402
 
-from nanod import config  # noqa: E402
-from nanod.server import Server  # noqa: E402
 from reconciler.guest_xml import DiskSpec, DomainSpec, render_domain_xml  # noqa: E402
-from tests.conftest import TEST_NAMES_PREFIX as PREFIX  # noqa: E402  (sets the names)
-from tests.conftest import TEST_SETTINGS  # noqa: E402
+from tests.bench.common import (  # noqa: E402
+    PREFIX,
+    QOS,
+    MiB,
+    add_quick,
+    cannot_run,
+    parse,
+    start_server,
+    wait_for,
+)
 from tests.helpers.testdriver import write_test_cell  # noqa: E402
-
-MiB = 1 << 20
-QOS = {"cpu_priority": "medium", "write_speed": 0, "write_iops": 0, "read_speed": 0,
-       "read_iops": 0, "receive_speed": 0, "send_speed": 0}
-
-
-class Client:
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}/api/v1"
-        self.http = tornado.httpclient.AsyncHTTPClient()
-        self.session = ""
-
-    async def call(self, method: str, path: str, body=None):
-        response = await self.http.fetch(
-            self.base + path, method=method, raise_error=False,
-            body=None if body is None and method in ("GET", "DELETE") else json.dumps(body or {}),
-            headers={"Nano-Session": self.session, "Content-Type": "application/json"},
-            allow_nonstandard_methods=True, request_timeout=600)
-        doc = json.loads(response.body)
-        if doc["error_code"]:
-            raise RuntimeError(f"{method} {path}: {doc['message']}")
-        return response.code, doc.get("data")
-
-
-async def start_server(data: Path, reconciler: dict) -> tuple[Server, Client]:
-    settings = config.load(None, config.merge(TEST_SETTINGS, {"data_dir": str(data)}))
-    settings["reconciler"] = reconciler
-    server = Server(settings)
-    server.listen("127.0.0.1", 0)
-    client = Client(server.port)
-    await client.call("POST", "/system/", {"user": "admin", "password": "Adm1nPassword"})
-    _, login = await client.call("POST", "/sessions/", {"user": "admin",
-                                                         "password": "Adm1nPassword"})
-    client.session = login["session"]
-    return server, client
-
-
-async def wait_for(check, timeout: float = 600):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await check()
-        if value:
-            return value
-        await asyncio.sleep(0.02)
-    raise TimeoutError
 
 
 def direct_libvirt(pool_path: Path) -> float:
@@ -116,19 +79,22 @@ def direct_libvirt(pool_path: Path) -> float:
     return took
 
 
-async def through_nanod(tmp: Path, pool_path: Path) -> list[float]:
+async def through_nanod(tmp: Path, pool_path: Path, repeat: int) -> list[float]:
+    # The one benchmark cell that is not simulated: create-to-running needs real QEMU. Its
+    # name is this run's own, so is its storage pool (<prefix>-<cell>), removed at the end.
+    cell = f"bench-{uuid.uuid4().hex[:8]}"
     server, client = await start_server(tmp / "data-real", {
         "enabled": True, "workers": 4, "resync_seconds": 600, "probe_seconds": 600,
         "guest_poll_seconds": 600})
     times = []
     try:
-        await client.call("POST", "/cells/bench", {"libvirt_uri": "qemu:///system",
-                                                   "virt_type": "qemu",
-                                                   "storage_path": str(pool_path)})
-        await wait_for(lambda: _alive(client, "bench"), 60)
+        await client.call("POST", f"/cells/{cell}", {"libvirt_uri": "qemu:///system",
+                                                     "virt_type": "qemu",
+                                                     "storage_path": str(pool_path)})
+        await wait_for(lambda: _alive(client, cell), 60)
         await client.call("POST", "/compute_pools/bp", {})
-        await client.call("POST", "/compute_pool_cells/bp/bench", {})
-        for i in range(3):
+        await client.call("POST", f"/compute_pool_cells/bp/{cell}", {})
+        for i in range(repeat):
             start = time.perf_counter()
             _, data = await client.call("POST", "/guests/", {
                 "name": f"g{i}", "pool": "bp", "cores": 1, "memory": 128 * MiB,
@@ -143,7 +109,7 @@ async def through_nanod(tmp: Path, pool_path: Path) -> list[float]:
             await wait_for(lambda gid=gid: _gone(client, gid))
     finally:
         await server.shutdown()
-        _drop_pool(f"{PREFIX}-bench")
+        _drop_pool(f"{PREFIX}-{cell}")
     return times
 
 
@@ -359,20 +325,27 @@ async def console(tmp: Path, seconds: float) -> tuple[float, float]:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--skip-real", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skip-real", action="store_true",
+                        help="leave out create-to-running on the real libvirtd")
+    parser.add_argument("--repeat", type=int, default=3, help="create-to-running samples")
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--cells", type=int, default=10)
     parser.add_argument("--console-seconds", type=float, default=5.0)
-    args = parser.parse_args()
+    add_quick(parser, {"repeat": 1, "batch": 20, "cells": 2, "console_seconds": 1.0})
+    args = parse(parser)
+    try:  # create-to-running and the console's VNC server need the real libvirtd and QEMU
+        libvirt.open("qemu:///system").close()
+    except libvirt.libvirtError as exc:
+        cannot_run(f"qemu:///system cannot be opened: {exc.get_error_message()}")
     base = Path("/var/tmp/nano-tests")
     base.mkdir(mode=0o755, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=base))
     tmp.chmod(0o755)
     try:
         if not args.skip_real:
-            direct = [direct_libvirt(tmp / f"direct-{i}") for i in range(3)]
-            nano = await through_nanod(tmp, tmp / "nano-pool")
+            direct = [direct_libvirt(tmp / f"direct-{i}") for i in range(args.repeat)]
+            nano = await through_nanod(tmp, tmp / "nano-pool", args.repeat)
             print(f"create-to-running, direct libvirt: median {statistics.median(direct):.3f} s")
             print(f"create-to-running, through nanod:  median {statistics.median(nano):.3f} s")
             print(f"ratio nanod/direct: {statistics.median(nano) / statistics.median(direct):.2f}"
@@ -384,6 +357,7 @@ async def main() -> None:
         print(f"console (QEMU VNC, raw full updates): direct TCP {direct_bps / MiB:.1f} MiB/s; "
               f"through nanod's websocket proxy {proxied_bps / MiB:.1f} MiB/s; "
               f"ratio {proxied_bps / direct_bps:.2f} (goal >= 0.8)")
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,7 +1,7 @@
 """Benchmark: image file upload and download through a real nanod, against `cp`.
 
     .venv/bin/python tests/bench/bench_images.py [--size-mib 1024] [--small-mib 256]
-                                                  [--dir /var/tmp] [--repeat 3]
+                                                  [--dir /var/tmp] [--repeat 3] [--quick]
 
 Starts `nanod serve` as a subprocess (SQLite, reconciler off) with its data directory in
 a temp directory under --dir, and in the same run, on the same disk, compares like with
@@ -46,14 +46,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.bench.common import (  # noqa: E402
+    MiB,
+    add_quick,
+    cannot_run,
+    free_port,
+    parse,
+    write_nanod_config,
+)
+
 PASSWORD = "Bench1Password"
-MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_source(path: Path, size: int) -> str:
@@ -85,12 +89,11 @@ class Nanod:
     def __init__(self, workdir: Path, max_upload: int) -> None:
         self.port = free_port()
         self.data = workdir / "data"
-        config = workdir / "nanod.yaml"
-        config.write_text(json.dumps({  # JSON is YAML
+        config = write_nanod_config(workdir / "nanod.yaml", {
             "listen": f"127.0.0.1:{self.port}", "data_dir": str(self.data),
             "log_level": "warning", "reconciler": {"enabled": False},
             "images": {"max_upload_bytes": max_upload},
-        }))
+        })
         self.base = f"http://127.0.0.1:{self.port}/api/v1"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nanod", "serve", "--config", str(config)], cwd=ROOT,
@@ -290,10 +293,11 @@ def main() -> None:
     parser.add_argument("--dir", default=tempfile.gettempdir(),
                         help="where the temp directory goes (one disk for everything)")
     parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    add_quick(parser, {"size_mib": 16, "small_mib": 4, "repeat": 1})
+    args = parse(parser)
     size, small = args.size_mib * MiB, args.small_mib * MiB
     if shutil.which("curl") is None:
-        sys.exit("cannot run: curl is not installed")
+        cannot_run("curl is not installed (apt-get install curl)")
     workdir = Path(tempfile.mkdtemp(prefix="nano-bench-images-", dir=args.dir))
     nanod: Nanod | None = None
     try:

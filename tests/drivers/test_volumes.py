@@ -154,13 +154,27 @@ def test_test_driver_cannot_stream_volumes_and_leaves_nothing(test_hv, tmp_path)
         upload_volume(test_hv, "no-such-pool", name, str(iso), fmt="raw")
 
 
-def test_round_trip_on_the_test_driver(test_hv, tmp_path):
-    iso = make_iso(tmp_path / "m.iso", b"x")
+def test_test_driver_refuses_downloads_at_once_and_leaves_no_file(test_hv, tmp_path):
+    """The other half of a round trip: libvirt's test driver (9.0 here) implements neither
+    virStorageVolUpload nor virStorageVolDownload, so a round trip cannot run on it (it runs
+    on qemu:///system above). What a test-driver cell must do instead is refuse at once,
+    Permanent and naming why, not retry: asserted for reading a volume that exists."""
+    name = f"{PREFIX}-image-{uuid.uuid4().hex[:8]}.iso"
+
+    def create(conn):
+        conn.storagePoolLookupByName("default-pool").createXML(
+            f"<volume><name>{name}</name><capacity unit='bytes'>4096</capacity>"
+            "<target><format type='raw'/></target></volume>", 0)
+
+    test_hv.call("create a volume", create)
     try:
-        upload_volume(test_hv, "default-pool", f"{PREFIX}-image-t-1.iso", str(iso), fmt="raw")
-    except Permanent as exc:
-        reason = ("libvirt's test driver does not implement virStorageVolUpload/Download, so "
-                  f"volume streams are tested on qemu:///system only ({exc.message})")
-        print(reason)
-        pytest.skip(reason)
-    raise AssertionError("the test driver now streams volumes: turn this into a real test")
+        back = tmp_path / "back" / "m.iso"
+        back.parent.mkdir()
+        with pytest.raises(Permanent, match="cannot stream volumes.*virStorageVolDownload"):
+            download_volume(test_hv, "default-pool", name, str(back))
+        assert list(back.parent.iterdir()) == []  # neither the file nor its temp file
+        with pytest.raises(Permanent, match="cannot stream volumes"):
+            volume_digest(test_hv, "default-pool", name)
+    finally:
+        delete_volume(test_hv, "default-pool", name)
+    assert name not in volumes_of(test_hv, "default-pool")

@@ -75,10 +75,6 @@ class Nanod:
         assert reply["error_code"] == 0, reply
         return reply["data"]
 
-    def serves(self, path: str) -> bool:
-        reply = self.call("GET", path)
-        return not (reply["error_code"] == 404 and reply["message"].startswith("no route"))
-
 
 @pytest.fixture
 def nanod_config() -> str:

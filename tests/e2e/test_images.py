@@ -1,6 +1,6 @@
 """MediaImage and DiskImage manifests on a real nanod: metadata created, the local file
 uploaded, re-apply ok, a changed file uploaded again (SHA-1 compared with the server's
-checksum), delete. Skipped with the reason when this nanod does not serve images yet."""
+checksum), delete."""
 
 from __future__ import annotations
 
@@ -38,8 +38,6 @@ def write_image(kind: str, path: Path, version: int) -> None:
                                         ("DiskImage", "/disk_images/")])
 def test_image_manifest_uploads_when_checksum_differs(nanod: Nanod, tmp_path: Path, kind,
                                                       route):
-    if not nanod.serves(route):
-        pytest.skip(f"this nanod does not serve {route} yet: {kind} not exercised")
     (tmp_path / "files").mkdir()
     image = tmp_path / "files" / "boot.img"
     write_image(kind, image, 1)

@@ -175,10 +175,8 @@ def test_concurrent_applies_do_not_double_create(nanod: Nanod, tmp_path: Path):
     manifest = tmp_path / "many.yaml"
     docs = [f"kind: Role\nname: role-{i}\nspec: {{menu: [user, log]}}\n" for i in range(6)]
     docs += [f"kind: ComputePool\nname: pool-{i}\nspec: {{failover: false}}\n" for i in range(4)]
-    with_templates = nanod.serves("/templates/")
-    if with_templates:
-        docs += [f"kind: Template\nname: tpl-{i}\nspec: {{admin: root, operating_system: linux, "
-                 f"disk: sata, network: e1000, display: vga, control: vnc}}\n" for i in range(3)]
+    docs += [f"kind: Template\nname: tpl-{i}\nspec: {{admin: root, operating_system: linux, "
+             f"disk: sata, network: e1000, display: vga, control: vnc}}\n" for i in range(3)]
     manifest.write_text("---\n".join(docs))
     procs = [nanod.spawn("apply", "-f", str(manifest)) for _ in range(3)]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
@@ -190,9 +188,8 @@ def test_concurrent_applies_do_not_double_create(nanod: Nanod, tmp_path: Path):
     roles = nanod.data_of("/roles/")
     assert sorted(r for r in roles if r.startswith("role-")) == [f"role-{i}" for i in range(6)]
     assert len(nanod.data_of("/compute_pools/")) == 4
-    if with_templates:
-        names = [t["name"] for t in nanod.data_of("/templates/")]
-        assert sorted(n for n in names if n.startswith("tpl-")) == ["tpl-0", "tpl-1", "tpl-2"]
+    names = [t["name"] for t in nanod.data_of("/templates/")]
+    assert sorted(n for n in names if n.startswith("tpl-")) == ["tpl-0", "tpl-1", "tpl-2"]
     again = nanod.run("apply", "-f", str(manifest))
     assert lines(again.stdout)[-1] == f"ok={len(docs)} changed=0 failed=0"
 
