@@ -9,7 +9,6 @@ import pytest
 
 from state.errors import Conflict
 from state.models import AddressAllocation, Guest, GuestInterface, GuestPolicy, Snapshot
-from state.store import Store
 from tests.api.guest_helpers import GIB, create_guest, guest_body, make_pool, mark_created
 
 MASK = "255.255.255.0"
@@ -57,8 +56,6 @@ async def test_desired_record_and_finish_delete(api, server):
     assert gone.code == 404
 
 
-@pytest.mark.skipif(not hasattr(Store, "allocate_guest_addresses"),
-                    reason="no address allocation (state/networks.py) in this build")
 @pytest.mark.gen_test
 async def test_guests_in_a_pool_with_an_address_pool(api, server):
     await api.ok("POST", "/address_pools/net", {"gateway": "172.16.3.254", "dns": [],
@@ -93,8 +90,6 @@ async def test_guests_in_a_pool_with_an_address_pool(api, server):
     assert AddressAllocation.select().count() == 0
 
 
-@pytest.mark.skipif(not hasattr(Store, "copy_policy_to_guest"),
-                    reason="no security policies (state/policies.py) in this build")
 @pytest.mark.gen_test
 async def test_security_policy_group_is_copied_at_create(api):
     await make_pool(api)
@@ -111,8 +106,6 @@ async def test_security_policy_group_is_copied_at_create(api):
     assert unknown.code == 404 and Guest.select().count() == 1
 
 
-@pytest.mark.skipif(not hasattr(Store, "allocate_guest_ports"),
-                    reason="no port forwarding (state/networks.py) in this build")
 @pytest.mark.gen_test
 async def test_ports_are_forwarded_from_the_cell(api, server):
     await make_pool(api)
