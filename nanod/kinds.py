@@ -374,7 +374,8 @@ class ComputePoolKind(NamedKind):
         return refs
 
 
-CELL_FIELDS = ("address", "libvirt_uri", "virt_type", "storage_path", "bridge", "ssh")
+CELL_FIELDS = ("address", "libvirt_uri", "virt_type", "storage_path", "bridge", "ssh",
+               "overcommit")
 CELL_NETWORK_WAIT = 60.0  # seconds a delete waits for the cell's pool network to be removed
 
 

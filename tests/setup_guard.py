@@ -136,8 +136,26 @@ def _compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         elif key not in before:
             out.append(f"{key} was created")
         elif before[key] != after[key]:
-            out.append(f"{key} was changed")
+            out.append(f"{key} was changed: {_difference(before[key], after[key])}")
     return out
+
+
+def _difference(before: Any, after: Any) -> str:
+    """What differs between two snapshots of one object, short enough for a summary."""
+    if isinstance(before, tuple) and isinstance(after, tuple) and len(before) == len(after):
+        parts = [_difference(b, a) for b, a in zip(before, after, strict=True) if b != a]
+        return "; ".join(parts)
+    if isinstance(before, list) and isinstance(after, list) and all(
+            isinstance(v, str) for v in before + after):
+        gone, new = sorted(set(before) - set(after)), sorted(set(after) - set(before))
+        return f"removed {gone} added {new}"
+    text_before, text_after = repr(before), repr(after)
+    if len(text_before) + len(text_after) > 600:
+        at = next((i for i, (x, y) in enumerate(zip(text_before, text_after, strict=False))
+                   if x != y), 0)
+        text_before = "..." + text_before[max(0, at - 40):at + 160]
+        text_after = "..." + text_after[max(0, at - 40):at + 160]
+    return f"{text_before} -> {text_after}"
 
 
 def _wait_for_fresh_probes(client: NanoClient, since: float) -> list[str]:

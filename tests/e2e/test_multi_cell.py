@@ -57,6 +57,7 @@ def test_multi_cell_example_lifecycle(nanod: Nanod, tmp_path: Path):
     assert not [line for line in out if line.startswith("not waited for")]
     cell = nanod.data_of("/cells/sim-3")
     assert cell["pool"] == "west" and cell["status"]["phase"] == "online"
+    assert cell["spec"]["overcommit"] == {"cpu": 8}  # the manifest's per-cell ratio
     assert nanod.data_of("/user_groups/operators")["member"] == ["olivia"]
 
     again = nanod.run("apply", "-f", str(EXAMPLE), extra_env=env)

@@ -34,6 +34,6 @@ def test_compare_names_every_difference():
     before = {"domain nano-a": 1, "network nano-net-x": 2, "nft table inet nano": 3}
     after = {"domain nano-a": 1, "network nano-net-x": 5, "storage pool nano-b": 4}
     assert _compare(before, after) == [
-        "network nano-net-x was changed", "nft table inet nano was removed",
+        "network nano-net-x was changed: 2 -> 5", "nft table inet nano was removed",
         "storage pool nano-b was created"]
     assert _compare(before, dict(before)) == []

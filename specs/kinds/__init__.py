@@ -1,0 +1,1 @@
+"""JSON Schemas of manifest kinds (data, read by nanod.manifests)."""
