@@ -18,6 +18,14 @@ def test_a_pools_sizes_are_not_a_change_but_its_path_is():
     assert before != _pool_definition(POOL.format(c=100, a=10, v=90, p="/elsewhere"))
 
 
+def test_permissions_libvirt_forgets_on_a_restart_are_not_a_change():
+    built = POOL.format(c=1, a=1, v=1, p="/var/lib/libvirt/images").replace(
+        "</path>", "</path><permissions><mode>0711</mode><owner>0</owner><group>0</group>"
+                   "</permissions>")
+    assert _pool_definition(built) == _pool_definition(
+        POOL.format(c=1, a=1, v=1, p="/var/lib/libvirt/images"))
+
+
 def test_nft_handles_are_not_a_change_but_rules_are():
     listing = {"nftables": [{"table": {"family": "inet", "name": "nano", "handle": 4}},
                             {"rule": {"chain": "g_1", "handle": 9, "expr": [{"accept": None}]}}]}
