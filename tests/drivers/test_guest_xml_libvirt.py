@@ -102,11 +102,21 @@ def cell(qemu: libvirt.virConnect, qemu_dir: Path) -> Iterator[Cell]:
     try:
         yield Cell(qemu, pool, name, name, path)
     finally:
+        # each step on its own: a failed test (or a refused undefine under load) must not
+        # leave the domains, the pool or the network behind
+        for dom in qemu.listAllDomains():
+            with suppress(libvirt.libvirtError):
+                if name in dom.XMLDesc(0):
+                    if dom.isActive():
+                        dom.destroy()
+                    dom.undefine()
         for vol in pool.listAllVolumes():
             with suppress(libvirt.libvirtError):
                 vol.delete(0)
-        pool.destroy()
-        network.destroy()
+        with suppress(libvirt.libvirtError):
+            pool.destroy()
+        with suppress(libvirt.libvirtError):
+            network.destroy()
 
 
 @contextmanager
