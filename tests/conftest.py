@@ -43,6 +43,16 @@ TEST_SETTINGS: dict[str, Any] = {
 naming.use(TEST_NAMES_PREFIX)  # for tests that drive reconcilers and drivers directly
 
 
+def reconciling(settings: dict[str, Any], **timing: float) -> dict[str, Any]:
+    """`settings` with the reconciler on at a test's pace: probes every second, a resync
+    every 5 s, guests polled every second, unless `timing` says otherwise (any key of the
+    `reconciler` setting)."""
+    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 5,
+                              "probe_seconds": 1, "offline_after": 3,
+                              "guest_poll_seconds": 1, **timing}
+    return settings
+
+
 def write_nanod_config(path: Any, settings: dict[str, Any] | None = None) -> Any:
     """A `nanod --config` file for a nanod process a test starts: the tests' names and
     ports (TEST_SETTINGS) under `settings`."""

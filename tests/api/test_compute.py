@@ -11,14 +11,13 @@ import time
 import pytest
 
 from tests.conftest import TEST_NAMES_PREFIX as PREFIX
+from tests.conftest import reconciling
 from tests.helpers.testdriver import write_test_cell
 
 
 @pytest.fixture
 def settings(settings):
-    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 5,
-                              "probe_seconds": 0.5, "offline_after": 2}
-    return settings
+    return reconciling(settings, probe_seconds=0.5, offline_after=2)
 
 
 async def until(check, timeout: float = 20.0, what: str = "condition"):

@@ -11,16 +11,14 @@ import pytest
 
 from tests.api.guest_helpers import guest_body
 from tests.api.test_compute import register, until
+from tests.conftest import reconciling
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def settings(settings):
-    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 2,
-                              "probe_seconds": 0.5, "offline_after": 2,
-                              "guest_poll_seconds": 0.5}
-    return settings
+    return reconciling(settings, resync_seconds=2, probe_seconds=0.5, offline_after=2, guest_poll_seconds=0.5)
 
 
 async def sim_pool(api, tmp_path, name="sim-1"):

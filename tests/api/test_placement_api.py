@@ -8,32 +8,19 @@ guest only into room its cell has left."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import pytest
 
 from tests.api.guest_helpers import GIB
+from tests.api.test_compute import until
+from tests.conftest import reconciling
 from tests.helpers.testdriver import write_test_cell
 
 
 @pytest.fixture
 def settings(settings):
-    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 5,
-                              "probe_seconds": 0.5, "offline_after": 2}
-    return settings
-
-
-async def until(check: Any, timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
+    return reconciling(settings, probe_seconds=0.5, offline_after=2)
 
 
 def one_core_batch(count: int) -> dict[str, Any]:
@@ -52,7 +39,7 @@ async def two_core_cell(api: Any, tmp_path: Any) -> dict[str, Any]:
         rec = await api.ok("GET", "/cells/cell-a")
         return rec if rec["alive"] and rec["status"]["observed"].get("stats") else None
 
-    rec = await until(alive, what="cell-a alive")
+    rec = await until(alive, timeout=60, what="cell-a alive")
     await api.ok("POST", "/compute_pools/p", {"storage": "", "network": "", "failover": False})
     await api.ok("POST", "/compute_pool_cells/p/cell-a")
     return rec["status"]["observed"]["stats"]

@@ -14,6 +14,7 @@ import pytest
 
 from tests.api.test_compute import until
 from tests.conftest import TEST_NAMES_PREFIX as PREFIX
+from tests.conftest import reconciling
 from tests.helpers.sshd import SSHD, start_sshd
 
 pytestmark = pytest.mark.integration
@@ -28,9 +29,7 @@ def _system_libvirt() -> libvirt.virConnect:
 
 @pytest.fixture
 def settings(settings):
-    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 5,
-                              "probe_seconds": 0.5, "offline_after": 2}
-    return settings
+    return reconciling(settings, probe_seconds=0.5, offline_after=2)
 
 
 @pytest.fixture

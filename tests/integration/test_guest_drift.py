@@ -17,6 +17,7 @@ from tests.api.test_compute import until
 from tests.api.test_images import create as create_image
 from tests.api.test_images import sha1, upload
 from tests.conftest import TEST_NAMES_PREFIX as PREFIX
+from tests.conftest import reconciling
 from tests.helpers.bootsector import boot_disk
 from tests.helpers.kernel import has_sfq
 from tests.integration.test_guests_real import (  # noqa: F401  (fixtures)
@@ -32,10 +33,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def settings(settings):
-    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 5,
-                              "probe_seconds": 1, "offline_after": 3,
-                              "guest_poll_seconds": 1, "sign_of_life_seconds": 8}
-    return settings
+    return reconciling(settings, sign_of_life_seconds=8)
 
 
 async def status(api, gid):

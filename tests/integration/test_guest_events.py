@@ -10,6 +10,7 @@ import pytest
 
 from tests.api.test_compute import until
 from tests.conftest import TEST_NAMES_PREFIX as PREFIX
+from tests.conftest import reconciling
 from tests.integration.test_guests_real import (  # noqa: F401  (fixtures)
     cell,
     created,
@@ -22,10 +23,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def settings(settings):
-    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 600,
-                              "probe_seconds": 600, "offline_after": 3,
-                              "guest_poll_seconds": 600}
-    return settings
+    return reconciling(settings, resync_seconds=600, probe_seconds=600, guest_poll_seconds=600)
 
 
 @pytest.mark.gen_test(timeout=200)

@@ -14,6 +14,7 @@ import pytest
 
 from tests.api.test_compute import until
 from tests.conftest import TEST_NAMES_PREFIX as PREFIX
+from tests.conftest import reconciling
 from tests.integration.conftest import remove_cell_leftovers
 
 pytestmark = pytest.mark.integration
@@ -22,10 +23,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def settings(settings):
-    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 5,
-                              "probe_seconds": 1, "offline_after": 3,
-                              "guest_poll_seconds": 1}
-    return settings
+    return reconciling(settings)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pytest
 from tests.api.test_compute import until
 from tests.api.test_images import create, make_iso, sha1, upload
 from tests.conftest import TEST_NAMES_PREFIX as PREFIX
+from tests.conftest import reconciling
 from tests.integration.test_guests_real import (  # noqa: F401  (fixtures)
     cell,
     created,
@@ -28,10 +29,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def settings(settings):
-    settings["reconciler"] = {"enabled": True, "workers": 4, "resync_seconds": 5,
-                              "probe_seconds": 1, "offline_after": 3,
-                              "guest_poll_seconds": 1}
-    return settings
+    return reconciling(settings)
 
 
 def qcow2_with_data(path) -> bytes:
