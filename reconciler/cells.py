@@ -410,7 +410,10 @@ class CellReconciler:
             "domains": len(domains),
             "unowned_domains": sorted(d.name for d in domains
                                       if d.owned_id is None and not d.foreign),
-            "owned_domains": {d.owned_id: d.state for d in domains if d.owned_id},
+            # a count: each guest's own record holds its state, and a cell row read by
+            # every status request (the dashboard polls them every 2 s) stays small
+            # whatever the cell hosts (a map of 200 guests made it 10x slower)
+            "owned_domains": sum(1 for d in domains if d.owned_id),
         }
         return observed, actions
 

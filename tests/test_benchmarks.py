@@ -40,6 +40,8 @@ EXPECTED: dict[str, list[str]] = {
                         rf"download, cold \(lean client\) .* {RATIO} cp, cold source",
                         rf"download, cached \(lean\) .* {RATIO} cp ",
                         r"\d+ MiB upload\s+\d+\.\d MiB"],
+    "bench_responsive.py": [rf"ratio p99 load/idle \(worst\): {RATIO}",
+                            r"slowest request under load: \d+ ms"],
     "bench_resync.py": [rf"ratio pass/raw: {RATIO}",
                         r"nanod resync pass, .*, no failure",
                         r"GET /compute_zone_status/\s+p50\s+\d+\.\d ms",

@@ -45,7 +45,7 @@ async def test_a_cell_with_another_nanods_guests(api, tmp_path):
     rec = await until(probed, what="cell alive")
     observed = rec["status"]["observed"]
     assert observed["domains"] == 2 and observed["stats"]["cpu_usage"] == 2  # their load
-    assert observed["unowned_domains"] == [] and observed["owned_domains"] == {}
+    assert observed["unowned_domains"] == [] and observed["owned_domains"] == 0
     assert [p["name"] for p in observed["storage_pools"]] == [f"{TEST_NAMES_PREFIX}-shared"]
     conds = {c["type"]: c["status"] for c in rec["status"]["conditions"]}
     assert conds["Ready"] is True
