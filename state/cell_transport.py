@@ -139,14 +139,32 @@ def parse_host_key(text: str) -> HostKeyPin:
                       f"{', '.join(HOST_KEY_TYPES)}")
     key_type, blob64 = words[0], words[1]
     try:
-        blob = base64.b64decode(blob64, validate=True)
-        (length,) = struct.unpack(">I", blob[:4])
-        embedded = blob[4:4 + length].decode("ascii")
-    except (binascii.Error, struct.error, UnicodeDecodeError, ValueError):
+        fields = _wire_fields(base64.b64decode(blob64, validate=True))
+        embedded = fields[0].decode("ascii")
+    except (binascii.Error, struct.error, UnicodeDecodeError, ValueError, IndexError):
         raise Invalid(f"ssh.host_key: the {key_type} key is not valid base64 key data") from None
     if embedded != key_type:
         raise Invalid(f"ssh.host_key: the key data is a {embedded!r} key, not {key_type!r}")
+    complete = (len(fields[1]) == 32 and len(fields) == 2 if key_type == "ssh-ed25519" else
+                len(fields) == 3 and (key_type == "ssh-rsa" or
+                                      fields[1] == key_type.rsplit("-", 1)[1].encode()))
+    if not complete:
+        raise Invalid(f"ssh.host_key: the {key_type} key is not valid base64 key data "
+                      "(incomplete)")
     return HostKeyPin(fingerprint(blob64), key_type, blob64)
+
+
+def _wire_fields(blob: bytes) -> list[bytes]:
+    """The length-prefixed fields of an SSH public key blob (RFC 4253 §6.6), which must
+    use it up exactly."""
+    fields, at = [], 0
+    while at < len(blob):
+        (length,) = struct.unpack(">I", blob[at:at + 4])
+        if at + 4 + length > len(blob):
+            raise ValueError("truncated")
+        fields.append(blob[at + 4:at + 4 + length])
+        at += 4 + length
+    return fields
 
 
 def check_address(value: Any) -> str:

@@ -301,9 +301,14 @@ class ParamikoShell:
             client.close()
             raise Unavailable(f"ssh {self.target}: authentication failed: {exc}") from exc
         except paramiko.SSHException as exc:
+            transport = client.get_transport()
+            banner = transport.remote_version if transport is not None else ""
             client.close()
-            # RejectPolicy's message is "Server '[host]:port' not found in known_hosts"
-            raise Unavailable(f"ssh {self.target}: {exc}") from exc
+            # RejectPolicy's message is "Server '[host]:port' not found in known_hosts"; a
+            # host that accepts TCP and stays silent ends in "No existing session"
+            reason = str(exc) if banner else (
+                f"no SSH banner within {self._connect_timeout:g}s ({exc})")
+            raise Unavailable(f"ssh {self.target}: {reason}") from exc
         except (OSError, EOFError) as exc:
             client.close()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
