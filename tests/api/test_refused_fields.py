@@ -16,6 +16,7 @@ import subprocess
 import pytest
 
 from state.models import Cell, ComputePool
+from tests.api.identity_helpers import log_contents
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ def public_key(tmp_path, name="host") -> tuple[str, str]:
 @pytest.mark.gen_test
 async def test_a_host_key_is_a_public_key_or_its_fingerprint(api, key, tmp_path):
     line, printed = public_key(tmp_path)
-    other, _ = public_key(tmp_path, "other")
+    other, other_printed = public_key(tmp_path, "other")
     for name, host_key in [("k1", line), ("k2", printed), ("k3", f"[192.0.2.11]:22 {line}")]:
         await api.ok("POST", f"/cells/{name}", {"address": "192.0.2.11",
                                                 "ssh": {**key, "host_key": host_key}})
@@ -127,6 +128,11 @@ async def test_a_host_key_is_a_public_key_or_its_fingerprint(api, key, tmp_path)
     after = Cell.get(Cell.name == "k1")
     assert after.spec["ssh"]["host_key"] == other
     assert after.generation == before.generation + 1
+    # the log says which key is pinned now (a security event), and when none is given
+    await api.ok("PUT", "/cells/k1", {"ssh": key})
+    assert (await log_contents(api))[:2] == [
+        "admin modified cell k1; ssh.host_key removed (the key pinned in known_hosts stays)",
+        f"admin modified cell k1; ssh.host_key now {other_printed}"]
 
 
 @pytest.mark.gen_test
