@@ -13,6 +13,7 @@ import time
 
 from api.base import NanoHandler
 from reconciler.contract import Key
+from state.cell_transport import parse_host_key
 from state.errors import Conflict
 
 
@@ -210,9 +211,16 @@ class CellHandler(NanoHandler):
         self.reply()
 
     def put(self, name: str) -> None:
+        pinned = self.store.cell_record(name)["spec"].get("ssh", {}).get("host_key", "")
         self.store.modify_cell_spec(name, self.body("cell_modify"))
         self.ctx.enqueue(Key("cell", name))
-        self.audit(f"modified cell {name}")
+        given = self.store.cell_record(name)["spec"].get("ssh", {}).get("host_key", "")
+        if given != pinned:  # re-pinning a host key is a security event: say which key
+            what = (f"now {parse_host_key(given).fingerprint}" if given else
+                    "removed (the key pinned in known_hosts stays)")
+            self.audit(f"modified cell {name}; ssh.host_key {what}")
+        else:
+            self.audit(f"modified cell {name}")
         self.reply()
 
     async def delete(self, name: str) -> None:

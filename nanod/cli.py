@@ -25,6 +25,14 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database", help="database URL: sqlite:///PATH or postgresql://...")
 
 
+def _test_cells_flag(parser: argparse.ArgumentParser) -> None:
+    # default None: absent leaves the config file's allow_test_cells as it is
+    parser.add_argument("--allow-test-cells", dest="allow_test_cells", action="store_true",
+                        default=None, help="accept cells on libvirt's test driver "
+                        "(test:///PATH.xml): for tests and benchmarks only (setting "
+                        "allow_test_cells: true)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanod", description="Nano management daemon")
     parser.add_argument("--version", action="version", version=f"nanod {__version__}")
@@ -33,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the API and the reconciler")
     _server_flags(serve)
     serve.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:5870)")
+    _test_cells_flag(serve)
 
     init = sub.add_parser("init", help="create the first administrator")
     _server_flags(init)
@@ -50,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _server_flags(rec)
     rec.add_argument("--once", action="store_true", required=True,
                      help="one pass over every resource; print what it did")
+    _test_cells_flag(rec)
 
     # The client commands are part of nanod: if they cannot be imported, nanod is broken
     # and says so (the ImportError propagates) rather than running without them.
@@ -64,6 +74,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "data_dir": getattr(args, "data_dir", None),
         "database": getattr(args, "database", None),
         "listen": getattr(args, "listen", None),
+        "allow_test_cells": getattr(args, "allow_test_cells", None),
     }
     return config.load(getattr(args, "config", None), overrides)
 

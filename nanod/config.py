@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 
 from reconciler.naming import check_prefix
+from state.cell_transport import check_path
+from state.errors import Invalid
 from state.placement import overcommit_from
 
 DEFAULTS: dict[str, Any] = {
@@ -32,6 +34,16 @@ DEFAULTS: dict[str, Any] = {
     # volumes, storage pools, networks, bridges, nft tables. Two nanods sharing a host
     # (e.g. the test suite's beside scripts/setup's) need different ones.
     "names": {"prefix": "nano"},
+    # libvirt's test driver cells (test:///PATH.xml) are for tests and benchmarks only: a
+    # production nanod refuses them (state/cell_transport.py); `nanod serve
+    # --allow-test-cells` sets this too
+    "allow_test_cells": False,
+    # nanod's SSH to its cells (paramiko) and libvirt's ssh (its wrapper): where the cells'
+    # private keys must live ("" = DATA_DIR/keys), how long a connection may take to be
+    # established and a command to answer, and whether the host key a cell presents at first
+    # contact is pinned (else every cell needs ssh.host_key)
+    "ssh": {"key_dir": "", "connect_timeout": 10, "command_timeout": 60,
+            "trust_on_first_use": True},
 }
 
 
@@ -71,6 +83,7 @@ def load(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
         overcommit_from(settings["overcommit"], "overcommit")
     except ValueError as exc:
         raise SystemExit(f"nanod: config {path or '(defaults)'}: {exc}") from None
+    _check_cell_access(settings)
     names = settings["names"]
     if not isinstance(names, dict) or set(names) != {"prefix"}:
         raise SystemExit(f"nanod: names must be {{prefix: PREFIX}}, not {names!r}")
@@ -79,6 +92,30 @@ def load(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     except ValueError as exc:
         raise SystemExit(f"nanod: {exc}") from None
     return settings
+
+
+def _check_cell_access(settings: dict[str, Any]) -> None:
+    """`allow_test_cells` and `ssh`: known keys and sound values, or exit naming them; an
+    empty key_dir becomes DATA_DIR/keys."""
+    if not isinstance(settings["allow_test_cells"], bool):
+        raise SystemExit(f"nanod: allow_test_cells must be true or false, not "
+                         f"{settings['allow_test_cells']!r}")
+    ssh = settings["ssh"]
+    if not isinstance(ssh, dict) or set(ssh) - set(DEFAULTS["ssh"]):
+        raise SystemExit(f"nanod: ssh takes the keys {', '.join(DEFAULTS['ssh'])}, not "
+                         f"{ssh!r}")
+    for key in ("connect_timeout", "command_timeout"):
+        value = ssh[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise SystemExit(f"nanod: ssh.{key} must be a number of seconds > 0, not {value!r}")
+    if not isinstance(ssh["trust_on_first_use"], bool):
+        raise SystemExit("nanod: ssh.trust_on_first_use must be true or false")
+    key_dir = ssh["key_dir"] or os.path.join(settings["data_dir"], "keys")
+    try:  # key files are named by paths under it, checked the same way
+        ssh["key_dir"] = check_path("ssh.key_dir", key_dir.rstrip("/") if
+                                    isinstance(key_dir, str) else key_dir)
+    except Invalid as exc:
+        raise SystemExit(f"nanod: {exc.message}") from None
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -23,6 +23,7 @@ import tornado.web
 from api.app import make_app
 from api.base import AppContext
 from reconciler.guests import dry_run as guest_dry_run
+from state.cell_transport import CellRules
 from state.db import close_database, database_url, open_database
 from state.images import ImageFiles
 from state.store import Store
@@ -68,7 +69,8 @@ def open_store(settings: dict[str, Any]) -> Store:
     os.makedirs(settings["data_dir"], exist_ok=True)
     open_database(database_url(settings.get("database"), settings["data_dir"]))
     return Store(session_timeout=int(settings["session_timeout"]), limits=settings["limits"],
-                 data_dir=settings["data_dir"], overcommit=settings["overcommit"])
+                 data_dir=settings["data_dir"], overcommit=settings["overcommit"],
+                 cell_rules=CellRules.from_settings(settings))
 
 
 def lock_data_dir(data_dir: str) -> int:
@@ -97,6 +99,11 @@ class Server:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = settings
         self._lock = lock_data_dir(settings["data_dir"])
+        # where the cells' private keys go (ssh.key_file must name one inside)
+        os.makedirs(settings["ssh"]["key_dir"], mode=0o700, exist_ok=True)
+        if settings.get("allow_test_cells"):
+            log.warning("test driver cells (test:///...) are accepted: this nanod is for tests "
+                        "and benchmarks (allow_test_cells)")
         self.store = open_store(settings)
         self.store.ensure_default_templates()
         left = self.store.recover_uploads(ImageFiles(settings["data_dir"]))

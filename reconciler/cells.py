@@ -9,8 +9,10 @@ alive while its probes succeed; after `offline_after` failures in a row it is of
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import shlex
 import threading
@@ -30,10 +32,16 @@ from reconciler.contract import (
     set_condition,
 )
 from reconciler.naming import names
-from state.compute import CellSpec, libvirt_uri_for
+from state.cell_transport import CellTransport, HostKeyPin, fingerprint
+from state.compute import CellSpec
 from state.errors import NanoError, Unavailable
 
 log = logging.getLogger("nano.reconciler.cells")
+
+#: condition reasons of a cell nanod will not talk to (CellRefused.reason)
+TRANSPORT_REFUSED = "TransportRefused"
+HOST_KEY_MISMATCH = "HostKeyMismatch"
+HOST_KEY_UNKNOWN = "HostKeyUnknown"
 
 def local_pool_name(cell: str) -> str:
     """The libvirt dir pool for a cell's local storage path (per cell: two cells may share
@@ -128,13 +136,184 @@ def cell_ready(observed: dict[str, Any], conditions: list[dict[str, Any]]
     return True, "Converged", ""
 
 
-class CellLink:
-    """The open connections to one cell: a hypervisor and a host shell."""
+class CellRefused(Unavailable):
+    """nanod will not talk to a cell as it is configured, or as it answers; `reason` is
+    the condition reason (TransportRefused, HostKeyMismatch, HostKeyUnknown). The cell is
+    unreachable at once, not after `offline_after` probes: nothing was said to it."""
 
-    def __init__(self, spec: CellSpec, hypervisor: Any, shell: Any) -> None:
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    """Settings `ssh.*` for reaching cells: nanod's paramiko shell and libvirt's ssh."""
+
+    connect_timeout: float = 10.0  # TCP, banner, key exchange, authentication
+    command_timeout: float = 60.0  # a command without a timeout of its own; a silent link
+    trust_on_first_use: bool = True  # pin the key a cell presents at first contact
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> SshOptions:
+        ssh = settings.get("ssh") or {}
+        default = cls()
+        return cls(connect_timeout=float(ssh.get("connect_timeout", default.connect_timeout)),
+                   command_timeout=float(ssh.get("command_timeout", default.command_timeout)),
+                   trust_on_first_use=bool(ssh.get("trust_on_first_use", True)))
+
+
+def known_host_name(host: str, port: int) -> str:
+    """A server's name in known_hosts files (OpenSSH's and paramiko's form)."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+class KnownHosts:
+    """nanod's known_hosts file (DATA_DIR/known_hosts), which libvirt's ssh reads through
+    nanod's wrapper, and its only writer: every change re-reads the file under one lock and
+    replaces it atomically (write a temporary file, fsync, rename), so a pin is never lost
+    to another cell's write and a reader sees the old file or the new one, whole.
+
+    One key per server (`known_host_name`); entries nanod did not write are kept as they
+    are."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def _lines(self) -> list[str]:
+        try:
+            with open(self.path) as fh:
+                return fh.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    @staticmethod
+    def _entry(line: str) -> tuple[str, str, str] | None:
+        words = line.split()
+        if len(words) < 3 or line.lstrip().startswith("#"):
+            return None
+        return words[0], words[1], words[2]
+
+    def get(self, name: str) -> tuple[str, str] | None:
+        """The pinned key of server `name`: (type, base64), or None."""
+        for line in self._lines():
+            entry = self._entry(line)
+            if entry and entry[0] == name:
+                return entry[1], entry[2]
+        return None
+
+    def pin(self, name: str, key_type: str, key_base64: str) -> bool:
+        """Make (type, base64) the one key of `name`; False when it already was."""
+        with self._lock:
+            lines = self._lines()
+            kept = [line for line in lines if (self._entry(line) or ("",))[0] != name]
+            wanted = f"{name} {key_type} {key_base64}"
+            if [line for line in lines if line not in kept] == [wanted]:
+                return False
+            self._write([*kept, wanted])
+            return True
+
+    def forget(self, name: str) -> bool:
+        with self._lock:
+            lines = self._lines()
+            kept = [line for line in lines if (self._entry(line) or ("",))[0] != name]
+            if kept == lines:
+                return False
+            self._write(kept)
+            return True
+
+    def _write(self, lines: list[str]) -> None:
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write("".join(f"{line}\n" for line in lines))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+class HostKeyGuard:
+    """The `HostKeyCheck` of one cell's SSH (reconciler/drivers/shell.py): the key the cell
+    presents must be its `ssh.host_key` when one is given (which is then pinned in
+    KnownHosts for libvirt's ssh too: that is how a key is re-pinned), else the key pinned
+    earlier; an unknown host is pinned on first contact unless trust on first use is off.
+    A changed key is never accepted: `CellRefused` names both fingerprints."""
+
+    def __init__(self, cell: str, transport: CellTransport, known: KnownHosts, *,
+                 trust_on_first_use: bool) -> None:
+        self.cell = cell
+        self.target = f"{transport.user}@{transport.host}:{transport.ssh_port}"
+        self.name = known_host_name(transport.host, transport.ssh_port)
+        self.pin: HostKeyPin | None = transport.host_key
+        self.known = known
+        self.trust_on_first_use = trust_on_first_use
+        self.accepted: dict[str, str] = {}  # {type, fingerprint, source} of the last accepted
+
+    def expected(self) -> tuple[str, str] | None:
+        if self.pin is not None and self.pin.key_type:
+            return self.pin.key_type, self.pin.key_base64
+        known = self.known.get(self.name)
+        if known and (self.pin is None or fingerprint(known[1]) == self.pin.fingerprint):
+            return known
+        return None
+
+    def check(self, key_type: str, key_base64: str) -> None:
+        presented = fingerprint(key_base64)
+        if self.pin is not None:
+            if presented != self.pin.fingerprint:
+                raise self._mismatch(key_type, presented, self.pin.fingerprint,
+                                     "the cell's ssh.host_key")
+            if self.known.pin(self.name, key_type, key_base64):
+                log.warning("cell %s: host key %s (%s) of %s pinned from ssh.host_key",
+                            self.cell, presented, key_type, self.target)
+            source = "ssh.host_key"
+        else:
+            known = self.known.get(self.name)
+            if known is None:
+                if not self.trust_on_first_use:
+                    raise CellRefused(HOST_KEY_UNKNOWN, (
+                        f"host key of {self.target}: {presented} ({key_type}) is not pinned "
+                        "and trust on first use is off (setting ssh.trust_on_first_use): "
+                        "compare it with the cell's own (ssh-keygen -lf "
+                        "/etc/ssh/ssh_host_*_key.pub on the cell) and give it as ssh.host_key "
+                        f"with PUT /api/v1/cells/{self.cell}"))
+                self.known.pin(self.name, key_type, key_base64)
+                log.warning("cell %s: host key %s (%s) of %s pinned on first contact",
+                            self.cell, presented, key_type, self.target)
+            elif fingerprint(known[1]) != presented:
+                raise self._mismatch(key_type, presented, fingerprint(known[1]),
+                                     f"the key pinned for {self.name}")
+            source = "pinned"
+        self.accepted = {"type": key_type, "fingerprint": presented, "source": source}
+
+    def _mismatch(self, key_type: str, presented: str, expected: str, what: str
+                  ) -> CellRefused:
+        return CellRefused(HOST_KEY_MISMATCH, (
+            f"host key of {self.target} does not match: the cell presents {presented} "
+            f"({key_type}), {what} is {expected}; nothing was sent to it. If the cell's host "
+            f"keys really changed (reinstalled), pin the new one: PUT /api/v1/cells/{self.cell} "
+            "with the whole ssh object and ssh.host_key set to the new public key or its "
+            "SHA256 fingerprint"))
+
+
+class CellLink:
+    """The open connections to one cell: a hypervisor and a host shell (and, over SSH,
+    the guard that checked the cell's host key)."""
+
+    def __init__(self, spec: CellSpec, hypervisor: Any, shell: Any,
+                 host_keys: HostKeyGuard | None = None) -> None:
         self.reach = _reach(spec)
         self.hypervisor = hypervisor
         self.shell = shell
+        self.host_keys = host_keys
         self.events_registered = False
 
     def close(self) -> None:
@@ -146,45 +325,74 @@ class CellLink:
 
 
 def _reach(spec: CellSpec) -> tuple:
-    return (spec.libvirt_uri, tuple(sorted((spec.ssh or {}).items())), spec.address)
+    return (spec.libvirt_uri, tuple(sorted((spec.ssh or {}).items())), spec.address,
+            spec.transport)
 
 
 class CellConnections:
     """One `CellLink` per cell, reopened when the way to reach it changes. Shared by the
-    cell and guest reconcilers (and the console proxy) so a cell has one connection."""
+    cell and guest reconcilers (and the console proxy) so a cell has one connection.
 
-    def __init__(self, *, data_dir: str, on_domain_event: Callable[[str, str | None, str], None]
-                 | None = None) -> None:
+    A cell whose way in is refused under this nanod's rules (state/cell_transport.py; e.g.
+    registered by an older nanod, or a test cell with test cells off) gets no connection:
+    `link` raises `CellRefused`. SSH cells' host keys are checked by a `HostKeyGuard`
+    against `known_hosts`, the one file libvirt's ssh reads too."""
+
+    def __init__(self, *, data_dir: str, ssh: SshOptions | None = None,
+                 on_domain_event: Callable[[str, str | None, str], None] | None = None
+                 ) -> None:
         self._links: dict[str, CellLink] = {}
         self._lock = threading.Lock()
         self._data_dir = data_dir
+        self.ssh = ssh or SshOptions()
+        self.known_hosts = KnownHosts(os.path.join(data_dir, "known_hosts"))
         self._on_domain_event = on_domain_event
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], *, on_domain_event: Callable[
+            [str, str | None, str], None] | None = None) -> CellConnections:
+        return cls(data_dir=settings["data_dir"], ssh=SshOptions.from_settings(settings),
+                   on_domain_event=on_domain_event)
 
     def link(self, spec: CellSpec) -> CellLink:
         with self._lock:
             link = self._links.get(spec.name)
+            if spec.transport is None:
+                self._links.pop(spec.name, None)
+                if link is not None:
+                    link.close()
+                raise CellRefused(TRANSPORT_REFUSED, "nanod does not connect to this cell as "
+                                  f"it is registered: {spec.transport_error}")
             if link is not None and link.reach == _reach(spec):
                 return link
             if link is not None:
                 link.close()
-            link = CellLink(spec, self._open_hypervisor(spec), self._open_shell(spec))
+            shell, guard = self._open_shell(spec, spec.transport)
+            link = CellLink(spec, self._open_hypervisor(spec.transport), shell, guard)
             self._links[spec.name] = link
             return link
 
-    def uri(self, spec: CellSpec) -> str:
-        """The libvirt URI used for a cell; for SSH cells libvirt's ssh runs a wrapper that
-        checks the host key against the file paramiko pinned on first contact."""
-        return libvirt_uri_for({"libvirt_uri": spec.libvirt_uri, "ssh": spec.ssh,
-                                "address": spec.address}, ssh_command=self._ssh_wrapper())
+    def uri(self, transport: CellTransport) -> str:
+        """The libvirt URI used for a cell; for SSH cells libvirt's ssh runs nanod's wrapper
+        (host keys checked strictly against `known_hosts`, timeouts)."""
+        wrapper = self._ssh_wrapper() if transport.kind == "ssh" else ""
+        return transport.uri(ssh_command=wrapper)
 
     def _ssh_wrapper(self) -> str:
         path = os.path.join(self._data_dir, "ssh-known-hosts-wrapper")
-        known = os.path.join(self._data_dir, "known_hosts")
+        known = self.known_hosts.path
+        # ConnectTimeout bounds the TCP connect and the banner exchange (a host that accepts
+        # and never answers); ServerAlive* drop a link silent for about command_timeout.
+        # UpdateHostKeys=no: nanod (KnownHosts) is the file's only writer.
+        connect = max(1, math.ceil(self.ssh.connect_timeout))
+        alive = max(1, math.ceil(self.ssh.command_timeout / 3))
         script = ("#!/bin/sh\n# written by nanod: libvirt's ssh checks host keys strictly "
                   "against nanod's known_hosts\n"
                   f"exec ssh -F /dev/null -o UserKnownHostsFile={shlex.quote(known)} "
                   "-o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes "
-                  "-o BatchMode=yes \"$@\"\n")
+                  "-o UpdateHostKeys=no -o CheckHostIP=no -o BatchMode=yes "
+                  f"-o ConnectTimeout={connect} -o ConnectionAttempts=1 "
+                  f"-o ServerAliveInterval={alive} -o ServerAliveCountMax=3 \"$@\"\n")
         try:
             with open(path) as fh:
                 current = fh.read()
@@ -199,23 +407,39 @@ class CellConnections:
             os.replace(tmp, path)
         return path
 
-    def _open_hypervisor(self, spec: CellSpec) -> Any:
+    def _open_hypervisor(self, transport: CellTransport) -> Any:
         from reconciler.drivers.libvirt_hv import LibvirtHypervisor
 
-        return LibvirtHypervisor(self.uri(spec))
+        return LibvirtHypervisor(self.uri(transport))
 
-    def _open_shell(self, spec: CellSpec) -> Any:
-        from reconciler.drivers.shell import HostKeyPolicy, LocalShell, ParamikoShell
+    def _open_shell(self, spec: CellSpec, transport: CellTransport
+                    ) -> tuple[Any, HostKeyGuard | None]:
+        from reconciler.drivers.shell import LocalShell, ParamikoShell
 
-        if spec.local:
-            return LocalShell()
-        ssh = spec.ssh
-        return ParamikoShell(
-            spec.address, int(ssh.get("port", 22)), ssh.get("user", "root"),
-            key_file=ssh.get("key_file"), password=ssh.get("password"),
-            known_hosts=os.path.join(self._data_dir, "known_hosts"),
-            host_key_policy=HostKeyPolicy.ACCEPT_NEW,
+        if not transport.remote:
+            return LocalShell(command_timeout=self.ssh.command_timeout), None
+        guard = HostKeyGuard(spec.name, transport, self.known_hosts,
+                             trust_on_first_use=self.ssh.trust_on_first_use)
+        shell = ParamikoShell(
+            transport.host, transport.ssh_port, transport.user,
+            key_file=transport.key_file or None, password=spec.ssh.get("password"),
+            host_key_policy=guard, connect_timeout=self.ssh.connect_timeout,
+            command_timeout=self.ssh.command_timeout,
         )
+        return shell, guard
+
+    def forget_host_key(self, transport: CellTransport | None, others: Iterable[CellSpec]
+                        ) -> None:
+        """An unregistered cell's pin goes, unless another cell reaches the same server."""
+        if transport is None or not transport.remote:
+            return
+        name = known_host_name(transport.host, transport.ssh_port)
+        if any(o.transport is not None and o.transport.remote and
+               known_host_name(o.transport.host, o.transport.ssh_port) == name
+               for o in others):
+            return
+        if self.known_hosts.forget(name):
+            log.info("forgot the host key pinned for %s", name)
 
     def watch_events(self, spec: CellSpec, link: CellLink) -> None:
         """Subscribe to the cell's domain lifecycle events once per connection."""
@@ -276,21 +500,34 @@ class CellReconciler:
                 conditions, "StorageReady", not errors,
                 "PoolsActive" if not errors else "PoolFailed",
                 "; ".join(errors) or "all storage pools active", now_text())
+            if link.host_keys is not None:
+                key = link.host_keys.accepted
+                conditions = set_condition(
+                    conditions, "HostKeyVerified", True, "Matches",
+                    f"{key['type']} {key['fingerprint']} ({key['source']})", now_text())
             conditions = set_condition(conditions, READY, *cell_ready(observed, conditions),
                                        now_text())
             last_error = ""
             phase = "online"
         except NanoError as exc:
+            refused = exc.reason if isinstance(exc, CellRefused) else ""
             failures = int(prev.get("failures", 0)) + 1
-            alive = bool(prev.get("alive")) and failures < self.offline_after
+            # a refused cell is unreachable at once: nothing was (or will be) said to it
+            alive = bool(prev.get("alive")) and failures < self.offline_after and not refused
             observed = {**prev, "alive": alive, "failures": failures, "probed_at": now}
-            if not isinstance(exc, Unavailable):
+            reachable = get_condition(conditions, "CellReachable")
+            if refused and (reachable is None or reachable.reason != refused):
+                log.warning("cell %s refused: %s", spec.name, exc.message)
+            elif not isinstance(exc, Unavailable):
                 log.warning("cell %s: %s", spec.name, exc.message)
             self.connections.drop(spec.name)  # reconnect from scratch next time
-            conditions = set_condition(conditions, "CellReachable", False, "ProbeFailed",
+            conditions = set_condition(conditions, "CellReachable", False,
+                                       refused or "ProbeFailed", exc.message, now_text())
+            if refused in (HOST_KEY_MISMATCH, HOST_KEY_UNKNOWN):
+                conditions = set_condition(conditions, "HostKeyVerified", False, refused,
+                                           exc.message, now_text())
+            conditions = set_condition(conditions, READY, False, refused or "Unreachable",
                                        exc.message, now_text())
-            conditions = set_condition(conditions, READY, False, "Unreachable", exc.message,
-                                       now_text())
             last_error = exc.message
             phase = "online" if alive else "offline"
         self.store.record_cell(spec.name, generation=spec.generation, observed=observed,
@@ -327,6 +564,9 @@ class CellReconciler:
                 log.warning("cell %s unregistered; its pool %s stays: %s", spec.name, name,
                             exc.message)
         self.connections.drop(spec.name)
+        others = [o for o in (self.store.cell_spec(n) for n in self.store.cell_names()
+                              if n != spec.name) if o is not None]
+        self.connections.forget_host_key(spec.transport, others)
         self.store.finish_cell_delete(spec.name)
         return Result(actions=tuple(actions), note="unregistered")
 
@@ -335,9 +575,10 @@ class CellReconciler:
         from reconciler.drivers.facts import Counters, gather_facts, speeds
 
         hv = link.hypervisor
-        if not spec.local:
-            # first contact over SSH pins the host key that libvirt's ssh then checks
-            link.shell.run(["true"], timeout=15)
+        if link.host_keys is not None:
+            # first: nanod's SSH checks (or pins) the host key that libvirt's ssh then
+            # finds in known_hosts; within the connect and command timeouts
+            link.shell.run(["true"])
         node = hv.node_info()
         self.connections.watch_events(spec, link)
         before = self._pool_states(hv, spec)
@@ -407,6 +648,7 @@ class CellReconciler:
             },
             "storage_pools": [{"name": name, **state} for name, state in sorted(pools.items())],
             "networks": networks,
+            "host_key": dict(link.host_keys.accepted) if link.host_keys is not None else {},
             "domains": len(domains),
             "unowned_domains": sorted(d.name for d in domains
                                       if d.owned_id is None and not d.foreign),

@@ -32,7 +32,7 @@ def build(store: Any, settings: dict[str, Any]) -> Controller:
             enqueue(Key("guest", owned_id))
         enqueue(Key("cell", cell))
 
-    connections = CellConnections(data_dir=settings["data_dir"], on_domain_event=on_domain_event)
+    connections = CellConnections.from_settings(settings, on_domain_event=on_domain_event)
     reconcilers: list[Any] = [
         CellReconciler(store, connections, enqueue,
                        offline_after=int(conf.get("offline_after", 3)),

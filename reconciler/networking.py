@@ -494,13 +494,7 @@ def plan_nat(spec: NatSpec, observed: ObservedNat) -> list[Action]:
 
 
 def _same_hypervisor(a: Any, b: Any) -> bool:
-    from state.compute import libvirt_uri_for
-
-    def uri(spec: Any) -> str:
-        return libvirt_uri_for({"libvirt_uri": spec.libvirt_uri, "ssh": spec.ssh,
-                                "address": spec.address})
-
-    return uri(a) == uri(b)
+    return bool(a.hypervisor) and a.hypervisor == b.hypervisor
 
 
 def ports_status(forwards: Iterable[Mapping[str, Any]], host: str, *, applied: bool,

@@ -15,6 +15,7 @@ from typing import Any
 
 import peewee
 
+from state.cell_transport import CellRules, CellTransport, cell_transport
 from state.db import db
 from state.errors import Conflict, Invalid, NotFound
 from state.identity import check_name, format_time
@@ -29,7 +30,6 @@ from state.models import (
 )
 
 DEFAULT_STORAGE_PATH = "/var/lib/libvirt/images"
-LOCAL_URIS = ("qemu:///system", "qemu:///session")
 GUEST_STATES = ("stopped", "running", "lost", "migrating")
 
 
@@ -51,28 +51,27 @@ class CellSpec:
     address_pool: str = ""  # the compute pool's address pool, "" = libvirt's default network
     deleting: bool = False
     observed: dict[str, Any] = field(default_factory=dict)
+    # the checked way in (state/cell_transport.py); None: refused today, and why
+    transport: CellTransport | None = None
+    transport_error: str = ""
 
     @property
     def local(self) -> bool:
         """Facts are read with a local shell when no SSH is configured."""
         return not self.ssh
 
+    @property
+    def hypervisor(self) -> str:
+        """The libvirt URI the cell is reached by ("" when refused): equal for two cells on
+        one libvirtd reached the same way."""
+        return self.transport.uri() if self.transport is not None else ""
 
-def libvirt_uri_for(spec: dict[str, Any], *, ssh_command: str = "") -> str:
-    """The libvirt URI of a cell: given, or qemu+ssh built from the SSH settings (with
-    `ssh_command`, a wrapper that pins the host key nanod recorded, when given), or the
-    local system daemon."""
-    if spec.get("libvirt_uri"):
-        return spec["libvirt_uri"]
-    ssh = spec.get("ssh") or {}
-    if ssh:
-        query = [f"keyfile={ssh['key_file']}"] if ssh.get("key_file") else []
-        if ssh_command:
-            query.append(f"command={ssh_command}")
-        query.append("no_tty=1")
-        return (f"qemu+ssh://{ssh.get('user', 'root')}@{spec['address']}:"
-                f"{int(ssh.get('port', 22))}/system?{'&'.join(query)}")
-    return "qemu:///system"
+
+def libvirt_uri_for(spec: dict[str, Any], rules: CellRules, *, ssh_command: str = "") -> str:
+    """The libvirt URI of a cell spec, built by nanod from its checked fields (with
+    `ssh_command`, nanod's ssh wrapper that checks the pinned host key, for qemu+ssh).
+    Raises `Invalid` naming the field when the spec's way in is refused under `rules`."""
+    return cell_transport(spec, rules).uri(ssh_command=ssh_command)
 
 
 def cell_brief(row: Cell) -> dict[str, Any]:
@@ -87,6 +86,9 @@ def cell_brief(row: Cell) -> dict[str, Any]:
 
 class ComputeStore:
     """Mixin of `state.store.Store`: compute pools, cells, storage pools, statistics."""
+
+    #: what cell transports this nanod accepts (settings); `Store(cell_rules=...)` sets it
+    cell_rules: CellRules = CellRules()
 
     # -- compute pools -----------------------------------------------------------------------
 
@@ -180,7 +182,7 @@ class ComputeStore:
 
     def register_cell(self, name: str, spec: dict[str, Any]) -> None:
         check_name("cell", name)
-        spec = _normalize_cell_spec(spec)
+        spec = _normalize_cell_spec(spec, self.cell_rules)
         with db.atomic():
             existing = Cell.get_or_none(Cell.name == name)
             if existing is not None and existing.deleting:
@@ -200,7 +202,7 @@ class ComputeStore:
                               "the cell's host name or IP address in the same request, e.g. "
                               "\"address\": \"192.0.2.10\"")
             merged = {**(row.spec or {}), **changes}
-            row.spec = _normalize_cell_spec(merged)
+            row.spec = _normalize_cell_spec(merged, self.cell_rules)
             if "enabled" in changes:
                 row.enabled = bool(changes["enabled"])
             row.generation += 1
@@ -242,11 +244,15 @@ class ComputeStore:
         spec = dict(row.spec or {})
         if spec.get("ssh", {}).get("password"):
             spec["ssh"] = {**spec["ssh"], "password": "********"}
+        try:  # a cell stored in a form refused today has none: its status says why
+            uri = libvirt_uri_for(row.spec or {}, self.cell_rules)
+        except Invalid:
+            uri = ""
         return {
             **cell_brief(row),
             "pool": row.pool,
             "spec": spec,
-            "libvirt_uri": libvirt_uri_for(row.spec or {}),
+            "libvirt_uri": uri,
             "generation": row.generation,
             "status": self._status(row),
         }
@@ -344,7 +350,8 @@ class ComputeStore:
             row = Cell.get_or_none(Cell.name == cell)
             if row is None:
                 Cell.create(name=cell, pool=pool, spec=_normalize_cell_spec(
-                    {"libvirt_uri": "qemu:///system", "virt_type": virt_type}))
+                    {"libvirt_uri": "qemu:///system", "virt_type": virt_type},
+                    self.cell_rules))
                 said.append(f"registered this host as cell {cell!r} (qemu:///system, "
                             f"virt_type {virt_type}) in pool {pool!r}")
             elif not row.pool:
@@ -373,7 +380,13 @@ class ComputeStore:
                 if sp:
                     shared.append({"name": sp.name, "type": sp.type, "host": sp.host,
                                    "target": sp.target})
+        transport, refused = None, ""
+        try:
+            transport = cell_transport(spec, self.cell_rules)
+        except Invalid as exc:
+            refused = exc.message
         return CellSpec(
+            transport=transport, transport_error=refused,
             name=row.name, generation=row.generation, pool=row.pool, enabled=row.enabled,
             address=spec.get("address", ""), libvirt_uri=spec.get("libvirt_uri", ""),
             ssh=dict(spec.get("ssh") or {}), virt_type=spec.get("virt_type", "kvm"),
@@ -540,20 +553,16 @@ def _refuse_failover(spec: dict[str, Any]) -> None:
                       "of a lost cell): leave failover out or send false")
 
 
-def _normalize_cell_spec(spec: dict[str, Any]) -> dict[str, Any]:
+def _normalize_cell_spec(spec: dict[str, Any], rules: CellRules) -> dict[str, Any]:
+    """The spec as stored, or `Invalid` naming the first field refused: nothing of a
+    refused spec is stored."""
     out = dict(spec)
     out.setdefault("virt_type", "kvm")
     if out["virt_type"] not in ("kvm", "qemu"):
         raise Invalid(f"virt_type: {out['virt_type']!r} is not 'kvm' or 'qemu'")
     ssh = out.get("ssh") or {}
-    if "host_key" in ssh:
-        # Stored until now and never used: the cell's shell pins the key it first sees.
-        raise Invalid("ssh.host_key: pinning a host key in the cell spec is not implemented "
-                      "yet: leave ssh.host_key out; nanod pins the key the cell presents on "
-                      "first contact in DATA_DIR/known_hosts and refuses a changed key after "
-                      "that")
     uri = out.get("libvirt_uri", "")
-    remote = uri and not (uri in LOCAL_URIS or uri.startswith("test:///"))
+    remote = uri and not (uri == "qemu:///system" or uri.startswith("test:"))
     if not out.get("address"):
         if ssh or remote:
             reason = "ssh is given" if ssh else f"libvirt_uri {uri!r} is not local"
@@ -566,7 +575,9 @@ def _normalize_cell_spec(spec: dict[str, Any]) -> dict[str, Any]:
             raise Invalid("ssh: give key_file (a private key path on the management node) or "
                           "password")
         out["ssh"] = {"user": ssh.get("user", "root"), "port": int(ssh.get("port", 22)),
-                      **{k: ssh[k] for k in ("key_file", "password") if ssh.get(k)}}
+                      **{k: ssh[k] for k in ("key_file", "password", "host_key")
+                         if ssh.get(k)}}
+    cell_transport(out, rules)  # the way in: every field of it checked, or refused
     path = out.get("storage_path", DEFAULT_STORAGE_PATH)
     if not str(path).startswith("/") or ".." in str(path).split("/"):
         raise Invalid(f"storage_path: {path!r} must be an absolute path without '..'")

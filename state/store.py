@@ -7,6 +7,7 @@ each lives in its own module of `state/` and works on the models of `state/model
 from __future__ import annotations
 
 from state.batches import BatchStore
+from state.cell_transport import CellRules
 from state.clones import CloneStore
 from state.compute import ComputeStore
 from state.console import ConsoleStore
@@ -31,8 +32,12 @@ class Store(CloneStore, PoolStatusStore, NetStatusStore, IdentityStore, ComputeS
     """Facade over the database opened by `state.db.open_database`."""
 
     def __init__(self, *, session_timeout: int = 180, limits: dict | None = None,
-                 data_dir: str = "", overcommit: dict | None = None) -> None:
+                 data_dir: str = "", overcommit: dict | None = None,
+                 cell_rules: CellRules | None = None) -> None:
         self.session_timeout = session_timeout
+        # which cell transports are accepted (state/cell_transport.py); default: no test
+        # cells, no key files
+        self.cell_rules = cell_rules or CellRules()
         self.data_dir = data_dir
         self.limits = {"max_cores": 24, "max_memory": 32, "max_disk": 64, **(limits or {})}
         # placement's ratios (state/placement.py); cells may override them

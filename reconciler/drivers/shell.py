@@ -10,13 +10,19 @@ Commands are argv lists, never shell strings: the SSH adapter quotes every word 
 `["sh", "-c", FIXED_SCRIPT, "sh", *args]` with all variable input in the positional args.
 
 Errors: reaching the host (connect, authenticate, host key, timeout) raises `Unavailable`
-(retried by the reconciler); a command that runs and fails is a `CommandResult` with a
-non-zero `rc`, never an exception; `check()` turns that into `Permanent` where a failure
-must stop the caller.
+(retried by the reconciler; a `HostKeyCheck` may raise its own subclass, which passes
+through unchanged); a command that runs and fails is a `CommandResult` with a non-zero
+`rc`, never an exception; `check()` turns that into `Permanent` where a failure must stop
+the caller.
+
+Host keys: this module never writes a known_hosts file. nanod's cells are checked by a
+`HostKeyCheck` (reconciler/cells.py pins keys in its one known_hosts file); a file given
+with `HostKeyPolicy.STRICT` is only read.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 #: rc reported when the program does not exist (what a POSIX shell reports remotely).
 RC_NOT_FOUND = 127
 _READ_CHUNK = 65536
+#: seconds a command may run when neither its caller nor the shell says otherwise
+DEFAULT_COMMAND_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -67,14 +75,14 @@ class HostShell(Protocol):
     - returns a `CommandResult` whatever the exit code; a missing program is
       `rc == RC_NOT_FOUND` with the reason in stderr, the same locally and remotely;
     - raises `Unavailable` when the host cannot be reached or the command does not finish
-      within `timeout` seconds (the command is then abandoned: killed locally, its channel
-      closed remotely);
+      within `timeout` seconds (None: the shell's own command timeout; the command is then
+      abandoned: killed locally, its channel closed remotely);
     - raises `ValueError` for an empty argv (a programming error, not a host's answer).
     `close()` releases connections; a later `run` reconnects.
     """
 
     def run(
-        self, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 30
+        self, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None
     ) -> CommandResult: ...
 
     def close(self) -> None: ...
@@ -102,10 +110,14 @@ def _validate(argv: Sequence[str]) -> list[str]:
 class LocalShell:
     """`HostShell` on this machine through `subprocess` (argv lists, no shell)."""
 
+    def __init__(self, *, command_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
+        self._command_timeout = command_timeout
+
     def run(
-        self, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 30
+        self, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None
     ) -> CommandResult:
         words = _validate(argv)
+        timeout = self._command_timeout if timeout is None else timeout
         try:
             # own process group: a timeout kills the command and whatever it started
             proc = subprocess.Popen(
@@ -133,17 +145,48 @@ class LocalShell:
 
 
 class HostKeyPolicy(StrEnum):
-    """What `ParamikoShell` does with the server's host key.
+    """Fixed answers to the server's host key (for tools and tests; nanod's cells use a
+    `HostKeyCheck`).
 
-    STRICT: the key must already be in the known_hosts file (or the user's
-    ~/.ssh/known_hosts when no file is given); ACCEPT_NEW: an unknown host's key is
-    trusted on first use and saved to the given known_hosts file, a changed key is still
-    rejected; INSECURE: any key is accepted (loopback test servers only).
+    STRICT: the key must already be in the known_hosts file given (or the user's
+    ~/.ssh/known_hosts when none is given), which is only read; INSECURE: any key is
+    accepted (loopback test servers only).
     """
 
     STRICT = "strict"
-    ACCEPT_NEW = "accept-new"
     INSECURE = "insecure"
+
+
+class HostKeyCheck(Protocol):
+    """Decides on the host key a server presents, before we authenticate to it (so no
+    password or key signature goes to a server that is refused).
+
+    `expected()` is the key the server must present, `(type, base64)`, when one is known:
+    the connection then asks for that key type first, as OpenSSH does for keys in its
+    known_hosts. `check(type, base64)` is called with the presented key: return to accept
+    (recording or pinning it is the check's business), raise `Unavailable` (or a subclass,
+    which reaches the caller unchanged) to refuse. It is called on every connection, also
+    when the presented key equals `expected()`."""
+
+    def expected(self) -> tuple[str, str] | None: ...
+
+    def check(self, key_type: str, key_base64: str) -> None: ...
+
+
+class _AskTheCheck(paramiko.MissingHostKeyPolicy):
+    """paramiko's hook for a key it has no copy of: the `HostKeyCheck` decides."""
+
+    def __init__(self, check: HostKeyCheck) -> None:
+        self._check = check
+        self.asked = False
+
+    def decide(self, key: paramiko.PKey) -> None:
+        self.asked = True
+        self._check.check(key.get_name(), key.get_base64())
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        self.decide(key)
 
 
 class ParamikoShell:
@@ -163,16 +206,23 @@ class ParamikoShell:
         key_file: str | None = None,
         password: str | None = None,
         known_hosts: str | None = None,
-        host_key_policy: HostKeyPolicy = HostKeyPolicy.STRICT,
+        host_key_policy: HostKeyPolicy | HostKeyCheck = HostKeyPolicy.STRICT,
         connect_timeout: float = 10,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         keepalive: int = 15,
     ) -> None:
         self.host, self.port, self.user = host, port, user
         self._key_file = key_file
         self._password = password
         self._known_hosts = known_hosts
-        self._policy = HostKeyPolicy(host_key_policy)
+        self._policy: HostKeyPolicy | HostKeyCheck = (
+            HostKeyPolicy(host_key_policy) if isinstance(host_key_policy, str)
+            else host_key_policy)
+        if known_hosts is not None and not isinstance(self._policy, HostKeyPolicy):
+            raise ValueError("known_hosts is read by HostKeyPolicy.STRICT only; a HostKeyCheck "
+                             "keeps its own keys")
         self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
         self._keepalive = keepalive
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
@@ -187,21 +237,37 @@ class ParamikoShell:
 
     # -- connection ------------------------------------------------------------------
 
+    @property
+    def _host_key_name(self) -> str:
+        """How known_hosts files and paramiko name this server."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    def _set_host_key_policy(self, client: paramiko.SSHClient) -> _AskTheCheck | None:
+        # Keys are only ever loaded into the client's memory: paramiko saves a file only
+        # when one was loaded with load_host_keys and a policy adds to it, never here.
+        if isinstance(self._policy, HostKeyPolicy):
+            if self._policy is HostKeyPolicy.INSECURE:
+                # no file loaded, so AutoAddPolicy adds to memory only
+                client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+                return None
+            if self._known_hosts is not None:
+                client.load_host_keys(self._known_hosts)  # read; RejectPolicy adds nothing
+            else:
+                client.load_system_host_keys()
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            return None
+        expected = self._policy.expected()
+        if expected is not None:  # asked for first; a different key is BadHostKeyException
+            key_type, key_base64 = expected
+            key = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_base64))
+            client.get_host_keys().add(self._host_key_name, key_type, key)
+        ask = _AskTheCheck(self._policy)
+        client.set_missing_host_key_policy(ask)
+        return ask
+
     def _new_client(self) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
-        if self._policy is HostKeyPolicy.INSECURE:
-            pass  # no keys known, none saved: whatever the server presents is accepted
-        elif self._known_hosts is not None:
-            if self._policy is HostKeyPolicy.ACCEPT_NEW and not os.path.exists(self._known_hosts):
-                # paramiko only remembers (and saves to) a file it has loaded
-                open(self._known_hosts, "a").close()
-            client.load_host_keys(self._known_hosts)
-        else:
-            client.load_system_host_keys()
-        if self._policy is HostKeyPolicy.STRICT:
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        else:  # ACCEPT_NEW saves to the loaded file; INSECURE loaded none, so saves nothing
-            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        ask = self._set_host_key_policy(client)
         explicit = self._key_file is not None or self._password is not None
         try:
             client.connect(
@@ -219,17 +285,30 @@ class ParamikoShell:
             )
         except paramiko.BadHostKeyException as exc:
             client.close()
+            if ask is not None:
+                # the check names both keys and says what to do (it must refuse: the key
+                # differs from the one it expects)
+                ask.decide(exc.key)
             raise Unavailable(
                 f"ssh {self.target}: host key differs from the known one "
-                f"({exc.key.get_name()} {exc.key.fingerprint})"
+                f"({exc.key.get_name()} {exc.key.fingerprint}, expected "
+                f"{exc.expected_key.fingerprint})"
             ) from exc
+        except Unavailable:  # refused by the HostKeyCheck, before authenticating
+            client.close()
+            raise
         except paramiko.AuthenticationException as exc:
             client.close()
             raise Unavailable(f"ssh {self.target}: authentication failed: {exc}") from exc
         except paramiko.SSHException as exc:
+            transport = client.get_transport()
+            banner = transport.remote_version if transport is not None else ""
             client.close()
-            # RejectPolicy's message is "Server '[host]:port' not found in known_hosts"
-            raise Unavailable(f"ssh {self.target}: {exc}") from exc
+            # RejectPolicy's message is "Server '[host]:port' not found in known_hosts"; a
+            # host that accepts TCP and stays silent ends in "No existing session"
+            reason = str(exc) if banner else (
+                f"no SSH banner within {self._connect_timeout:g}s ({exc})")
+            raise Unavailable(f"ssh {self.target}: {reason}") from exc
         except (OSError, EOFError) as exc:
             client.close()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -237,6 +316,12 @@ class ParamikoShell:
                 reason = f"no answer within {self._connect_timeout:g}s"
             raise Unavailable(f"ssh {self.target}: cannot connect: {reason}") from exc
         transport = client.get_transport()
+        if transport is not None and ask is not None and not ask.asked:
+            try:  # equal to expected(): paramiko accepted it without asking the check
+                ask.decide(transport.get_remote_server_key())
+            except Unavailable:
+                client.close()
+                raise
         if transport is not None and self._keepalive:
             transport.set_keepalive(self._keepalive)
         return client
@@ -280,9 +365,10 @@ class ParamikoShell:
     # -- HostShell -------------------------------------------------------------------
 
     def run(
-        self, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 30
+        self, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None
     ) -> CommandResult:
         words = _validate(argv)
+        timeout = self._command_timeout if timeout is None else timeout
         command = shlex.join(words)
         try:
             chan = self._open("session")

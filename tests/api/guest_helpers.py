@@ -44,7 +44,8 @@ async def make_pool(api: Api, pool: str = "pool1", cells: dict[str, dict] | None
     await api.ok("POST", f"/compute_pools/{pool}", {"storage": "", "network": "",
                                                     "failover": False})
     for name, stats in (cells if cells is not None else {"cell-a": {}}).items():
-        await api.ok("POST", f"/cells/{name}", {"libvirt_uri": "test:///default",
+        # a test driver node file that is never opened: no reconciler runs here
+        await api.ok("POST", f"/cells/{name}", {"libvirt_uri": f"test:///nonexistent/{name}.xml",
                                                 "address": f"10.0.0.{len(name)}"})
         row = Cell.get(Cell.name == name)
         Cell.update(observed_generation=row.generation).where(Cell.name == name).execute()

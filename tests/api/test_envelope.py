@@ -17,7 +17,7 @@ a route added later is walked without anyone listing it here:
 
 The reconciler is disabled (the `server` fixture): what it would record (a cell probed
 and alive, a guest created, a cell's record removed) is written through the store, as in
-tests/api/guest_helpers.py. No libvirt is needed; the cells are `test:///default` URIs.
+tests/api/guest_helpers.py. No libvirt is needed; the cells are `test:///` URIs of files never opened.
 
 Not walked: HEAD (no body by definition; the GET of the same route is checked) and the
 websocket end of monitor channels (it answers an upgrade, not JSON).
@@ -231,7 +231,7 @@ async def compute(w: Walker) -> None:
     await w.ok("GET", "/compute_pools/walk")
     await w.ok("GET", "/compute_pools/")
     for cell in ("walk-a", "walk-b"):
-        await w.nothing("POST", f"/cells/{cell}", {"libvirt_uri": "test:///default",
+        await w.nothing("POST", f"/cells/{cell}", {"libvirt_uri": f"test:///none/{cell}.xml",
                                                    "virt_type": "qemu"})
         observed(cell)
     await w.nothing("PUT", "/cells/walk-a", {"storage_path": "/var/lib/nano/walk"})

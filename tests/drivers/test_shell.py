@@ -26,7 +26,7 @@ from tests.helpers.sshd import SshServer, start_sshd
 
 def paramiko_shell(server: SshServer, **options: object) -> ParamikoShell:
     kwargs: dict = {"key_file": server.key_file, "known_hosts": server.known_hosts}
-    kwargs.update(options)
+    kwargs.update(options)  # known_hosts=None: none
     return ParamikoShell(server.host, server.port, server.user, **kwargs)
 
 
@@ -122,23 +122,87 @@ def test_unknown_host_key_is_refused_when_strict(sshd: SshServer, tmp_path: Path
         sh.run(["true"])
 
 
+class Refused(Unavailable):
+    """What a HostKeyCheck raises to refuse a key (nanod's own: reconciler/cells.py)."""
+
+
+class RecordingCheck:
+    """A `HostKeyCheck` that records the keys it is asked about and accepts or refuses
+    them all; `expected` is what it tells the connection to ask for first."""
+
+    def __init__(self, *, accept: bool, expected: tuple[str, str] | None = None) -> None:
+        self.accept = accept
+        self._expected = expected
+        self.asked: list[tuple[str, str]] = []
+
+    def expected(self) -> tuple[str, str] | None:
+        return self._expected
+
+    def check(self, key_type: str, key_base64: str) -> None:
+        self.asked.append((key_type, key_base64))
+        if not self.accept:
+            raise Refused(f"refused {key_type}")
+
+
+def accepted_logins(server: SshServer) -> int:
+    return Path(server.log_file).read_text().count("Accepted publickey")
+
+
 @pytest.mark.integration
-def test_accept_new_records_the_key_then_pins_it(sshd: SshServer, tmp_path: Path) -> None:
-    known = tmp_path / "new_known_hosts"  # does not exist yet
-    sh = paramiko_shell(sshd, known_hosts=str(known), host_key_policy=HostKeyPolicy.ACCEPT_NEW)
+def test_a_host_key_check_decides_before_authentication(sshd: SshServer, tmp_path: Path) -> None:
+    host_key = tuple(Path(sshd.known_hosts).read_text().split()[1:3])
+    # nothing known: the check is asked and accepts
+    check = RecordingCheck(accept=True)
+    sh = paramiko_shell(sshd, known_hosts=None, host_key_policy=check)
     try:
         assert sh.run(["true"]).ok
     finally:
         sh.close()
-    host_key = Path(sshd.known_hosts).read_text().split()[1:]
-    assert known.read_text().split()[1:] == host_key
-    # a known key is required from then on: a server presenting another one is refused
+    assert check.asked == [host_key]
+
+    # a refusal reaches the caller as raised, and no login happened
+    logins = accepted_logins(sshd)
+    check = RecordingCheck(accept=False)
+    sh = paramiko_shell(sshd, known_hosts=None, host_key_policy=check)
+    with pytest.raises(Refused, match="refused ssh-ed25519"):
+        sh.run(["true"])
+    assert check.asked == [host_key] and accepted_logins(sshd) == logins
+
+    # the expected key presented: accepted, and the check still hears of it
+    check = RecordingCheck(accept=True, expected=host_key)
+    sh = paramiko_shell(sshd, known_hosts=None, host_key_policy=check)
+    try:
+        assert sh.run(["true"]).ok
+    finally:
+        sh.close()
+    assert check.asked == [host_key]
+
+    # another key expected: the check is asked about the one presented, and refuses it
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True
+    )
+    other = tuple((tmp_path / "other.pub").read_text().split()[:2])
+    logins = accepted_logins(sshd)
+    check = RecordingCheck(accept=False, expected=other)
+    sh = paramiko_shell(sshd, known_hosts=None, host_key_policy=check)
+    with pytest.raises(Refused):
+        sh.run(["true"])
+    assert check.asked == [host_key] and accepted_logins(sshd) == logins
+
+    # a check keeps its own keys: a known_hosts file beside it would be ignored, so refused
+    with pytest.raises(ValueError, match="known_hosts is read by HostKeyPolicy.STRICT only"):
+        paramiko_shell(sshd, host_key_policy=check)
+
+
+@pytest.mark.integration
+def test_no_policy_writes_the_known_hosts_file(sshd: SshServer, tmp_path: Path) -> None:
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True
     )
     other = (tmp_path / "other.pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(other)}\n")
-    pinned = paramiko_shell(sshd, known_hosts=str(known), host_key_policy="accept-new")
+    pinned = paramiko_shell(sshd, known_hosts=str(known), host_key_policy="strict")
     with pytest.raises(Unavailable, match="host key differs from the known one"):
         pinned.run(["true"])
     insecure = paramiko_shell(sshd, known_hosts=str(known), host_key_policy="insecure")
@@ -147,6 +211,8 @@ def test_accept_new_records_the_key_then_pins_it(sshd: SshServer, tmp_path: Path
     finally:
         insecure.close()
     assert known.read_text().split()[2] == other[1]  # and records nothing
+    with pytest.raises(ValueError):
+        paramiko_shell(sshd, host_key_policy="accept-new")  # gone: one writer, nanod's
 
 
 @pytest.mark.integration

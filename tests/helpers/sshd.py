@@ -3,6 +3,8 @@
 `start_sshd(tmpdir)` generates a host key and a client ed25519 key, writes its own
 sshd_config (127.0.0.1 only, a free port, key login for root, no PAM) and runs
 `/usr/sbin/sshd -D -e` as a child process; `SshServer.stop()` ends that pid only.
+`start_sshd(tmpdir, port=..., new_host_key=True)` restarts it as a host whose keys changed
+(a reinstalled cell, or a man in the middle).
 The `sshd` fixture (session scope) wraps it and skips, saying why, where sshd is missing.
 
 Used by driver tests (`ParamikoShell`, `gather_facts`, `qemu+ssh://` libvirt URIs) and
@@ -38,6 +40,7 @@ class SshServer:
     port: int
     user: str
     key_file: str
+    host_key: str  # "ssh-ed25519 BASE64", as in the host's .pub file and known_hosts
     known_hosts: str
     ssh_wrapper: str
     log_file: str
@@ -111,17 +114,28 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path, deadlin
     raise RuntimeError(f"sshd did not listen on 127.0.0.1:{port}: {log.read_text()[-2000:]}")
 
 
+def host_key_fingerprint(public_key: str) -> str:
+    """`SHA256:...` of a public key line, as `ssh-keygen -l` prints it (ssh-keygen says)."""
+    out = subprocess.run([SSH_KEYGEN, "-l", "-E", "sha256", "-f", "-"], input=public_key,
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()[1]
+
+
 def start_sshd(
-    tmpdir: str | os.PathLike[str], *, port: int | None = None, timeout: float = 10
+    tmpdir: str | os.PathLike[str], *, port: int | None = None, timeout: float = 10,
+    new_host_key: bool = False,
 ) -> SshServer:
     """Start sshd on 127.0.0.1 with keys and config under `tmpdir` (kept when already
-    there, so a restart in the same dir presents the same host key); `port` pins the
-    port (e.g. to restart a stopped server), else a free one is picked."""
+    there, so a restart in the same dir presents the same host key, unless `new_host_key`);
+    `port` pins the port (e.g. to restart a stopped server), else a free one is picked."""
     if not os.access(SSHD, os.X_OK):
         raise FileNotFoundError(f"{SSHD} is not installed")
     base = Path(tmpdir)
     base.mkdir(parents=True, exist_ok=True)
     host_key, client_key = base / "ssh_host_ed25519_key", base / "client_ed25519"
+    if new_host_key:
+        for old in (host_key, base / "ssh_host_ed25519_key.pub"):
+            old.unlink(missing_ok=True)
     for key in (host_key, client_key):
         if not key.exists():
             _keygen(key)
@@ -183,6 +197,7 @@ def start_sshd(
             port=listen_port,
             user="root",
             key_file=str(client_key),
+            host_key=" ".join(host_pub[:2]),
             known_hosts=str(known_hosts),
             ssh_wrapper=str(wrapper),
             log_file=str(log),

@@ -28,7 +28,8 @@ def _system_libvirt() -> libvirt.virConnect:
 
 
 @pytest.fixture
-def settings(settings):
+def settings(settings, tmp_path):
+    settings["ssh"]["key_dir"] = str(tmp_path)  # the test sshds' client keys live under it
     return reconciling(settings, probe_seconds=0.5, offline_after=2)
 
 

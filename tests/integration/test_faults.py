@@ -20,7 +20,7 @@ import pytest
 
 from nanod import config
 from state.db import close_database
-from tests.conftest import ADMIN, ADMIN_PASSWORD, write_nanod_config
+from tests.conftest import ADMIN, ADMIN_PASSWORD, TEST_SETTINGS, write_nanod_config
 from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.helpers.testdriver import write_test_cell
 
@@ -42,7 +42,8 @@ def prepare(data: Path, cells: int, tmp: Path, *, domains: int = 0) -> list[str]
     store the way `nanod init` and the API do."""
     from nanod.server import open_store
 
-    store = open_store(config.load(None, {"data_dir": str(data)}))
+    # the tests' settings: simulated cells (test:///...) are accepted only with them
+    store = open_store(config.load(None, config.merge(TEST_SETTINGS, {"data_dir": str(data)})))
     store.init_system(ADMIN, ADMIN_PASSWORD)
     names = []
     for i in range(cells):

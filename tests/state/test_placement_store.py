@@ -42,7 +42,7 @@ def make_store(database: str, **settings: Any) -> tuple[Store, SessionInfo]:
     store.init_system("admin", ADMIN_PASSWORD)
     store.create_pool("p", {})
     for name in ("a",):
-        store.register_cell(name, {"libvirt_uri": "test:///default"})
+        store.register_cell(name, {"libvirt_uri": "qemu:///system"})  # no reconciler here
         observe_cell(name)
         store.add_cell_to_pool("p", name)
     return store, store.open_session("admin", "127.0.0.1")
@@ -204,7 +204,7 @@ def test_resizes_grow_only_into_free_room(store):
 
 def test_a_migration_target_is_checked_for_the_whole_guest(store):
     store, session = store
-    store.register_cell("b", {"libvirt_uri": "test:///default"})
+    store.register_cell("b", {"libvirt_uri": "qemu:///system"})
     observe_cell("b", cores=1)
     store.add_cell_to_pool("p", "b")
     guest = store.create_guest(session, body("g", cores=5, cell="a"))["id"]
