@@ -310,6 +310,7 @@ def _query_time(handler: NanoHandler, name: str) -> dt.datetime | None:
 
 class LogsHandler(NanoHandler):
     menu = "log"
+    read_menu = "log"  # the audit log tells who did what to which resource: not for all
 
     @classmethod
     def tag_for(cls, method: str) -> str | None:
