@@ -178,7 +178,7 @@ class NanoHandler(tornado.web.RequestHandler):
         length = self.request.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.body_limit():
             self._too_large = True
-        if self.public:
+        if self.is_public(self.request.method):
             return
         token = self.request.headers.get(SESSION_HEADER, "")
         if not token:
@@ -194,11 +194,23 @@ class NanoHandler(tornado.web.RequestHandler):
                 "role of your group"
             )
 
+    @classmethod
+    def is_public(cls, method: str) -> bool:
+        """Whether a `method` request on this route needs no session (declared per route
+        so that tests/api/test_authz_matrix.py can read the public set off the table)."""
+        return cls.public
+
+    @classmethod
+    def tag_for(cls, method: str) -> str | None:
+        """The menu tag a `method` request on this route needs, as declared."""
+        if method in ("GET", "HEAD"):
+            return cls.read_menu
+        return cls.menu or cls.read_menu
+
     def required_menu(self) -> str | None:
-        """The menu tag this request needs; routes with finer rules override it."""
-        if self.request.method in ("GET", "HEAD"):
-            return self.read_menu
-        return self.menu or self.read_menu
+        """The menu tag this request needs; routes whose rule depends on the request (a
+        user's own profile) override it."""
+        return self.tag_for(self.request.method)
 
     def body_limit(self) -> int:
         return JSON_LIMIT

@@ -9,11 +9,15 @@ from __future__ import annotations
 import datetime as dt
 
 from api.base import NanoHandler, query_int, sleep
+from api.setup_token import SetupToken
 from state.errors import Forbidden, Invalid, NanoError, NotFound
-from state.identity import TIME_FORMAT
+from state.identity import ALREADY_INITIALIZED, TIME_FORMAT
 
 
 class SystemHandler(NanoHandler):
+    """GET: readiness and limits. POST: the first administrator, only while no user exists
+    (403 after), and only from this host or with the setup token (api/setup_token.py)."""
+
     public = True
 
     def get(self) -> None:
@@ -26,6 +30,11 @@ class SystemHandler(NanoHandler):
         })
 
     async def post(self) -> None:
+        setup: SetupToken = self.ctx.extras["setup_token"]
+        if self.store.system_ready():
+            setup.spend()  # e.g. `nanod init` ran while this nanod served
+            raise Forbidden(ALREADY_INITIALIZED)
+        setup.admit(self.request)
         spec = self.body("system_init")
         await self.blocking(
             lambda: self.store.init_system(
@@ -34,6 +43,7 @@ class SystemHandler(NanoHandler):
                 role=spec.get("role") or "super",
             )
         )
+        setup.spend()
         self.audit(f"initialized the system with administrator {spec['user']}")
         self.reply()
 
@@ -41,10 +51,9 @@ class SystemHandler(NanoHandler):
 class SessionsHandler(NanoHandler):
     read_menu = "user"  # listing every live session is for administrators
 
-    def prepare(self) -> None:
-        if self.request.method == "POST":
-            self.public = True  # the login itself needs no session
-        super().prepare()
+    @classmethod
+    def is_public(cls, method: str) -> bool:
+        return method == "POST"  # the login itself needs no session
 
     async def post(self) -> None:
         spec = self.body("login")
@@ -135,12 +144,12 @@ class RoleHandler(NanoHandler):
         self.reply(self.store.role(name))
 
     def post(self, name: str) -> None:
-        self.store.create_role(name, self.body("role")["menu"])
+        self.store.create_role(name, self.body("role")["menu"], grantor=self.session.menu)
         self.audit(f"created role {name}")
         self.reply()
 
     def put(self, name: str) -> None:
-        self.store.modify_role(name, self.body("role")["menu"])
+        self.store.modify_role(name, self.body("role")["menu"], grantor=self.session.menu)
         self.audit(f"modified role {name}")
         self.reply()
 
@@ -165,13 +174,15 @@ class GroupHandler(NanoHandler):
 
     def post(self, name: str) -> None:
         spec = self.body("user_group")
-        self.store.create_group(name, spec["display"], spec.get("role", []))
+        self.store.create_group(name, spec["display"], spec.get("role", []),
+                                grantor=self.session.menu)
         self.audit(f"created user group {name}")
         self.reply()
 
     def put(self, name: str) -> None:
         spec = self.body("user_group_modify")
-        self.store.modify_group(name, spec.get("display"), spec.get("role"))
+        self.store.modify_group(name, spec.get("display"), spec.get("role"),
+                                grantor=self.session.menu)
         self.audit(f"modified user group {name}")
         self.reply()
 
@@ -192,12 +203,12 @@ class MemberHandler(NanoHandler):
     menu = "user"
 
     def post(self, group: str, user: str) -> None:
-        self.store.add_member(group, user)
+        self.store.add_member(group, user, grantor=self.session.menu)
         self.audit(f"added {user} to user group {group}")
         self.reply()
 
     def delete(self, group: str, user: str) -> None:
-        self.store.remove_member(group, user)
+        self.store.remove_member(group, user, grantor=self.session.menu)
         self.audit(f"removed {user} from user group {group}")
         self.reply()
 
@@ -239,7 +250,7 @@ class UserHandler(NanoHandler):
         self.reply()
 
     def delete(self, name: str) -> None:
-        self.store.delete_user(name, acting_user=self.user)
+        self.store.delete_user(name, acting_user=self.user, grantor=self.session.menu)
         self.audit(f"deleted user {name}")
         self.reply()
 
@@ -299,13 +310,15 @@ def _query_time(handler: NanoHandler, name: str) -> dt.datetime | None:
 
 class LogsHandler(NanoHandler):
     menu = "log"
+    read_menu = "log"  # the audit log tells who did what to which resource: not for all
 
-    def required_menu(self) -> str | None:
+    @classmethod
+    def tag_for(cls, method: str) -> str | None:
         # the portal posts an entry after most actions, for every user: any session may
         # add one (it is recorded as theirs); reading and deleting need 'log'
-        if self.request.method == "POST":
+        if method == "POST":
             return None
-        return super().required_menu()
+        return super().tag_for(method)
 
     def get(self) -> None:
         self.reply(

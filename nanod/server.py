@@ -22,6 +22,7 @@ import tornado.web
 
 from api.app import make_app
 from api.base import AppContext
+from api.setup_token import SetupToken
 from reconciler.guests import dry_run as guest_dry_run
 from state.cell_transport import CellRules
 from state.db import close_database, database_url, open_database
@@ -113,6 +114,9 @@ class Server:
         self.controller = build_controller(self.store, settings)
         enqueue = self.controller.enqueue if self.controller else (lambda key: None)
         self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings)
+        # who may claim a fresh nanod from another host (api/setup_token.py)
+        self.ctx.extras["setup_token"] = SetupToken.issue(
+            settings["data_dir"], ready=self.store.system_ready())
         # the guest planner's dry run (POST /guests/{id}/plan): pure, reconcilers or not
         self.ctx.extras["plan_guest"] = functools.partial(
             guest_dry_run, self.store, max_cores=int(settings["limits"]["max_cores"]),

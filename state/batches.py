@@ -30,6 +30,7 @@ from typing import Any
 
 from state.db import db
 from state.errors import Conflict, Invalid, NanoError, NotFound
+from state.guests import visible
 from state.identity import SessionInfo
 from state.models import BatchEntry, BatchTask, Guest, now
 from state.placement import NoRoom
@@ -110,7 +111,11 @@ class BatchStore:
                     spec: dict[str, Any], act: Any) -> tuple[str, list[str]]:
         """A delete or stop task: `act(row)` on each visible guest, each in its own
         savepoint; refusals become "fail" entries. Returns the task id and the ids of the
-        guests changed."""
+        guests changed. A batch that names no guest the caller can see is refused (404)
+        and stores nothing, as a single guest's route would."""
+        if not Guest.select(Guest.id).where(Guest.id.in_(ids) & visible(session)).exists():
+            raise NotFound(f"no guest {', '.join(map(repr, ids))} that you can see: a batch "
+                           "needs at least one")
         self.purge_batches()
         changed = []
         with db.atomic():

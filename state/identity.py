@@ -15,7 +15,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 import peewee
@@ -43,6 +43,8 @@ MENU_TAGS = (
 VISIBILITY_FLAGS = ("instance_visible", "media_image_visible", "disk_image_visible")
 NAME_RULE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+ALREADY_INITIALIZED = ("the system is already initialized: POST /system/ is closed; log in with "
+                       "POST /sessions/ (an administrator adds users with POST /users/{name})")
 
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
 # A real hash of a random password: failed logins for unknown users cost the same time
@@ -82,6 +84,20 @@ def check_menu(menu: list[str]) -> list[str]:
             f"unknown menu tag(s) {', '.join(unknown)}: choose from {', '.join(MENU_TAGS)}"
         )
     return list(dict.fromkeys(menu))
+
+
+def check_grant(grantor: Collection[str], tags: Iterable[str], what: str) -> None:
+    """Refuse (403, naming them) the menu tags in `tags` that `grantor` (the menu of the
+    acting session) does not hold: nobody gives, or takes away, more than they have. Every
+    road to a menu goes through here: a role's menu, a group's roles, a user's group."""
+    wanted = set(tags)
+    lacking = [tag for tag in MENU_TAGS if tag in wanted and tag not in grantor]
+    if lacking:
+        raise Forbidden(
+            f"{what} menu tag(s) {', '.join(lacking)} that your roles do not hold: you may "
+            "grant or take away only tags you hold yourself; ask an administrator who holds "
+            "them"
+        )
 
 
 def hash_password(password: str) -> str:
@@ -138,7 +154,8 @@ class IdentityStore:
         display: str = "",
         role: str = "super",
     ) -> None:
-        """Create role, group and the first user; refused once any user exists."""
+        """Create role, group and the first user; refused (403) once any user exists: from
+        then on only sessions grant menus."""
         check_name("user", user)
         check_name("group", group)
         check_name("role", role)
@@ -149,7 +166,7 @@ class IdentityStore:
         # first-run requests (PostgreSQL's READ COMMITTED would let two through).
         with self._init_lock, db.atomic():
             if User.select().exists():
-                raise Conflict("the system is already initialized: log in instead")
+                raise Forbidden(ALREADY_INITIALIZED)
             Role.get_or_create(name=role, defaults={"menu": menu})
             Role.update(menu=menu).where(Role.name == role).execute()
             grp, _ = UserGroup.get_or_create(name=group, defaults={"display": display or group})
@@ -286,20 +303,29 @@ class IdentityStore:
             raise NotFound(f"no role named {name!r}")
         return {"menu": list(row.menu)}
 
-    def create_role(self, name: str, menu: list[str]) -> None:
+    def create_role(self, name: str, menu: list[str], *, grantor: Collection[str]) -> None:
+        """A new role; `grantor` (the caller's menu) must hold every tag of `menu`."""
         self.forget_cached_sessions()  # menus and flags reach live sessions now
         check_name("role", name)
         menu = check_menu(menu)
+        check_grant(grantor, menu, f"role {name!r} would grant")
         with db.atomic():
             if Role.get_or_none(Role.name == name):
                 raise Conflict(f"role {name!r} already exists: choose another name or modify it")
             Role.create(name=name, menu=menu)
 
-    def modify_role(self, name: str, menu: list[str]) -> None:
+    def modify_role(self, name: str, menu: list[str], *, grantor: Collection[str]) -> None:
+        """Replace a role's menu; `grantor` must hold every tag the role gains or loses
+        (the members of its groups hold the ones it loses today)."""
         self.forget_cached_sessions()  # menus and flags reach live sessions now
         menu = check_menu(menu)
-        if not Role.update(menu=menu).where(Role.name == name).execute():
-            raise NotFound(f"no role named {name!r}")
+        with db.atomic():
+            row = Role.get_or_none(Role.name == name)
+            if row is None:
+                raise NotFound(f"no role named {name!r}")
+            check_grant(grantor, set(menu) - set(row.menu), f"role {name!r} would gain")
+            check_grant(grantor, set(row.menu) - set(menu), f"role {name!r} would lose")
+            Role.update(menu=menu).where(Role.name == name).execute()
 
     def delete_role(self, name: str) -> None:
         self.forget_cached_sessions()  # menus and flags reach live sessions now
@@ -348,26 +374,49 @@ class IdentityStore:
             raise NotFound(f"no role named {', '.join(missing)}: create it first")
         return roles
 
-    def create_group(self, name: str, display: str, roles: list[str]) -> None:
+    @staticmethod
+    def _roles_menu(roles: Iterable[str]) -> set[str]:
+        """The union of the menus of `roles` (names of existing roles)."""
+        names = list(roles)
+        if not names:
+            return set()
+        return {tag for role in Role.select(Role.menu).where(Role.name.in_(names))
+                for tag in role.menu}
+
+    def _group_menu(self, grp: UserGroup) -> set[str]:
+        return self._roles_menu(link.role_id for link in grp.role_links)
+
+    def create_group(self, name: str, display: str, roles: list[str], *,
+                     grantor: Collection[str]) -> None:
+        """A new group bound to `roles`; `grantor` must hold every tag they give."""
         self.forget_cached_sessions()  # menus and flags reach live sessions now
         check_name("group", name)
         with db.atomic():
+            roles = self._check_roles(roles)
+            check_grant(grantor, self._roles_menu(roles),
+                        f"user group {name!r} with role(s) {', '.join(roles)} would grant")
             if UserGroup.get_or_none(UserGroup.name == name):
                 raise Conflict(f"user group {name!r} already exists")
-            roles = self._check_roles(roles)
             grp = UserGroup.create(name=name, display=display)
             for role in roles:
                 GroupRole.create(group=grp, role=role)
 
-    def modify_group(self, name: str, display: str | None, roles: list[str] | None) -> None:
+    def modify_group(self, name: str, display: str | None, roles: list[str] | None, *,
+                     grantor: Collection[str]) -> None:
+        """Change a group's display name and/or its roles; `grantor` must hold every tag
+        the group gains, and every tag it loses (its members hold them today)."""
         self.forget_cached_sessions()  # menus and flags reach live sessions now
         with db.atomic():
             grp = self._group(name)
+            if roles is not None:
+                roles = self._check_roles(roles)
+                before, after = self._group_menu(grp), self._roles_menu(roles)
+                check_grant(grantor, after - before, f"user group {name!r} would gain")
+                check_grant(grantor, before - after, f"user group {name!r} would lose")
             if display is not None:
                 grp.display = display
                 grp.save()
             if roles is not None:
-                roles = self._check_roles(roles)
                 GroupRole.delete().where(GroupRole.group == grp).execute()
                 for role in roles:
                     GroupRole.create(group=grp, role=role)
@@ -388,11 +437,15 @@ class IdentityStore:
     def group_members(self, name: str) -> list[str]:
         return self.group(name)["member"]
 
-    def add_member(self, group: str, user: str) -> None:
+    def add_member(self, group: str, user: str, *, grantor: Collection[str]) -> None:
+        """Put a user without a group into `group`; `grantor` must hold every tag of the
+        group's menu (the user gains them all)."""
         self.forget_cached_sessions()  # menus and flags reach live sessions now
         with db.atomic():
             grp = self._group(group)
             row = self._user(user)
+            check_grant(grantor, self._group_menu(grp),
+                        f"putting {user!r} into user group {group!r} would grant")
             if row.group_id == grp.name:
                 raise Conflict(f"user {user!r} is already a member of {group!r}")
             if row.group_id:
@@ -403,13 +456,17 @@ class IdentityStore:
             row.group = grp
             row.save()
 
-    def remove_member(self, group: str, user: str) -> None:
+    def remove_member(self, group: str, user: str, *, grantor: Collection[str]) -> None:
+        """Take a user out of its group (its sessions end); `grantor` must hold every tag
+        the user loses."""
         self.forget_cached_sessions()  # menus and flags reach live sessions now
         with db.atomic():
-            self._group(group)
+            grp = self._group(group)
             row = self._user(user)
             if row.group_id != group:
                 raise NotFound(f"user {user!r} is not a member of {group!r}")
+            check_grant(grantor, self._group_menu(grp),
+                        f"taking {user!r} out of user group {group!r} would take away")
             row.group = None
             row.save()
             Session.delete().where(Session.user == user).execute()
@@ -452,11 +509,16 @@ class IdentityStore:
         row.modified_at = now()
         row.save()
 
-    def delete_user(self, name: str, *, acting_user: str) -> None:
+    def delete_user(self, name: str, *, acting_user: str, grantor: Collection[str]) -> None:
+        """Remove a user and its sessions; `grantor` must hold every tag the user holds
+        (else a weaker administrator could remove a stronger one and take its name)."""
         if name == acting_user:
             raise Conflict("you cannot delete the user you are logged in as")
         with db.atomic():
-            self._user(name)
+            row = self._user(name)
+            if row.group_id:
+                check_grant(grantor, self._group_menu(row.group),
+                            f"deleting user {name!r} would take away")
             Session.delete().where(Session.user == name).execute()
             self.forget_cached_sessions()
             User.delete_by_id(name)

@@ -453,6 +453,15 @@ class UploadFile:
         _unlink(self.path)
 
 
+def visible_images(kind: ImageKind, session: SessionInfo) -> peewee.Expression:
+    """The images of `kind` `session` may see and change: its own, and its group's when
+    the group's flag for the kind is on (administrators included)."""
+    cond = Image.owner == session.user
+    if session.group and session.visibility.get(kind.flag):
+        cond = cond | (Image.group == session.group)
+    return (Image.kind == kind.name) & cond
+
+
 # -- the store mixin -------------------------------------------------------------------------
 
 
@@ -463,10 +472,7 @@ class ImageStore:
 
     @staticmethod
     def _visible(kind: ImageKind, session: SessionInfo) -> peewee.Expression:
-        cond = Image.owner == session.user
-        if session.group and session.visibility.get(kind.flag):
-            cond = cond | (Image.group == session.group)
-        return (Image.kind == kind.name) & cond
+        return visible_images(kind, session)
 
     def _image(self, kind: ImageKind, image_id: str, session: SessionInfo) -> Image:
         row = None

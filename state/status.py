@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from state.guests import visible
 from state.identity import SessionInfo
+from state.images import DISK, MEDIA, visible_images
 from state.models import (
     AddressPool,
     BatchTask,
@@ -22,13 +24,9 @@ from state.models import (
     Snapshot,
     StoragePool,
 )
-
-ADMIN_TAG = "user"
-"""Sessions holding this menu tag see every resource; others see only what they own or
-what their group shares (the guest and image visibility flags)."""
+from state.policies import _sees_group
 
 _IMAGE_KINDS = {"media": "MediaImage", "disk": "DiskImage"}
-_IMAGE_FLAGS = {"media": "media_image_visible", "disk": "disk_image_visible"}
 
 
 def _status(kind: str, name: str, ident: str, row: Any, **extra: Any) -> dict[str, Any]:
@@ -46,14 +44,6 @@ def _status(kind: str, name: str, ident: str, row: Any, **extra: Any) -> dict[st
     }
 
 
-def _sees(viewer: SessionInfo | None, owner: str, group: str, flag: str | None) -> bool:
-    if viewer is None or viewer.allows(ADMIN_TAG) or owner == viewer.user:
-        return True
-    if not group or group != viewer.group:
-        return False
-    return flag is None or bool(getattr(viewer, "visibility", {}).get(flag))
-
-
 class StatusStore:
     """Mixin of `state.store.Store`: reconcile status across kinds."""
 
@@ -68,29 +58,36 @@ class StatusStore:
                             (StoragePool, "StoragePool"), (AddressPool, "AddressPool")):
             for row in model.select().order_by(model.name):
                 out.append(_status(kind, row.name, row.name, row))
-        for row in Guest.select().order_by(Guest.pool, Guest.name):
-            if _sees(viewer, row.owner, row.group, "instance_visible"):
-                out.append(_status("Guest", row.name, row.id, row, pool=row.pool))
-        guests = {g.id: g for g in Guest.select(Guest.id, Guest.owner, Guest.group)}
+        # Guests, snapshots, images and tasks: exactly what the caller's own routes for
+        # them show (state/guests.py `visible`, the image routes' rule, a task's owner),
+        # administrators included; policy groups as their routes (state/policies.py).
+        guests = Guest.select()
+        if viewer is not None:
+            guests = guests.where(visible(viewer))
+        seen: set[str] = set()
+        for row in guests.order_by(Guest.pool, Guest.name):
+            seen.add(row.id)
+            out.append(_status("Guest", row.name, row.id, row, pool=row.pool))
         for row in Snapshot.select().order_by(Snapshot.guest, Snapshot.name):
-            owner = guests.get(row.guest_id)
-            if owner is None or _sees(viewer, owner.owner, owner.group, "instance_visible"):
+            if row.guest_id in seen:
                 out.append(_status("Snapshot", row.name, str(row.id), row, guest=row.guest_id))
-        for row in Image.select().order_by(Image.kind, Image.name):
-            if _sees(viewer, row.owner, row.group, _IMAGE_FLAGS.get(row.kind)):
+        for kind in (DISK, MEDIA):
+            images = Image.select().where(Image.kind == kind.name)
+            if viewer is not None:
+                images = Image.select().where(visible_images(kind, viewer))
+            for row in images.order_by(Image.name):
                 # Only a clone still to be made (state/clones.py clone_jobs) is reconciled;
                 # any other image is converged as stored (uploads finish in the request).
                 settled = {} if row.source_guest and row.version == 0 else {
                     "observed_generation": row.generation,
                     "phase": "created" if row.phase == "pending" else row.phase}
-                out.append(_status(_IMAGE_KINDS.get(row.kind, "Image"), row.name, row.id, row,
-                                   **settled))
+                out.append(_status(_IMAGE_KINDS[row.kind], row.name, row.id, row, **settled))
         for row in SecurityPolicyGroup.select().order_by(SecurityPolicyGroup.name):
-            if row.is_global or _sees(viewer, row.owner, row.group, None):
+            if _sees_group(row, viewer):
                 out.append(_status("SecurityPolicyGroup", row.name, row.id, row))
         for row in Migration.select().order_by(Migration.created_at):
             out.append(_status("Migration", row.id, row.id, row))
         for row in BatchTask.select().order_by(BatchTask.created_at):
-            if _sees(viewer, row.owner, "", None):
+            if viewer is None or row.owner == viewer.user:
                 out.append(_status("BatchTask", row.id, row.id, row, task=row.kind))
         return out

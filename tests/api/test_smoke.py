@@ -12,7 +12,7 @@ async def test_fresh_system_is_not_ready_until_init(bare_api):
     await bare_api.ok("POST", "/system/", {"user": ADMIN, "password": ADMIN_PASSWORD})
     assert (await bare_api.ok("GET", "/system/"))["ready"] is True
     again = await bare_api.call("POST", "/system/", {"user": "x2", "password": ADMIN_PASSWORD})
-    assert again.code == 409 and "already initialized" in again.message
+    assert again.code == 403 and "already initialized" in again.message
 
 
 @pytest.mark.gen_test

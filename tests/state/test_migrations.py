@@ -28,7 +28,7 @@ def test_an_appended_step_runs_once_keeps_rows_and_records_its_version(database)
     assert _versions() == list(range(1, current + 1))
     store = Store()
     store.init_system("admin", "Adm1nPassword", menu=["user"])
-    store.create_role("auditor", ["log"])
+    store.create_role("auditor", ["log"], grantor=["log"])
     entry = store.add_log("written before the migration", user="admin")
 
     runs = []
@@ -62,7 +62,7 @@ def test_an_appended_step_runs_once_keeps_rows_and_records_its_version(database)
 def test_a_failing_step_is_rolled_back_and_not_recorded(database):
     current = len(MIGRATIONS)
     handle = open_database(database)
-    Store().create_role("auditor", ["log"])
+    Store().create_role("auditor", ["log"], grantor=["log"])
 
     def half_done(db: peewee.Database) -> None:
         db.execute_sql('ALTER TABLE "role" ADD COLUMN "note" VARCHAR(255) NOT NULL DEFAULT \'\'')
