@@ -162,7 +162,7 @@ class Server:
             await self.http.close_all_connections()
         if self.controller:
             await asyncio.get_running_loop().run_in_executor(None, self.controller.stop, 10.0)
-        self.ctx.executor.shutdown(wait=True)
+        self.ctx.close()
         close_database()
         if self._lock >= 0:
             os.close(self._lock)  # the lock goes with it
