@@ -26,6 +26,7 @@ from reconciler.guests import dry_run as guest_dry_run
 from state.cell_transport import CellRules
 from state.db import close_database, database_url, open_database
 from state.images import ImageFiles
+from state.secrets import seal_plain_secrets
 from state.store import Store
 
 log = logging.getLogger("nano")
@@ -106,6 +107,8 @@ class Server:
                         "and benchmarks (allow_test_cells)")
         self.store = open_store(settings)
         self.store.ensure_default_templates()
+        if seal_plain_secrets(settings["data_dir"]):  # rows from before sealing existed
+            log.info("sealed the stored passwords that were kept in clear")
         left = self.store.recover_uploads(ImageFiles(settings["data_dir"]))
         if left:
             log.warning("removed %d file(s) of unfinished or replaced uploads left by the last "
