@@ -46,6 +46,8 @@ log = logging.getLogger("nano.api")
 T = TypeVar("T")
 Enqueue = Callable[[Any], None]
 SESSION_HEADER = "Nano-Session"
+UNCOUNTED = 1 << 62
+"""Tornado's maximum for a chunked body: none it would reach; `data_received` counts."""
 
 
 NOTHING: Any = ""
@@ -217,6 +219,21 @@ class NanoHandler(tornado.web.RequestHandler):
             return
         self._chunks.append(chunk)
 
+    def _admit_body(self) -> None:
+        """Refuse a body announced over `body_limit()` now, before the session is looked up
+        (refusing costs no database read), and tell Tornado what this request may bring.
+        Tornado checks the body against its own maximum after `prepare`: the server's is
+        `api.max_json_bytes` (nanod/server.py), which keeps it for handlers of no route of
+        ours (the console websocket); past it Tornado writes a bare "400 Bad Request" that is
+        no envelope. So here it gets this route's limit, and no limit for a chunked body,
+        which `data_received` counts and answers with the envelope."""
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.body_limit():
+            self.refuse_body()
+            raise tornado.web.Finish()  # answered: nothing else of this request runs
+        chunked = "chunked" in self.request.headers.get("Transfer-Encoding", "").lower()
+        self.http_connection.set_max_body_size(UNCOUNTED if chunked else self.body_limit())
+
     def refuse_body(self) -> None:
         """Answer a body over this route's limit at once, with the envelope's 400
         (`body_too_large`), and close the connection once the answer is written: the rest
@@ -268,12 +285,9 @@ class NanoHandler(tornado.web.RequestHandler):
     def prepare(self) -> None:
         self._count(+1)
         self._cors()
+        self._admit_body()
         if self.request.method == "OPTIONS":
             return
-        length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.body_limit():
-            self.refuse_body()  # before the session: refusing costs no database read
-            raise tornado.web.Finish()  # answered: nothing else of this request runs
         if self.public:
             return
         token = self.request.headers.get(SESSION_HEADER, "")

@@ -131,9 +131,9 @@ class Server:
         self._stopping: asyncio.Event | None = None
 
     def listen(self, host: str, port: int) -> int:
-        max_upload = int(self.settings["images"]["max_upload_bytes"])
+        # every body is small unless its route says otherwise per request (api/base.py)
         self.http = tornado.httpserver.HTTPServer(
-            self.app, max_body_size=max_upload, idle_connection_timeout=120,
+            self.app, max_body_size=self.ctx.max_json_bytes, idle_connection_timeout=120,
             chunk_size=1 << 20,  # image uploads arrive in 1 MiB pieces, not 64 KiB
         )
         sockets = tornado.netutil.bind_sockets(port, address=host)

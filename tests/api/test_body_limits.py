@@ -221,3 +221,18 @@ async def test_a_client_gone_half_way_leaves_no_request_waiting(api, server):
         await asyncio.sleep(0.02)
     assert len(waiting()) == before and server.ctx.extras.get("inflight", 0) == 0
     assert await api.ok("GET", "/roles/") == ["super"]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_routes_outside_the_envelope_keep_the_servers_small_limit(api, server):
+    """The console websocket is no JSON route of ours and reads no body: Tornado itself
+    refuses one announced over api.max_json_bytes (a bare 400, before reading it) instead
+    of buffering it in memory; OPTIONS (CORS preflight) is refused with the envelope."""
+    stream = await connect(server)
+    await stream.write(f"GET /monitor_channels/none HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       f"Content-Length: {HUGE}\r\n\r\n".encode() + b"x" * 100)
+    response = await asyncio.wait_for(stream.read_until_close(), 10)
+    assert response.startswith(b"HTTP/1.1 400")
+    response = await answer_without_sending_the_body(server, "OPTIONS", "/roles/", HUGE)
+    _, headers, doc = parse(response)
+    assert doc["error_code"] == 400 and headers["connection"] == "close"
