@@ -152,6 +152,7 @@ class AppContext:
     )
     hasher: ThreadPoolExecutor = field(init=False)
     throttle: LoginThrottle = field(init=False)
+    max_json_bytes: int = field(init=False)
     started_at: float = field(default_factory=time.time)
     extras: dict[str, Any] = field(default_factory=dict)
 

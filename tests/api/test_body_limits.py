@@ -130,24 +130,29 @@ async def test_chunked_json_body_is_cut_off_once_past_the_limit(api, server):
     assert await api.ok("GET", "/roles/") == ["super"]
 
 
+SMALL_LIMIT = 4096
+"""api.max_json_bytes of the server in test_the_limit_is_exact_and_a_setting."""
+
+
 @pytest.fixture
-def settings(settings: dict[str, Any]) -> dict[str, Any]:
+def settings(settings: dict[str, Any], request: pytest.FixtureRequest) -> dict[str, Any]:
     settings["images"]["max_upload_bytes"] = 4 * MIB
+    if request.function.__name__ == "test_the_limit_is_exact_and_a_setting":
+        settings["api"]["max_json_bytes"] = SMALL_LIMIT
     return settings
 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_the_limit_is_exact_and_a_setting(api, server):
     """A body of exactly the limit is read and parsed; one byte more is refused. The limit
-    is api.max_json_bytes: lowered here for the running server's routes."""
-    server.ctx.max_json_bytes = 4096
+    is the setting api.max_json_bytes (4096 for this test's nanod)."""
     body = json.dumps({"menu": ["dashboard"]}).encode()
-    exact = body + b" " * (4096 - len(body))
+    exact = body + b" " * (SMALL_LIMIT - len(body))
     reply = await api.call("POST", "/roles/padded", raw=exact)
     assert reply.code == 0, reply.message
     assert await api.ok("GET", "/roles/padded") == {"menu": ["dashboard"]}
     reply = await api.call("POST", "/roles/over", raw=exact + b" ")
-    assert reply.code == 400 and "at most 4096 bytes" in reply.message
+    assert reply.code == 400 and f"at most {SMALL_LIMIT} bytes" in reply.message
     assert await api.ok("GET", "/roles/") == ["padded", "super"]
 
 
