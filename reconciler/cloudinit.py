@@ -159,8 +159,8 @@ def build_seed_files(
     The password goes in as its SHA-512 crypt hash (`sha512_crypt`, salted with
     `password_salt`, random when None): `chpasswd.users` with `type: hash` (cloud-init >=
     22.2); `legacy_password_list` adds the older `chpasswd.list` entry `user:<hash>` that
-    the templates' CentOS 7 images understand (cloud-init recognises a `$6$` value there
-    and runs `chpasswd -e`; newer cloud-init applies both and logs a deprecation).
+    the templates' CentOS 7 images understand (cloud-init >= 17.1 recognises a `$6$` value
+    there and runs `chpasswd -e`; newer cloud-init applies both and logs a deprecation).
     ValueError for unusable input.
     """
     if not instance_id or any(c.isspace() for c in instance_id):
