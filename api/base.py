@@ -1,8 +1,22 @@
 """The handler every API route derives from: the Nano envelope, errors, JSON bodies checked
-against specs/, sessions and authorization, audit logging.
+against specs/, sessions and authorization, audit logging; and what guards the API against
+abuse: the body limit, the login throttle and the password-hashing lane.
 
 Used by every module of `api/`; `api/app.py` builds the route table. Handlers stay thin:
 validate, authorize, call the store, enqueue work for the reconciler, reply.
+
+Request bodies: every route takes at most `api.max_json_bytes` (setting, 1 MiB) of JSON;
+only the image upload routes allow more (`body_limit`, api/images.py). A body announced
+larger (Content-Length) is refused before a byte of it is read, and one that grows larger
+while it arrives (chunked) as soon as it passes the limit: the envelope's 400 goes out at
+once with `Connection: close`, and the connection is closed once it is written, so the rest
+of the body is never read.
+
+Password hashing (argon2, a few hundred ms of CPU each) runs in a small pool of its own
+(`AppContext.hasher`, `NanoHandler.hashing`), apart from the pool that reads image files
+and does other blocking work (`AppContext.executor`, `NanoHandler.blocking`): a flood of
+logins queues behind itself and cannot hold up downloads, and downloads cannot hold up
+logins.
 """
 
 from __future__ import annotations
@@ -12,12 +26,14 @@ import json
 import logging
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 from tornado.ioloop import IOLoop
 
 import specs
@@ -30,7 +46,8 @@ log = logging.getLogger("nano.api")
 T = TypeVar("T")
 Enqueue = Callable[[Any], None]
 SESSION_HEADER = "Nano-Session"
-JSON_LIMIT = 1 << 20  # bytes of a JSON body; uploads have their own limit
+UNCOUNTED = 1 << 62
+"""Tornado's maximum for a chunked body: none it would reach; `data_received` counts."""
 
 
 NOTHING: Any = ""
@@ -49,23 +66,35 @@ class LoginThrottle:
 
     The first few failures cost nothing extra; after that each failure doubles the wait
     (capped), and a success or 15 quiet minutes forget them. Kept in memory: a restart
-    forgives, which is acceptable for a delay (not a lockout)."""
+    forgives, which is acceptable for a delay (not a lockout).
+
+    Memory is bounded: at most `max_entries` keys, least recently failed first out (an
+    LRU), and keys quiet for `forget_after` are dropped as they come to the front. A key
+    under attack is touched by every attempt, so it stays at the young end: pushing it out
+    takes `max_entries` other keys between two of its attempts, and each of those is a
+    login that waits for its own password hash."""
 
     free_failures = 3
     cap_seconds = 8.0
     forget_after = 900.0
 
-    def __init__(self) -> None:
-        self._failures: dict[str, tuple[int, float]] = {}
+    def __init__(self, *, max_entries: int = 10_000) -> None:
+        if max_entries < 1:
+            raise ValueError(f"api.login_throttle_entries must be at least 1, not {max_entries}")
+        self.max_entries = max_entries
+        # key -> (failures, time of the last); oldest first
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def _count(self, key: str, now: float) -> int:
+        count, last = self._failures.get(key, (0, 0.0))
+        return 0 if now - last > self.forget_after else count
 
     def delay(self, *keys: str) -> float:
         now = time.monotonic()
-        worst = 0
-        for key in keys:
-            count, last = self._failures.get(key, (0, 0.0))
-            if now - last > self.forget_after:
-                count = 0
-            worst = max(worst, count)
+        worst = max((self._count(key, now) for key in keys), default=0)
         if worst < self.free_failures:
             return 0.0
         return min(self.cap_seconds, 0.25 * 2 ** (worst - self.free_failures))
@@ -73,20 +102,47 @@ class LoginThrottle:
     def failed(self, *keys: str) -> None:
         now = time.monotonic()
         for key in keys:
-            count, last = self._failures.get(key, (0, 0.0))
-            if now - last > self.forget_after:
-                count = 0
-            self._failures[key] = (count + 1, now)
+            self._failures[key] = (self._count(key, now) + 1, now)
+            self._failures.move_to_end(key)
+        self._trim(now)
 
     def succeeded(self, *keys: str) -> None:
         for key in keys:
             self._failures.pop(key, None)
 
+    def _trim(self, now: float) -> None:
+        failures = self._failures
+        while len(failures) > self.max_entries:
+            failures.popitem(last=False)
+        while failures:
+            key, (_, last) = next(iter(failures.items()))
+            if now - last <= self.forget_after:
+                break
+            del failures[key]
+
+
+def api_settings(settings: dict[str, Any]) -> dict[str, int]:
+    """The `api` settings (nanod/config.py has their defaults), checked: a bad value stops
+    nanod at start with the setting's name rather than weakening a limit."""
+    conf = settings.get("api")
+    if not isinstance(conf, dict):
+        raise ValueError("settings: api must be a mapping with max_json_bytes, "
+                         "password_workers and login_throttle_entries")
+    out = {}
+    for name in ("max_json_bytes", "password_workers", "login_throttle_entries"):
+        value = conf.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"settings: api.{name} must be a whole number of at least 1, "
+                             f"not {value!r}")
+        out[name] = value
+    return out
+
 
 @dataclass
 class AppContext:
     """What handlers share: the store, the reconciler's enqueue, settings, a thread pool
-    for blocking work (argon2, file hashing), and process-wide facts."""
+    for blocking work (file reads, file hashing, slow store calls), a small one of its own
+    for password hashing (argon2), the login throttle, and process-wide facts."""
 
     store: Store
     enqueue: Enqueue = lambda key: None
@@ -94,9 +150,23 @@ class AppContext:
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="api")
     )
-    throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    hasher: ThreadPoolExecutor = field(init=False)
+    throttle: LoginThrottle = field(init=False)
+    max_json_bytes: int = field(init=False)
     started_at: float = field(default_factory=time.time)
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        conf = api_settings(self.settings)
+        self.max_json_bytes = conf["max_json_bytes"]
+        self.hasher = ThreadPoolExecutor(max_workers=conf["password_workers"],
+                                         thread_name_prefix="api-hash")
+        self.throttle = LoginThrottle(max_entries=conf["login_throttle_entries"])
+
+    def close(self) -> None:
+        """Wait for the blocking work in flight and stop both pools."""
+        self.executor.shutdown(wait=True)
+        self.hasher.shutdown(wait=True)
 
 
 @tornado.web.stream_request_body
@@ -119,7 +189,7 @@ class NanoHandler(tornado.web.RequestHandler):
         self.session: SessionInfo | None = None
         self._chunks: list[bytes] = []
         self._size = 0
-        self._too_large = False
+        self._refused_body = False
         self._audit: str | None = None
         self._error_code = 0
         self._quiet = False
@@ -133,21 +203,64 @@ class NanoHandler(tornado.web.RequestHandler):
 
     def on_connection_close(self) -> None:
         self._count(-1)
+        # Tornado's own: a request still waiting for its body learns it will not come
+        # (without it, a handler whose client went away half way would wait for ever).
+        super().on_connection_close()
 
     # -- request body (streamed so an oversized body is refused without buffering it) ----
 
     def data_received(self, chunk: bytes) -> None:
+        if self._refused_body:
+            return
         self._size += len(chunk)
-        if self._size > JSON_LIMIT:
-            self._too_large = True
+        if self._size > self.body_limit():
+            # no Content-Length said so (chunked): answer now, and the connection closes
             self._chunks = []
-        elif not self._too_large:
-            self._chunks.append(chunk)
+            self.refuse_body()
+            return
+        self._chunks.append(chunk)
+
+    def _admit_body(self) -> None:
+        """Refuse a body announced over `body_limit()` now, before the session is looked up
+        (refusing costs no database read), and tell Tornado what this request may bring.
+        Tornado checks the body against its own maximum after `prepare`: the server's is
+        `api.max_json_bytes` (nanod/server.py), which keeps it for handlers of no route of
+        ours (the console websocket); past it Tornado writes a bare "400 Bad Request" that is
+        no envelope. So here it gets this route's limit, and no limit for a chunked body,
+        which `data_received` counts and answers with the envelope."""
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.body_limit():
+            self.refuse_body()
+            raise tornado.web.Finish()  # answered: nothing else of this request runs
+        chunked = "chunked" in self.request.headers.get("Transfer-Encoding", "").lower()
+        self.http_connection.set_max_body_size(UNCOUNTED if chunked else self.body_limit())
+
+    def refuse_body(self) -> None:
+        """Answer a body over this route's limit at once, with the envelope's 400
+        (`body_too_large`), and close the connection once the answer is written: the rest
+        of the body is never read (Tornado drops what arrives until then). Called from
+        `prepare` (announced by Content-Length) and from `data_received` (counted)."""
+        limit = self.body_limit()
+        self._refused_body = True
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit():
+            # Tornado checks Content-Length against its own maximum after `prepare`, and
+            # would write a bare "400 Bad Request" after our answer: let it pass.
+            self.http_connection.set_max_body_size(max(int(length), limit))
+        error = Invalid(self.body_too_large())
+        self.send_error(400, exc_info=(Invalid, error, None))
+
+    def body_too_large(self) -> str:
+        """What a refused body is told; routes with larger bodies say their own limit."""
+        return (f"request body too large: this route takes at most {self.body_limit()} "
+                "bytes of JSON (setting api.max_json_bytes); nothing was read or changed")
+
+    @property
+    def http_connection(self) -> HTTP1Connection:
+        return cast(HTTP1Connection, self.request.connection)
 
     def body(self, schema: str | None = None) -> dict:
         """The JSON body as a dict ({} when empty), validated against `schema`."""
-        if self._too_large:
-            raise Invalid(f"request body too large: at most {JSON_LIMIT} bytes of JSON")
         raw = b"".join(self._chunks)
         if not raw.strip():
             data: Any = {}
@@ -173,11 +286,9 @@ class NanoHandler(tornado.web.RequestHandler):
     def prepare(self) -> None:
         self._count(+1)
         self._cors()
+        self._admit_body()
         if self.request.method == "OPTIONS":
             return
-        length = self.request.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > self.body_limit():
-            self._too_large = True
         if self.is_public(self.request.method):
             return
         token = self.request.headers.get(SESSION_HEADER, "")
@@ -213,7 +324,9 @@ class NanoHandler(tornado.web.RequestHandler):
         return self.tag_for(self.request.method)
 
     def body_limit(self) -> int:
-        return JSON_LIMIT
+        """Bytes of request body this request may send: `api.max_json_bytes`; the image
+        upload routes allow their files."""
+        return self.ctx.max_json_bytes
 
     @property
     def user(self) -> str:
@@ -234,6 +347,8 @@ class NanoHandler(tornado.web.RequestHandler):
         """Finish the request with the Nano envelope: every JSON reply goes through here."""
         if code:
             self._error_code = code
+        if self._refused_body:
+            self.set_header("Connection", "close")  # the unread body ends the connection
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(envelope(code, message, data))
@@ -296,6 +411,11 @@ class NanoHandler(tornado.web.RequestHandler):
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` in the API thread pool, never on the IOLoop."""
         return await IOLoop.current().run_in_executor(self.ctx.executor, fn, *args)
+
+    async def hashing(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn`, which hashes or verifies a password (argon2), in the password pool:
+        never on the IOLoop, and never in the pool downloads read files in."""
+        return await IOLoop.current().run_in_executor(self.ctx.hasher, fn, *args)
 
     # -- CORS -----------------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ class SessionsHandler(NanoHandler):
         self.ctx.throttle.failed(*keys)
         await sleep(wait)
         try:
-            await self.blocking(self.store.authenticate, user, spec["password"])
+            await self.hashing(self.store.authenticate, user, spec["password"])
         except NanoError as exc:
             self.store.add_log(f"failed login for {user!r} from {address}: {exc.message}",
                                user=user, address=address, resource="/sessions/")

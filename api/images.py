@@ -49,11 +49,10 @@ from datetime import timedelta
 from typing import Any, cast
 
 from tornado import gen
-from tornado.http1connection import HTTP1Connection
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
-from api.base import JSON_LIMIT, AppContext, NanoHandler
+from api.base import AppContext, NanoHandler
 from api.multipart import (
     MultipartError,
     MultipartParser,
@@ -209,10 +208,6 @@ class ImageRoute(NanoHandler):
     def files(self) -> ImageFiles:
         return shared(self).files
 
-    @property
-    def http_connection(self) -> HTTP1Connection:
-        return cast(HTTP1Connection, self.request.connection)
-
 
 # -- searches and metadata -----------------------------------------------------------------
 
@@ -317,22 +312,23 @@ class ImageFileHandler(ImageRoute):
     # -- upload -----------------------------------------------------------------------
 
     def body_limit(self) -> int:
+        """The one route with large bodies: an upload (POST) may carry the file and the
+        multipart around it; every other method takes JSON as any route."""
         if self.request.method == "POST":
             return max_upload_bytes(self) + MULTIPART_SLACK
-        return JSON_LIMIT
+        return super().body_limit()
+
+    def body_too_large(self) -> str:
+        if self.request.method != "POST":
+            return super().body_too_large()
+        return (f"the file is too large: images may have at most {max_upload_bytes(self)} "
+                "bytes (settings images.max_upload_bytes); nothing was stored")
 
     def prepare(self) -> None:
-        super().prepare()
+        super().prepare()  # a body announced over body_limit() is refused there
         if self.request.method != "POST":
             return
         limit = max_upload_bytes(self)
-        if self._too_large:
-            # Let the connection take the announced length (it drops the body once we have
-            # answered, and closes): otherwise it would write a bare 400 after our answer.
-            self.http_connection.set_max_body_size(
-                int(self.request.headers.get("Content-Length", "0")))
-            raise Invalid(f"the file is too large: images may have at most {limit} bytes "
-                          "(settings images.max_upload_bytes)")
         try:
             boundary = parse_boundary(self.request.headers.get("Content-Type", ""))
         except MultipartError as exc:
@@ -508,15 +504,13 @@ class ImageFileHandler(ImageRoute):
                 raise Invalid("the 'checksum' field must be a SHA-1 in hex (40 characters)")
             return
         self._file_bytes += len(data)
-        limit = max_upload_bytes(self)
-        if self._file_bytes > limit:
-            too_large = Invalid(f"the file is too large: images may have at most {limit} "
-                                "bytes (settings images.max_upload_bytes); nothing was stored")
+        if self._file_bytes > max_upload_bytes(self):
             if self._claimed is not None:
-                raise too_large  # the rest of a claimed body is short (MULTIPART_SLACK)
+                # the rest of a claimed body is short (MULTIPART_SLACK): read it, answer
+                raise Invalid(self.body_too_large())
             # A chunked body may go on for ever: answer now; the connection closes.
             self._abandon()
-            self.send_error(400, exc_info=(Invalid, too_large, None))
+            self.refuse_body()
             return
         if self._blocks and at >= 0 and self._run[0] is chunk and self._run[2] == at:
             # right after the previous piece in the same buffer: one view for both, so

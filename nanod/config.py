@@ -30,6 +30,9 @@ DEFAULTS: dict[str, Any] = {
     "overcommit": {"cpu": 4, "memory": 1.0, "disk": 1.0},
     "reconciler": {"enabled": True, "workers": 4, "resync_seconds": 30, "offline_after": 3},
     "images": {"max_upload_bytes": 64 << 30, "upload_idle_seconds": 60},
+    # abuse limits (api/base.py): bytes of a JSON body (uploads: images.max_upload_bytes),
+    # threads that hash passwords, failed-login records kept by the throttle
+    "api": {"max_json_bytes": 1 << 20, "password_workers": 2, "login_throttle_entries": 10000},
     # The prefix of everything nanod makes on its cells (reconciler/naming.py): domains,
     # volumes, storage pools, networks, bridges, nft tables. Two nanods sharing a host
     # (e.g. the test suite's beside scripts/setup's) need different ones.

@@ -27,6 +27,7 @@ from reconciler.guests import dry_run as guest_dry_run
 from state.cell_transport import CellRules
 from state.db import close_database, database_url, open_database
 from state.images import ImageFiles
+from state.secrets import seal_plain_secrets
 from state.store import Store
 
 log = logging.getLogger("nano")
@@ -107,6 +108,8 @@ class Server:
                         "and benchmarks (allow_test_cells)")
         self.store = open_store(settings)
         self.store.ensure_default_templates()
+        if seal_plain_secrets(settings["data_dir"]):  # rows from before sealing existed
+            log.info("sealed the stored passwords that were kept in clear")
         left = self.store.recover_uploads(ImageFiles(settings["data_dir"]))
         if left:
             log.warning("removed %d file(s) of unfinished or replaced uploads left by the last "
@@ -132,9 +135,9 @@ class Server:
         self._stopping: asyncio.Event | None = None
 
     def listen(self, host: str, port: int) -> int:
-        max_upload = int(self.settings["images"]["max_upload_bytes"])
+        # every body is small unless its route says otherwise per request (api/base.py)
         self.http = tornado.httpserver.HTTPServer(
-            self.app, max_body_size=max_upload, idle_connection_timeout=120,
+            self.app, max_body_size=self.ctx.max_json_bytes, idle_connection_timeout=120,
             chunk_size=1 << 20,  # image uploads arrive in 1 MiB pieces, not 64 KiB
         )
         sockets = tornado.netutil.bind_sockets(port, address=host)
@@ -166,7 +169,7 @@ class Server:
             await self.http.close_all_connections()
         if self.controller:
             await asyncio.get_running_loop().run_in_executor(None, self.controller.stop, 10.0)
-        self.ctx.executor.shutdown(wait=True)
+        self.ctx.close()
         close_database()
         if self._lock >= 0:
             os.close(self._lock)  # the lock goes with it

@@ -8,16 +8,25 @@ files, for tests and drift checks (ISO bytes differ on every build: they carry d
 Pure: no I/O beyond in-memory buffers. The ISO is labelled `cidata` and carries Joliet
 and Rock Ridge names, so the guest sees exactly `user-data`, `meta-data` and
 `network-config` (cloud-init's NoCloud data source). Every YAML document is dumped by
-pyyaml from dicts, never formatted from user input. The admin password appears in
-`user-data` only. Which modules a guest may ask for is decided elsewhere; here we build.
+pyyaml from dicts, never formatted from user input. The admin password never goes in as
+it is: `user-data` carries its SHA-512 crypt hash (`$6$<salt>$...`, what `chpasswd -e`
+and /etc/shadow take), computed by the system's libcrypt (libxcrypt, the library behind
+glibc's crypt(3) and Python's deprecated `crypt` module). The seed ISO sits in the cell's
+storage pool and stays attached to the guest, so whoever reads it learns no password.
+Which modules a guest may ask for is decided elsewhere; here we build.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import io
+import os
 import posixpath
 import re
-from collections.abc import Mapping, Sequence
+import secrets
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pycdlib
@@ -39,6 +48,10 @@ _ISO_NAMES = {
 _USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _DEVICE = re.compile(r"^(/dev/)?[a-z][a-z0-9]*$")
 _HOST_LABEL = re.compile(r"[^a-z0-9-]+")
+_SALT_CHARS = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_SALT = re.compile(r"^[./0-9A-Za-z]{1,16}$")
+_CRYPT_DATA_SIZE = 32768
+"""sizeof(struct crypt_data) in libxcrypt: the scratch buffer crypt_rn works in."""
 
 # Lets root log in over SSH with its password where the image's sshd says
 # "prohibit-password" (Debian, Ubuntu). Static text: nothing from the user goes in.
@@ -52,6 +65,44 @@ _PERMIT_ROOT_LOGIN = (
 )
 
 
+def sha512_crypt(password: str, salt: str | None = None) -> str:
+    """The SHA-512 crypt hash of `password` (`$6$<salt>$<86 characters>`, 5000 rounds, the
+    default of glibc, `chpasswd` and `openssl passwd -6`), with a random 16-character salt
+    unless `salt` is given. ValueError for a password libcrypt refuses (over 511 bytes, a
+    NUL); RuntimeError when this host has no libcrypt with crypt_rn (Debian: libcrypt1)."""
+    if salt is None:
+        salt = "".join(secrets.choice(_SALT_CHARS) for _ in range(16))
+    if not _SALT.match(salt):
+        raise ValueError(f"not a crypt salt (1-16 of [./0-9A-Za-z]): {salt!r}")
+    phrase = password.encode("utf-8")
+    if b"\0" in phrase:
+        raise ValueError("the password contains a NUL character")
+    scratch = ctypes.create_string_buffer(_CRYPT_DATA_SIZE)
+    try:
+        hashed = _crypt_rn()(phrase, f"$6${salt}".encode("ascii"), scratch, _CRYPT_DATA_SIZE)
+    finally:
+        ctypes.memset(scratch, 0, _CRYPT_DATA_SIZE)  # libcrypt's copy of the password
+    if not hashed or not hashed.startswith(b"$6$"):
+        error = os.strerror(ctypes.get_errno()) if ctypes.get_errno() else "refused"
+        raise ValueError(f"libcrypt cannot hash this password ({error}): at most 511 bytes")
+    return hashed.decode("ascii")
+
+
+@functools.cache
+def _crypt_rn() -> Callable[..., bytes | None]:
+    name = ctypes.util.find_library("crypt")
+    if not name:
+        raise RuntimeError("no libcrypt on this host to hash guest passwords with: install "
+                           "it (Debian: apt-get install libcrypt1)")
+    lib = ctypes.CDLL(name, use_errno=True)
+    if not hasattr(lib, "crypt_rn"):  # a foreign library, not a method of ours
+        raise RuntimeError(f"{name} has no crypt_rn: nanod needs libxcrypt (Debian: libcrypt1)")
+    fn = lib.crypt_rn
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+    fn.restype = ctypes.c_char_p
+    return fn  # type: ignore[no-any-return]
+
+
 def build_seed_iso(
     *,
     instance_id: str,
@@ -63,6 +114,7 @@ def build_seed_iso(
     data_path: str = DEFAULT_DATA_PATH,
     network_config: Mapping[str, Any] | None = None,
     legacy_password_list: bool = True,
+    password_salt: str | None = None,
 ) -> bytes:
     """A NoCloud seed ISO for one guest; the arguments are `build_seed_files`'."""
     return pack_seed_iso(
@@ -76,6 +128,7 @@ def build_seed_iso(
             data_path=data_path,
             network_config=network_config,
             legacy_password_list=legacy_password_list,
+            password_salt=password_salt,
         )
     )
 
@@ -91,6 +144,7 @@ def build_seed_files(
     data_path: str = DEFAULT_DATA_PATH,
     network_config: Mapping[str, Any] | None = None,
     legacy_password_list: bool = True,
+    password_salt: str | None = None,
 ) -> dict[str, str]:
     """The seed's files by name: `user-data`, `meta-data`, and `network-config` when given.
 
@@ -102,9 +156,12 @@ def build_seed_files(
     at `data_path`, `data_path` + "2", ... (`nofail`: a missing disk never blocks boot).
     `network_config` is a cloud-init network config (version 1 or 2) as a dict.
 
-    Passwords use `chpasswd.users` (cloud-init >= 22.2); `legacy_password_list` adds the
-    older `chpasswd.list` that the templates' CentOS 6/7 images understand (newer
-    cloud-init applies both and logs a deprecation). ValueError for unusable input.
+    The password goes in as its SHA-512 crypt hash (`sha512_crypt`, salted with
+    `password_salt`, random when None): `chpasswd.users` with `type: hash` (cloud-init >=
+    22.2); `legacy_password_list` adds the older `chpasswd.list` entry `user:<hash>` that
+    the templates' CentOS 7 images understand (cloud-init >= 17.1 recognises a `$6$` value
+    there and runs `chpasswd -e`; newer cloud-init applies both and logs a deprecation).
+    ValueError for unusable input.
     """
     if not instance_id or any(c.isspace() for c in instance_id):
         raise ValueError("instance_id must be non-empty without whitespace")
@@ -114,6 +171,7 @@ def build_seed_files(
     if not admin_password or "\n" in admin_password or "\r" in admin_password:
         raise ValueError("admin_password must be a non-empty single line")
     mount_root = _data_path(data_path)
+    password_hash = sha512_crypt(admin_password, password_salt)
 
     config: dict[str, Any] = {}
     if admin != ROOT:
@@ -127,10 +185,10 @@ def build_seed_files(
         ]
     chpasswd: dict[str, Any] = {
         "expire": False,
-        "users": [{"name": admin, "password": admin_password, "type": "text"}],
+        "users": [{"name": admin, "password": password_hash, "type": "hash"}],
     }
     if legacy_password_list:
-        chpasswd["list"] = [f"{admin}:{admin_password}"]
+        chpasswd["list"] = [f"{admin}:{password_hash}"]
     config["chpasswd"] = chpasswd
     config["ssh_pwauth"] = True
     config["disable_root"] = not root_enabled

@@ -523,8 +523,7 @@ class GuestReconciler:
             record(gid, observed={"restart_counter": args["counter"]})
         elif do is Do.SET_PASSWORD:
             try:
-                drv.set_user_password(name, args["user"],
-                                      (desired.spec.get("admin") or {}).get("password", ""))
+                drv.set_user_password(name, args["user"], desired.admin_password)
             except NanoError as exc:
                 outcome["agent_error"] = exc.message
             else:
@@ -644,6 +643,9 @@ class GuestReconciler:
         return name
 
     def _write_seed(self, desired: Any, drv: Any, place: Placement) -> None:
+        """Build the guest's cloud-init seed ISO and write it as its seed volume. The
+        password goes in as a SHA-512 crypt hash (reconciler/cloudinit.py), never in clear:
+        the ISO sits in the cell's storage pool and stays attached to the guest."""
         spec = desired.spec
         ci = spec.get("cloud_init") or {}
         admin = spec.get("admin") or {}
@@ -654,7 +656,7 @@ class GuestReconciler:
             instance_id=spec.get("instance_id") or desired.id,
             hostname=desired.name,
             admin_name=admin.get("user") or ci.get("admin_name") or None,
-            admin_password=admin.get("password") or ci.get("admin_secret") or "",
+            admin_password=desired.admin_password,
             root_enabled=bool(ci.get("root_enabled", True)),
             data_disks=data,
             data_path=ci.get("data_path") or "/opt/data",

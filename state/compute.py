@@ -28,6 +28,7 @@ from state.models import (
     StoragePool,
     now,
 )
+from state.secrets import opened_ssh, sealed_cell_spec
 
 DEFAULT_STORAGE_PATH = "/var/lib/libvirt/images"
 GUEST_STATES = ("stopped", "running", "lost", "migrating")
@@ -89,6 +90,7 @@ class ComputeStore:
 
     #: what cell transports this nanod accepts (settings); `Store(cell_rules=...)` sets it
     cell_rules: CellRules = CellRules()
+    data_dir: str = ""  # its key file seals cells' SSH passwords (state/secrets.py)
 
     # -- compute pools -----------------------------------------------------------------------
 
@@ -189,7 +191,7 @@ class ComputeStore:
                 raise Conflict(f"cell {name!r} is being unregistered: try again in a moment")
             if existing is not None:
                 raise Conflict(f"cell {name!r} is already registered: use PUT to change it")
-            Cell.create(name=name, spec=spec)
+            Cell.create(name=name, spec=sealed_cell_spec(self.data_dir, spec))
 
     def modify_cell_spec(self, name: str, changes: dict[str, Any]) -> None:
         with db.atomic():
@@ -202,7 +204,8 @@ class ComputeStore:
                               "the cell's host name or IP address in the same request, e.g. "
                               "\"address\": \"192.0.2.10\"")
             merged = {**(row.spec or {}), **changes}
-            row.spec = _normalize_cell_spec(merged, self.cell_rules)
+            row.spec = sealed_cell_spec(self.data_dir,
+                                        _normalize_cell_spec(merged, self.cell_rules))
             if "enabled" in changes:
                 row.enabled = bool(changes["enabled"])
             row.generation += 1
@@ -389,7 +392,7 @@ class ComputeStore:
             transport=transport, transport_error=refused,
             name=row.name, generation=row.generation, pool=row.pool, enabled=row.enabled,
             address=spec.get("address", ""), libvirt_uri=spec.get("libvirt_uri", ""),
-            ssh=dict(spec.get("ssh") or {}), virt_type=spec.get("virt_type", "kvm"),
+            ssh=opened_ssh(self.data_dir, spec.get("ssh")), virt_type=spec.get("virt_type", "kvm"),
             storage_path=spec.get("storage_path", DEFAULT_STORAGE_PATH),
             bridge=spec.get("bridge", ""), shared_storage=tuple(shared),
             address_pool=address_pool,

@@ -145,15 +145,17 @@ class GuestChangeStore(GuestStore):
     def reset_password(self, session: SessionInfo, guest_id: str, user: str = "",
                        password: str = "") -> dict[str, str]:
         """PUT /guests/{id}/auth: the new admin user/password (generated when not given),
-        applied by the reconciler with the guest agent."""
+        applied by the reconciler with the guest agent. The password is stored sealed
+        (state/secrets.py); the answer carries it in clear, once."""
         def change(row: Guest, spec: dict) -> dict[str, str]:
             admin = spec["admin"]
             admin["user"] = user or admin.get("user") or spec["template_spec"]["admin"]
-            admin["password"] = password or generate_password()
+            plain = password or generate_password()
+            admin["password"] = self.vault.seal(plain)
             admin["generation"] = int(admin.get("generation", 0)) + 1
             if spec.get("cloud_init"):
                 spec["cloud_init"]["admin_secret"] = admin["password"]
-            return {"name": row.name, "user": admin["user"], "password": admin["password"]}
+            return {"name": row.name, "user": admin["user"], "password": plain}
         return self._change(session, guest_id, change)
 
     def rename_guest(self, session: SessionInfo, guest_id: str, name: str) -> tuple[str, str]:

@@ -44,7 +44,8 @@ Guest.spec (JSON), every key always present:
   modules           subset of ["qemu", "cloud-init"]
   cloud_init        {root_enabled, admin_name, admin_secret, data_path} when "cloud-init" is
                     in modules, else {}; admin_secret is kept equal to admin.password, so a
-                    seed rebuilt after a system reset carries the current password
+                    seed rebuilt after a system reset carries the current password (both
+                    sealed: see below)
   qos               {cpu_priority high|medium|low, write_speed, write_iops, read_speed,
                     read_iops, receive_speed, send_speed} (bytes/s and IOPS, 0 = unlimited)
   ethernet_address  MAC of the first (internal) NIC
@@ -70,7 +71,9 @@ Guest.spec (JSON), every key always present:
   admin             {user, password, generation}: generation 0 is the initial password (given
                     to cloud-init, or set with the guest agent at first boot when only
                     "qemu" is in modules; "" when neither: unknown); each PUT /auth bumps
-                    it: set it with the guest agent, record observed.admin_generation
+                    it: set it with the guest agent, record observed.admin_generation.
+                    The password is stored sealed (state/secrets.py), never in clear: the
+                    reconciler reads it opened, as GuestDesired.admin_password
   system_reset      None or {from_image, generation}: recreate the system disk from the
                     image; record observed.system_reset_generation
   restore           None or {target, generation}: revert to snapshot `target`; record
@@ -142,6 +145,7 @@ from state.placement import (
     choose_cell,
     guest_need,
 )
+from state.secrets import SecretBox, secret_box
 
 MAC_PREFIX = "00:16:3e"
 MODULES = ("qemu", "cloud-init")
@@ -227,6 +231,9 @@ class GuestDesired:
     phase: str
     observed_generation: int
     observed: dict[str, Any] = field(default_factory=dict)
+    # the admin password opened (spec holds it sealed): for the seed ISO's hash and the
+    # guest agent only; "" when unknown. Never printed with the rest.
+    admin_password: str = field(default="", repr=False)
 
 
 def _promise_columns() -> tuple[peewee.Node, peewee.Node, peewee.Node]:
@@ -263,6 +270,11 @@ class GuestStore:
 
     limits: dict[str, int]
     overcommit: Overcommit  # the `overcommit` setting: ratios of cells without their own
+    data_dir: str = ""  # where the key that seals admin passwords lives (state/secrets.py)
+
+    @property
+    def vault(self) -> SecretBox:
+        return secret_box(self.data_dir)
 
     # -- finding guests -------------------------------------------------------------------
 
@@ -379,12 +391,12 @@ class GuestStore:
         pinned = body.get("cell") or ""
         # The password: given, or generated per guest by insert_guest (a batch must not
         # give all its guests one password); unknown ("") without a module to set it.
-        password = ""
+        password = ""  # sealed
         cloud_init: dict[str, Any] = {}
         admin_user = template_spec["admin"]
         if "cloud-init" in modules:
             ci = given_ci or {}
-            password = ci.get("admin_secret") or ""
+            password = self.vault.seal(ci.get("admin_secret") or "")
             admin_user = ci.get("admin_name") or "root"
             cloud_init = {"root_enabled": bool(ci.get("root_enabled", True)),
                           "admin_name": admin_user, "admin_secret": password,
@@ -488,7 +500,7 @@ class GuestStore:
         spec["monitor_secret"] = generate_secret(8)
         spec["instance_id"] = str(uuid.uuid4())
         if plan["generate_password"]:
-            spec["admin"]["password"] = generate_password()
+            spec["admin"]["password"] = self.vault.seal(generate_password())
             if spec["cloud_init"]:
                 spec["cloud_init"]["admin_secret"] = spec["admin"]["password"]
         final = name if isinstance(name, str) else ""
@@ -686,8 +698,11 @@ class GuestStore:
         return self._render_guests(list(query.order_by(Guest.name, Guest.id)))
 
     def guest_auth(self, session: SessionInfo, guest_id: str) -> dict[str, str]:
+        """GET /guests/{id}/auth (the document's "Get Administrator Password"): the one
+        read that gives the admin password, opened from its sealed form."""
         admin = (self._guest(session, guest_id).spec or {}).get("admin", {})
-        return {"user": admin.get("user", ""), "password": admin.get("password", "")}
+        return {"user": admin.get("user", ""),
+                "password": self.vault.unseal(admin.get("password", ""))}
 
     # -- changes --------------------------------------------------------------------------
 
@@ -749,7 +764,13 @@ class GuestStore:
             spec=copy.deepcopy(row.spec or {}), storage_pool=pool.storage if pool else "",
             address_pool=pool.network if pool else "", interfaces=nics, snapshots=snaps,
             phase=row.phase, observed_generation=row.observed_generation,
-            observed=copy.deepcopy(row.observed or {}))
+            observed=copy.deepcopy(row.observed or {}),
+            admin_password=self._admin_password(row.spec or {}))
+
+    def _admin_password(self, spec: dict[str, Any]) -> str:
+        sealed = (spec.get("admin") or {}).get("password") or \
+            (spec.get("cloud_init") or {}).get("admin_secret") or ""
+        return self.vault.unseal(sealed) if sealed else ""
 
     def guest_conditions(self, guest_id: str) -> list[dict[str, Any]]:
         row = Guest.get_or_none(Guest.id == guest_id)

@@ -20,6 +20,7 @@ from reconciler.cloudinit import (
     local_hostname,
     pack_seed_iso,
     read_seed_iso,
+    sha512_crypt,
 )
 
 PASSWORD = "S3cr3t: 'pa\"ss #word"  # YAML-hostile on purpose
@@ -31,6 +32,13 @@ def seed(**overrides: Any) -> dict[str, str]:
     )
     values.update(overrides)
     return read_seed_iso(build_seed_iso(**values))
+
+
+def hashes(password: str, hashed: str) -> bool:
+    """`hashed` is the SHA-512 crypt hash of `password` (recomputed with its own salt;
+    tests/unit/test_seed_password.py checks the hash function against OpenSSL)."""
+    assert hashed.startswith("$6$")
+    return sha512_crypt(password, hashed.split("$")[2]) == hashed
 
 
 def user_data(files: dict[str, str]) -> dict[str, Any]:
@@ -56,6 +64,7 @@ def test_read_back_equals_what_was_built() -> None:
         admin_password=PASSWORD,
         data_disks=["sdb"],
         network_config={"version": 1, "config": []},
+        password_salt="fixedSalt",  # random otherwise: two builds differ in the hash
     )
     assert read_seed_iso(build_seed_iso(**kwargs)) == build_seed_files(**kwargs)
 
@@ -104,8 +113,10 @@ def test_admin_user_with_sudo_and_password() -> None:
         }
     ]
     assert config["chpasswd"]["expire"] is False
-    assert config["chpasswd"]["users"] == [{"name": "nano", "password": PASSWORD, "type": "text"}]
-    assert config["chpasswd"]["list"] == [f"nano:{PASSWORD}"]  # cloud-init < 22.2
+    (entry,) = config["chpasswd"]["users"]
+    assert (entry["name"], entry["type"]) == ("nano", "hash")
+    assert hashes(PASSWORD, entry["password"])
+    assert config["chpasswd"]["list"] == [f"nano:{entry['password']}"]  # cloud-init < 22.2
     assert config["ssh_pwauth"] is True
     assert config["disable_root"] is True
     assert "runcmd" not in config
@@ -114,14 +125,16 @@ def test_admin_user_with_sudo_and_password() -> None:
 def test_modern_password_form_only() -> None:
     config = user_data(seed(legacy_password_list=False))
     assert "list" not in config["chpasswd"]
-    assert config["chpasswd"]["users"][0]["password"] == PASSWORD
+    assert hashes(PASSWORD, config["chpasswd"]["users"][0]["password"])
 
 
 @pytest.mark.parametrize("admin", [None, "root"])
 def test_root_as_admin(admin: str | None) -> None:
     config = user_data(seed(admin_name=admin, root_enabled=True))
     assert "users" not in config  # root exists: only its password changes
-    assert config["chpasswd"]["users"] == [{"name": "root", "password": PASSWORD, "type": "text"}]
+    (entry,) = config["chpasswd"]["users"]
+    assert (entry["name"], entry["type"]) == ("root", "hash")
+    assert hashes(PASSWORD, entry["password"])
     assert config["disable_root"] is False
     # sshd must allow root's password where the image says prohibit-password
     (command,) = config["runcmd"]
@@ -182,7 +195,7 @@ def test_network_config_round_trips() -> None:
     assert yaml.safe_load(seed(network_config=network)["network-config"]) == network
 
 
-def test_password_appears_in_user_data_only() -> None:
+def test_only_the_password_hash_appears_and_in_user_data_only() -> None:
     network = {"version": 2, "ethernets": {"eth0": {"dhcp4": True}}}
     kwargs: dict[str, Any] = dict(
         instance_id="guest-1",
@@ -193,11 +206,13 @@ def test_password_appears_in_user_data_only() -> None:
         data_disks=["sdb"],
     )
     data = build_seed_iso(**kwargs)
+    assert b"Unique-Pw-4711" not in data
     files = read_seed_iso(data)
-    assert "Unique-Pw-4711" in files["user-data"]
-    assert all("Unique-Pw-4711" not in text for name, text in files.items() if name != "user-data")
+    hashed = user_data(files)["chpasswd"]["users"][0]["password"]
+    assert hashes("Unique-Pw-4711", hashed)
+    assert all(hashed not in text for name, text in files.items() if name != "user-data")
     # the image holds the file's data once (Joliet and Rock Ridge share it): no stray copy
-    assert data.count(b"Unique-Pw-4711") == files["user-data"].count("Unique-Pw-4711")
+    assert data.count(hashed.encode()) == files["user-data"].count(hashed)
 
 
 def test_yaml_comes_from_data_not_text() -> None:
@@ -205,7 +220,7 @@ def test_yaml_comes_from_data_not_text() -> None:
     with pytest.raises(ValueError):
         seed(admin_password=hostile)  # a line break would add a chpasswd line
     config = user_data(seed(admin_password="a: b - c"))
-    assert config["chpasswd"]["users"][0]["password"] == "a: b - c"
+    assert hashes("a: b - c", config["chpasswd"]["users"][0]["password"])
 
 
 @pytest.mark.parametrize(
