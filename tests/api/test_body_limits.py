@@ -16,7 +16,7 @@ import pytest
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 
-from tests.api.test_envelope import fill, handled_methods, walked_routes
+from tests.api.route_walk import fill, handled_methods, walked_routes
 from tests.api.test_images import BOUNDARY, create, file_path, make_iso, upload
 
 MIB = 1 << 20
