@@ -34,7 +34,7 @@ from reconciler.contract import (
 from reconciler.naming import names
 from state.cell_transport import CellTransport, HostKeyPin, fingerprint
 from state.compute import CellSpec
-from state.errors import NanoError, Unavailable
+from state.errors import Conflict, NanoError, Unavailable
 
 log = logging.getLogger("nano.reconciler.cells")
 
@@ -586,7 +586,7 @@ class CellReconciler:
         errors = self._apply(hv, spec, actions)
         pools = self._pool_states(hv, spec) if actions else before
         for name, error in errors.items():
-            if name in pools and not pools[name]["active"]:
+            if name in pools:
                 pools[name]["error"] = error
         facts = gather_facts(link.shell, [spec.storage_path])  # after the pool made the path
         networks = self._networks(hv, spec)
@@ -706,14 +706,22 @@ class CellReconciler:
         return states
 
     def _apply(self, hv: Any, spec: CellSpec, actions: list[Action]) -> dict[str, str]:
-        """Execute the pool actions; returns why pools could not start, by name (an
-        NFS mount failing is a state to report, not an error of the reconcile)."""
+        """Execute the pool actions; returns why pools could not start or move, by name
+        (an NFS mount failing, or a pool to move that still holds volumes, is a state to
+        report, not an error of the reconcile: the cell still answers)."""
         wants = {w.name: w for w in desired_pools(spec)}
         errors: dict[str, str] = {}
         for action in actions:
             want = wants[action.target.id.split("/", 1)[1]]
             if action.verb == Verb.REPLACE:
-                hv.delete_pool(want.name)
+                try:
+                    hv.delete_pool(want.name)
+                except Conflict as exc:
+                    errors[want.name] = (
+                        f"cannot move storage pool {want.name} to {want.path}: {exc.message} "
+                        "at its old path (disks of guests, or images): delete those guests, "
+                        "or put storage_path back")
+                    continue
             if want.kind == "dir":
                 state = hv.ensure_dir_pool(want.name, want.path)
             else:

@@ -31,9 +31,12 @@ def remove_cell_leftovers(conn: libvirt.virConnect, pool_name: str) -> None:
             if dom.isActive():
                 dom.destroy()
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-    for _attempt in range(20):
+    last = None
+    for _attempt in range(40):
         try:
             pool = conn.storagePoolLookupByName(pool_name)
+            if pool.isActive():
+                pool.refresh(0)
             for vol in pool.listAllVolumes():
                 vol.delete(0)
             if pool.isActive():
@@ -43,7 +46,10 @@ def remove_cell_leftovers(conn: libvirt.virConnect, pool_name: str) -> None:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
                 return
+            last = exc
             time.sleep(0.5)
+    # left behind, the pool would keep the next test's cell from converging
+    raise AssertionError(f"cannot remove storage pool {pool_name}: {last}")
 
 
 @pytest.fixture(autouse=True)

@@ -93,6 +93,46 @@ async def test_local_cell_facts_and_storage(api, tmp_path, libvirt_pools):
 
 
 @pytest.mark.gen_test(timeout=90)
+async def test_a_pool_that_cannot_move_is_reported_and_the_cell_stays_alive(
+        api, tmp_path, libvirt_pools):
+    """storage_path changed while the old pool still holds a volume (a guest's disk): the
+    pool cannot move; the cell still answers (alive), StorageReady says why and how out;
+    put back, all is well again. The volume is never touched."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    await api.ok("POST", "/cells/local-t", {"libvirt_uri": "qemu:///system", "virt_type": "qemu",
+                                            "storage_path": str(old)})
+    await cell_record(api, "local-t", lambda r: r["alive"], "local cell alive")
+    pool = libvirt_pools.storagePoolLookupByName(f"{PREFIX}-local-t")
+    vol = pool.createXML(f"<volume><name>{PREFIX}-held</name><capacity>1048576</capacity>"
+                         "<target><format type='raw'/></target></volume>", 0)
+    try:
+        await api.ok("PUT", "/cells/local-t", {"storage_path": str(new)})
+
+        def stuck(rec):
+            conds = {c["type"]: c for c in rec["status"]["conditions"]}
+            return rec["status"]["observed_generation"] == rec["generation"] and \
+                conds.get("StorageReady", {}).get("status") is False
+        rec = await cell_record(api, "local-t", stuck, "the move reported")
+        conds = {c["type"]: c for c in rec["status"]["conditions"]}
+        assert rec["alive"] is True
+        assert conds["CellReachable"]["status"] is True
+        assert conds["Ready"]["status"] is False and conds["Ready"]["reason"] == "StorageFailed"
+        message = conds["StorageReady"]["message"]
+        assert f"cannot move storage pool {PREFIX}-local-t to {new}" in message
+        assert "still holds 1 volume(s)" in message and "put storage_path back" in message
+        assert (old / f"{PREFIX}-held").exists()
+
+        await api.ok("PUT", "/cells/local-t", {"storage_path": str(old)})
+        rec = await cell_record(api, "local-t", lambda r: not stuck(r) and r["status"][
+            "observed_generation"] == r["generation"], "back at the old path")
+        conds = {c["type"]: c for c in rec["status"]["conditions"]}
+        assert conds["StorageReady"]["status"] is True and conds["Ready"]["status"] is True
+    finally:
+        vol.delete(0)
+    await api.ok("DELETE", "/cells/local-t")
+
+
+@pytest.mark.gen_test(timeout=90)
 async def test_nfs_storage_pool_failure_is_reported(api, tmp_path, libvirt_pools):
     """No NFS kernel client here: the netfs pool cannot start; the cell says why."""
     await api.ok("POST", "/storage_pools/nfs-x", {"type": "nfs", "host": "127.0.0.1",

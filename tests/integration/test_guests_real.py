@@ -30,6 +30,8 @@ def settings(settings):
 def cell(api, io_loop, server, system, qemu_dir):
     """The local libvirtd as cell 'local-g' in compute pool 'gp'; afterwards every libvirt
     object it made is removed (once the reconciler stopped)."""
+    remove_cell_leftovers(system, f"{PREFIX}-local-g")  # of a test that failed before
+
     async def setup():
         await api.ok("POST", "/cells/local-g", {"libvirt_uri": "qemu:///system",
                                                 "virt_type": "qemu",
