@@ -12,6 +12,14 @@ while it arrives (chunked) as soon as it passes the limit: the envelope's 400 go
 once with `Connection: close`, and the connection is closed once it is written, so the rest
 of the body is never read.
 
+The IOLoop never waits on the database: every route method that is not a coroutine runs
+whole in the store lane (`AppContext.store_lane`, `api.store_workers` threads; the
+wrapping is done once, by `NanoHandler.__init_subclass__`), and its reply is sent from
+the IOLoop when it returns. Coroutine routes reach the store through `NanoHandler.stored`.
+The session lookup reads the in-memory cache on the loop and the database in the lane,
+and the audit entry of a change is appended by one writer thread (api/audit.py). A route
+waiting for SQLite's write lock (`busy_timeout`) holds one lane thread, never the loop.
+
 Password hashing (argon2, a few hundred ms of CPU each) runs in a small pool of its own
 (`AppContext.hasher`, `NanoHandler.hashing`), apart from the pool that reads image files
 and does other blocking work (`AppContext.executor`, `NanoHandler.blocking`): a flood of
@@ -22,8 +30,11 @@ logins.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import logging
+import threading
 import time
 import traceback
 from collections import OrderedDict
@@ -37,6 +48,7 @@ from tornado.http1connection import HTTP1Connection
 from tornado.ioloop import IOLoop
 
 import specs
+from api.audit import AuditWriter
 from state.errors import Forbidden, Invalid, NanoError, Unauthorized
 from state.identity import SessionInfo
 from state.store import Store
@@ -127,9 +139,10 @@ def api_settings(settings: dict[str, Any]) -> dict[str, int]:
     conf = settings.get("api")
     if not isinstance(conf, dict):
         raise ValueError("settings: api must be a mapping with max_json_bytes, "
-                         "password_workers and login_throttle_entries")
+                         "password_workers, login_throttle_entries and store_workers")
     out = {}
-    for name in ("max_json_bytes", "password_workers", "login_throttle_entries"):
+    for name in ("max_json_bytes", "password_workers", "login_throttle_entries",
+                 "store_workers"):
         value = conf.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"settings: api.{name} must be a whole number of at least 1, "
@@ -140,9 +153,10 @@ def api_settings(settings: dict[str, Any]) -> dict[str, int]:
 
 @dataclass
 class AppContext:
-    """What handlers share: the store, the reconciler's enqueue, settings, a thread pool
-    for blocking work (file reads, file hashing, slow store calls), a small one of its own
-    for password hashing (argon2), the login throttle, and process-wide facts."""
+    """What handlers share: the store, the reconciler's enqueue, settings, the store lane
+    (threads every database call of a route runs in), a thread pool for other blocking
+    work (file reads, file hashing), a small one of its own for password hashing (argon2),
+    the audit writer, the login throttle, and process-wide facts."""
 
     store: Store
     enqueue: Enqueue = lambda key: None
@@ -151,6 +165,8 @@ class AppContext:
         default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="api")
     )
     hasher: ThreadPoolExecutor = field(init=False)
+    store_lane: ThreadPoolExecutor = field(init=False)
+    audit: AuditWriter = field(init=False)
     throttle: LoginThrottle = field(init=False)
     max_json_bytes: int = field(init=False)
     started_at: float = field(default_factory=time.time)
@@ -161,12 +177,34 @@ class AppContext:
         self.max_json_bytes = conf["max_json_bytes"]
         self.hasher = ThreadPoolExecutor(max_workers=conf["password_workers"],
                                          thread_name_prefix="api-hash")
+        self.store_lane = ThreadPoolExecutor(max_workers=conf["store_workers"],
+                                             thread_name_prefix="api-store")
+        self.audit = AuditWriter(self.store)
         self.throttle = LoginThrottle(max_entries=conf["login_throttle_entries"])
 
     def close(self) -> None:
-        """Wait for the blocking work in flight and stop both pools."""
+        """Wait for the work in flight, stop the pools, write the last audit entries."""
         self.executor.shutdown(wait=True)
         self.hasher.shutdown(wait=True)
+        self.store_lane.shutdown(wait=True)
+        self.audit.close()
+
+
+ROUTE_METHODS = ("get", "head", "post", "put", "delete", "patch")
+
+
+def in_store_lane(method: Callable[..., None]) -> Callable[..., Any]:
+    """`method`, a route method that is not a coroutine, as a coroutine that runs it whole
+    in the store lane; the reply it made there is sent from the IOLoop once it returns
+    (Tornado's output is not thread-safe), and what it raised reaches Tornado as usual."""
+    @functools.wraps(method)
+    async def route(self: NanoHandler, *args: Any) -> None:
+        await self.stored(method, self, *args)
+        if self._deferred is not None:
+            status, body = self._deferred
+            self._finish_envelope(status, body)
+
+    return route
 
 
 @tornado.web.stream_request_body
@@ -183,9 +221,20 @@ class NanoHandler(tornado.web.RequestHandler):
     menu: str | None = None
     read_menu: str | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every route method a handler defines that is not a coroutine runs in the store
+        lane (`in_store_lane`): no route reads or writes the database on the IOLoop."""
+        super().__init_subclass__(**kwargs)
+        for name in ROUTE_METHODS:
+            method = cls.__dict__.get(name)
+            if method is not None and not inspect.iscoroutinefunction(method):
+                setattr(cls, name, in_store_lane(method))
+
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.store = ctx.store
+        self._loop_thread = threading.get_ident()
+        self._deferred: tuple[int, str] | None = None
         self.session: SessionInfo | None = None
         self._chunks: list[bytes] = []
         self._size = 0
@@ -283,7 +332,7 @@ class NanoHandler(tornado.web.RequestHandler):
 
     # -- session and authorization --------------------------------------------------------
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         self._count(+1)
         self._cors()
         self._admit_body()
@@ -295,7 +344,9 @@ class NanoHandler(tornado.web.RequestHandler):
         if not token:
             raise Unauthorized(f"no session: log in with POST /api/v1/sessions/ and send the "
                                f"'{SESSION_HEADER}' header")
-        self.session = self.store.session(token)
+        self.session = self.store.cached_session(token)
+        if self.session is None:  # not cached (or expired): the database, in the lane
+            self.session = await self.stored(self.store.session, token)
         if self.session is None:
             raise Unauthorized("session expired or unknown: log in again")
         needed = self.required_menu()
@@ -349,9 +400,16 @@ class NanoHandler(tornado.web.RequestHandler):
             self._error_code = code
         if self._refused_body:
             self.set_header("Connection", "close")  # the unread body ends the connection
+        body = envelope(code, message, data)
+        if threading.get_ident() != self._loop_thread:
+            self._deferred = (status, body)  # a route in the store lane: sent on return
+            return
+        self._finish_envelope(status, body)
+
+    def _finish_envelope(self, status: int, body: str) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(envelope(code, message, data))
+        self.finish(body)
 
     def audit(self, text: str) -> None:
         """What this change did, for the log (never a secret)."""
@@ -400,13 +458,25 @@ class NanoHandler(tornado.web.RequestHandler):
             return
         who = self.user or "anonymous"
         what = self._audit or f"{self.request.method} {self.request.path}"
-        try:
-            self.store.add_log(f"{who} {what}", user=who, address=self.address,
-                               resource=self.log_path())
-        except Exception:  # an audit failure must not turn a done change into an error
-            log.exception("cannot write audit log entry")
+        self.ctx.audit.add(f"{who} {what}", user=who, address=self.address,
+                           resource=self.log_path())
 
     # -- blocking work --------------------------------------------------------------------
+
+    async def stored(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn`, which reads or writes the store, in the store lane: never on the
+        IOLoop, so a wait for SQLite's write lock holds a lane thread, not every request."""
+        return await IOLoop.current().run_in_executor(self.ctx.store_lane, fn, *args)
+
+    def in_background(self, fn: Callable[..., Any], *args: Any, quiet: bool = False) -> None:
+        """Run `fn`, a store write nobody waits for (upload progress, an abandoned
+        upload's reset), in the store lane; a failure is logged (at debug if `quiet`)."""
+        def done(future: Any) -> None:
+            exc = future.exception()
+            if exc is not None:
+                (log.debug if quiet else log.warning)("%s failed: %s", fn.__name__, exc)
+
+        self.ctx.store_lane.submit(fn, *args).add_done_callback(done)
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` in the API thread pool, never on the IOLoop."""
@@ -439,8 +509,8 @@ class NotFoundHandler(NanoHandler):
 
     public = True
 
-    def prepare(self) -> None:
-        super().prepare()
+    async def prepare(self) -> None:
+        await super().prepare()
         raise tornado.web.HTTPError(404, f"no route {self.request.method} {self.request.path}")
 
 

@@ -27,7 +27,7 @@ async def wait_probed(handler: NanoHandler, name: str, timeout: float = 20.0) ->
     current generation, so an add-to-pool right after registration sees a real probe."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rec = handler.store.cell_record(name)
+        rec = await handler.stored(handler.store.cell_record, name)
         if rec["status"]["observed_generation"] >= rec["generation"]:
             return
         await asyncio.sleep(0.1)
@@ -87,10 +87,10 @@ class PoolCellHandler(NanoHandler):
 
     async def post(self, pool: str, cell: str) -> None:
         self.body()  # the portal sends an empty body
-        self.store.pool(pool)
+        await self.stored(self.store.pool, pool)
         self.ctx.enqueue(Key("cell", cell))
         await wait_probed(self, cell)
-        self.store.add_cell_to_pool(pool, cell)
+        await self.stored(self.store.add_cell_to_pool, pool, cell)
         self.ctx.enqueue(Key("cell", cell))
         self.audit(f"added cell {cell} to compute pool {pool}")
         self.reply()
@@ -224,17 +224,17 @@ class CellHandler(NanoHandler):
         self.reply()
 
     async def delete(self, name: str) -> None:
-        record = self.store.cell_record(name)
+        record = await self.stored(self.store.cell_record, name)
         if record["pool"]:
             raise Conflict(f"cell {name!r} is in compute pool {record['pool']!r}: remove it "
                            "from the pool first")
-        self.store.unregister_cell(name)
+        await self.stored(self.store.unregister_cell, name)
         self.ctx.enqueue(Key("cell", name))
         self.audit(f"unregistered cell {name}")
         # the reconciler removes what nano made on the cell, then the record: wait a little
         # (without blocking the IOLoop) so a client usually sees it gone when we answer
         deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline and not self.store.cell_gone(name):
+        while time.monotonic() < deadline and not await self.stored(self.store.cell_gone, name):
             await asyncio.sleep(0.1)
         self.reply()
 

@@ -84,7 +84,7 @@ class PlanHandler(GuestHandlerBase):
 
     async def post(self, guest_id: str) -> None:
         body = self.body("guest_plan")
-        self.store.guest_status(self.caller, guest_id)  # a guest the caller may not see: 404
+        await self.stored(self.store.guest_status, self.caller, guest_id)  # unseen: 404
         self.quiet()
         self.reply(await self.blocking(self.ctx.extras["plan_guest"], guest_id, body))
 

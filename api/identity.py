@@ -31,12 +31,12 @@ class SystemHandler(NanoHandler):
 
     async def post(self) -> None:
         setup: SetupToken = self.ctx.extras["setup_token"]
-        if self.store.system_ready():
+        if await self.stored(self.store.system_ready):
             setup.spend()  # e.g. `nanod init` ran while this nanod served
             raise Forbidden(ALREADY_INITIALIZED)
         setup.admit(self.request)
         spec = self.body("system_init")
-        await self.blocking(
+        await self.hashing(
             lambda: self.store.init_system(
                 spec["user"], spec["password"], menu=spec.get("menu"),
                 group=spec.get("group") or "admin", display=spec.get("display", ""),
@@ -67,11 +67,11 @@ class SessionsHandler(NanoHandler):
         try:
             await self.hashing(self.store.authenticate, user, spec["password"])
         except NanoError as exc:
-            self.store.add_log(f"failed login for {user!r} from {address}: {exc.message}",
+            self.ctx.audit.add(f"failed login for {user!r} from {address}: {exc.message}",
                                user=user, address=address, resource="/sessions/")
             raise
         self.ctx.throttle.succeeded(*keys)
-        info = self.store.open_session(user, address)
+        info = await self.stored(self.store.open_session, user, address)
         self.audit(f"logged in from {address}")
         self._login_user = user
         self.reply({
@@ -236,7 +236,7 @@ class UserHandler(NanoHandler):
 
     async def post(self, name: str) -> None:
         spec = self.body("user_create")
-        await self.blocking(
+        await self.hashing(
             lambda: self.store.create_user(name, spec["password"], spec.get("nick", ""),
                                            spec.get("mail", ""))
         )
@@ -265,7 +265,7 @@ class PasswordHandler(NanoHandler):
         wait = self.ctx.throttle.delay(*keys)
         self.ctx.throttle.failed(*keys)  # until it succeeds, as for a login
         await sleep(wait)
-        await self.blocking(lambda: self.store.change_password(
+        await self.hashing(lambda: self.store.change_password(
             name, spec["old"], spec["new"], keep_token=self.session.token))
         self.ctx.throttle.succeeded(*keys)
         self.audit(f"changed the password of {name}")
@@ -321,6 +321,7 @@ class LogsHandler(NanoHandler):
         return super().tag_for(method)
 
     def get(self) -> None:
+        self.ctx.audit.flush()  # the entries of every change answered so far are listed
         self.reply(
             self.store.query_logs(
                 limit=query_int(self, "limit", 20, minimum=1),

@@ -240,7 +240,7 @@ class ImagesHandler(ImageRoute):
     async def patch(self) -> None:
         spec = self.body("image_sync")
         state = shared(self)
-        result = await self.blocking(
+        result = await self.stored(
             lambda: self.store.sync_images(
                 self.kind, self.caller, state.files, owner=spec.get("owner"),
                 group=spec.get("group"), busy=set(state.uploading), busy_temp=set(state.temps),
@@ -275,8 +275,8 @@ class ImageHandler(ImageRoute):
 
     async def delete(self, image_id: str) -> None:
         self.body()  # an empty or JSON body; nothing in it is used
-        name = await self.blocking(self.store.delete_image, self.kind, image_id, self.caller,
-                                   self.files)
+        name = await self.stored(self.store.delete_image, self.kind, image_id, self.caller,
+                                 self.files)
         self.ctx.enqueue(Key("image", image_id))
         self.audit(f"deleted {self.kind.label} {name} ({image_id})")
         self.reply()
@@ -324,8 +324,8 @@ class ImageFileHandler(ImageRoute):
         return (f"the file is too large: images may have at most {max_upload_bytes(self)} "
                 "bytes (settings images.max_upload_bytes); nothing was stored")
 
-    def prepare(self) -> None:
-        super().prepare()  # a body announced over body_limit() is refused there
+    async def prepare(self) -> None:
+        await super().prepare()  # a body announced over body_limit() is refused there
         if self.request.method != "POST":
             return
         limit = max_upload_bytes(self)
@@ -335,11 +335,11 @@ class ImageFileHandler(ImageRoute):
             raise Invalid(str(exc)) from None
         image_id = self.path_args[0]
         state = shared(self)
-        self.store.image(self.kind, image_id, self.caller)  # visible, or NotFound
+        await self.stored(self.store.image, self.kind, image_id, self.caller)  # or NotFound
         if image_id in state.uploading:
             raise Busy(f"an upload of {self.kind.label} {image_id} is already running: wait "
                        "for it to finish")
-        target = self.store.begin_upload(self.kind, image_id, self.caller)
+        target = await self.stored(self.store.begin_upload, self.kind, image_id, self.caller)
         self._tune_connection()
         self.http_connection.set_max_body_size(limit + MULTIPART_SLACK)
         length = self.request.headers.get("Content-Length", "")
@@ -349,7 +349,7 @@ class ImageFileHandler(ImageRoute):
         try:
             self._upload = UploadFile(state.files, self.kind, target["id"])
         except OSError as exc:
-            self.store.abort_upload(target["id"])
+            await self.stored(self.store.abort_upload, target["id"])
             raise Internal(f"cannot receive the upload: {exc.strerror}") from exc
         self._lanes = FileLanes(self._upload)
         state.uploading.add(target["id"])
@@ -546,7 +546,7 @@ class ImageFileHandler(ImageRoute):
         moment = time.monotonic()
         if percent > last_percent and moment - last_time >= PROGRESS_SECONDS:
             self._progress = (percent, moment)
-            self.store.record_upload_progress(self._target["id"], percent)
+            self.in_background(self.store.record_upload_progress, self._target["id"], percent)
 
     def _refuse(self, error: NanoError) -> None:
         """An error in the middle of the body: drop what was received, read the rest of
@@ -570,10 +570,8 @@ class ImageFileHandler(ImageRoute):
                 lanes.close(then=upload.discard)
             else:
                 upload.discard()
-        try:
-            self.store.abort_upload(self._target["id"])
-        except Exception:  # the image may be gone; the upload is forgotten either way
-            pass
+        # the image may be gone by then: the upload is forgotten either way
+        self.in_background(self.store.abort_upload, self._target["id"], quiet=True)
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
@@ -617,9 +615,9 @@ class ImageFileHandler(ImageRoute):
         self._lanes = None
         try:
             sha1 = await self.blocking(upload.finish, checksum)
-            version = await self.blocking(self.store.commit_upload, self.kind,
-                                          self._target["id"], self._target["version"], upload,
-                                          sha1, self.files)
+            version = await self.stored(self.store.commit_upload, self.kind,
+                                        self._target["id"], self._target["version"], upload,
+                                        sha1, self.files)
         except BaseException as exc:
             self._receiving = True
             self._abandon()
@@ -676,7 +674,7 @@ class ImageFileHandler(ImageRoute):
     async def _open(self, image_id: str) -> tuple[int, dict[str, Any]]:
         # A new version may land between reading the row and opening its file: look again.
         for _ in range(3):
-            info = self.store.image_file(self.kind, image_id, self.caller)
+            info = await self.stored(self.store.image_file, self.kind, image_id, self.caller)
             path = self.files.path(self.kind, image_id, info["version"])
             try:
                 return await self.blocking(_open_read, path), info

@@ -28,11 +28,18 @@ DEFAULTS: dict[str, Any] = {
     # placement's ratios: vCPUs per host core, guest memory/disk bytes per host byte; a
     # cell's own `overcommit` field overrides them (state/placement.py)
     "overcommit": {"cpu": 4, "memory": 1.0, "disk": 1.0},
-    "reconciler": {"enabled": True, "workers": 4, "resync_seconds": 30, "offline_after": 3},
+    # libvirt_timeout_seconds: how long a worker waits for one libvirt call before the cell
+    # counts as not answering (streams and image copies have no limit); long_workers:
+    # threads for long work (image streams, volume copies, compaction, clones) apart from
+    # the `workers` that status and power changes need (reconciler/longwork.py)
+    "reconciler": {"enabled": True, "workers": 4, "resync_seconds": 30, "offline_after": 3,
+                   "libvirt_timeout_seconds": 30, "long_workers": 2},
     "images": {"max_upload_bytes": 64 << 30, "upload_idle_seconds": 60},
     # abuse limits (api/base.py): bytes of a JSON body (uploads: images.max_upload_bytes),
-    # threads that hash passwords, failed-login records kept by the throttle
-    "api": {"max_json_bytes": 1 << 20, "password_workers": 2, "login_throttle_entries": 10000},
+    # threads that hash passwords, failed-login records kept by the throttle, threads the
+    # routes' database calls run in (never the IOLoop)
+    "api": {"max_json_bytes": 1 << 20, "password_workers": 2, "login_throttle_entries": 10000,
+            "store_workers": 8},
     # The prefix of everything nanod makes on its cells (reconciler/naming.py): domains,
     # volumes, storage pools, networks, bridges, nft tables. Two nanods sharing a host
     # (e.g. the test suite's beside scripts/setup's) need different ones.

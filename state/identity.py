@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import peewee
 from argon2 import PasswordHasher
@@ -113,6 +114,15 @@ def verify_password(password_hash: str, password: str) -> bool:
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+class LogLine(NamedTuple):
+    """An entry to append to the log (`add_logs`): what happened, who, from where, on what."""
+
+    content: str
+    user: str = ""
+    address: str = ""
+    resource: str = ""
 
 
 @dataclass(frozen=True)
@@ -216,23 +226,31 @@ class IdentityStore:
     def forget_cached_sessions(self) -> None:
         self._session_cache.clear()
 
+    def cached_session(self, token: str) -> SessionInfo | None:
+        """The live session for `token` if this process read it within
+        SESSION_CACHE_SECONDS, else None (then `session` asks the database). Memory only:
+        safe on the IOLoop."""
+        hit = self._session_cache.get(token)
+        if hit is None or time.monotonic() - hit[0] >= self.SESSION_CACHE_SECONDS:
+            return None
+        return hit[1] if hit[1].expires >= time.time() else None
+
     def session(self, token: str) -> SessionInfo | None:
         """The live session for a bearer token, or None if unknown or expired. A SHA-256
         lookup, no password hashing: one indexed query (session, user, group and the
         group's roles, one row per role), cached for SESSION_CACHE_SECONDS."""
         if not token:
             return None
-        now_ = time.monotonic()
-        hit = self._session_cache.get(token)
-        if hit is not None and now_ - hit[0] < self.SESSION_CACHE_SECONDS:
-            return hit[1] if hit[1].expires >= time.time() else None
+        info = self.cached_session(token)
+        if info is not None:
+            return info
         info = self._read_session(token)
         if info is None:
             self._session_cache.pop(token, None)
         else:
             if len(self._session_cache) > 10000:
                 self._session_cache.clear()
-            self._session_cache[token] = (now_, info)
+            self._session_cache[token] = (time.monotonic(), info)
         return info
 
     def _read_session(self, token: str) -> SessionInfo | None:
@@ -563,35 +581,41 @@ class IdentityStore:
     _last_log_id = ""  # the newest id this store gave out (set per instance)
 
     def add_log(self, content: str, *, user: str = "", address: str = "", resource: str = "") -> str:
-        """Append an entry; ids are YYYYMMDDHHMMSS + a 3-digit counter within that second.
+        """Append an entry; returns its id (see `add_logs`)."""
+        return self.add_logs([LogLine(content, user, address, resource)])[0]
+
+    def add_logs(self, lines: list[LogLine]) -> list[str]:
+        """Append entries in one transaction, in order; ids are YYYYMMDDHHMMSS + a 3-digit
+        counter within that second.
 
         An id is never given out twice by this store: the counter goes on from the newest
         id it gave out as well as from the newest one stored, because the newest entries
         of a second may have been deleted (DELETE /logs/) and the next entry must not
         take their ids (a client would see the deleted id listed again)."""
+        ids = []
         with self._log_lock, db.atomic():
-            stamp = now()
-            while True:
-                prefix = stamp.strftime("%Y%m%d%H%M%S")
-                last = (
-                    LogEntry.select(LogEntry.id)
-                    .where(LogEntry.id.startswith(prefix))
-                    .order_by(LogEntry.id.desc())
-                    .first()
-                )
-                highest = max(last.id if last else "",
-                              self._last_log_id if self._last_log_id.startswith(prefix) else "")
-                counter = int(highest[14:]) + 1 if highest else 0
-                if counter <= 999:
-                    break
-                stamp += dt.timedelta(seconds=1)  # a full second: borrow the next one
-            entry_id = f"{prefix}{counter:03d}"
-            LogEntry.create(
-                id=entry_id, time=stamp, content=content, user=user, address=address,
-                resource=resource,
-            )
-            self._last_log_id = entry_id
-        return entry_id
+            for line in lines:
+                stamp = now()
+                while True:
+                    prefix = stamp.strftime("%Y%m%d%H%M%S")
+                    last = (
+                        LogEntry.select(LogEntry.id)
+                        .where(LogEntry.id.startswith(prefix))
+                        .order_by(LogEntry.id.desc())
+                        .first()
+                    )
+                    highest = max(last.id if last else "", self._last_log_id
+                                  if self._last_log_id.startswith(prefix) else "")
+                    counter = int(highest[14:]) + 1 if highest else 0
+                    if counter <= 999:
+                        break
+                    stamp += dt.timedelta(seconds=1)  # a full second: borrow the next one
+                entry_id = f"{prefix}{counter:03d}"
+                LogEntry.create(id=entry_id, time=stamp, content=line.content, user=line.user,
+                                address=line.address, resource=line.resource)
+                self._last_log_id = entry_id
+                ids.append(entry_id)
+        return ids
 
     def query_logs(
         self,

@@ -80,6 +80,7 @@ class Walker:
         self.session = ""
         self.table = walked_routes(server)
         self.phase = "script"  # then "sweep", then "anonymous"
+        self.current = ""  # "METHOD path" of the request in flight (tests/api/test_store_lane.py)
         self.seen: dict[tuple[str, str], list[tuple[str, int]]] = {}
         self.nothing_routes: set[tuple[str, str]] = set()
 
@@ -99,10 +100,14 @@ class Walker:
         if session:
             hdrs["Nano-Session"] = session
         payload = raw if raw is not None else b"" if body is None else json.dumps(body).encode()
-        response = await self.http.fetch(
-            self.base + path, method=method, headers=hdrs, raise_error=False,
-            body=payload if method in ("POST", "PUT", "PATCH", "DELETE") else None,
-            allow_nonstandard_methods=True, request_timeout=60)
+        self.current = f"{method} {path}"
+        try:
+            response = await self.http.fetch(
+                self.base + path, method=method, headers=hdrs, raise_error=False,
+                body=payload if method in ("POST", "PUT", "PATCH", "DELETE") else None,
+                allow_nonstandard_methods=True, request_timeout=60)
+        finally:
+            self.current = ""
         what = f"{method} {path} -> HTTP {response.code}"
         doc = envelope_of(response, what)
         assert doc is None or doc["error_code"] != 500, f"{what}: internal error {doc}"
@@ -164,11 +169,17 @@ def observed(name: str) -> None:
 
 async def forget_cell_when_marked(server: Any, name: str) -> None:
     """What the cell reconciler does once a cell is marked for deletion: drop the record
-    (DELETE /cells/{name} waits for it)."""
-    for _ in range(500):
+    (DELETE /cells/{name} waits for it). In a thread, as the reconciler's own: it runs
+    while that request is in flight, and the IOLoop touches no database then."""
+    def finish_if_marked() -> bool:
         row = Cell.get_or_none(Cell.name == name)
         if row is not None and row.deleting:
             server.store.finish_cell_delete(name)
+            return True
+        return False
+
+    for _ in range(500):
+        if await asyncio.to_thread(finish_if_marked):
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"cell {name} was never marked for deletion")

@@ -84,7 +84,9 @@ OTHER_GROUP, SAME_GROUP = "other group, flags on", "same group, flags off"
 
 
 def snapshot(server: Any) -> dict[str, Any]:
-    """Every row of every table, and every file of the data directory with its size."""
+    """Every row of every table, and every file of the data directory with its size (the
+    audit entries of the requests answered so far written first: api/audit.py)."""
+    server.ctx.audit.flush()
     tables = {model.__name__: sorted(map(repr, model.select().tuples()))
               for model in ALL_MODELS}
     data = Path(server.settings["data_dir"])

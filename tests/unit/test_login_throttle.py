@@ -68,7 +68,8 @@ def test_quiet_keys_are_dropped_as_new_failures_come() -> None:
 
 @pytest.mark.parametrize("bad", [0, -1, "10", None, True, 1.5])
 def test_bad_api_settings_stop_nanod_with_the_setting_named(bad: object) -> None:
-    good = {"max_json_bytes": 1 << 20, "password_workers": 2, "login_throttle_entries": 10}
+    good = {"max_json_bytes": 1 << 20, "password_workers": 2, "login_throttle_entries": 10,
+            "store_workers": 8}
     assert api_settings({"api": good}) == good
     for name in good:
         with pytest.raises(ValueError, match=f"api.{name}"):
