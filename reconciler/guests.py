@@ -64,6 +64,7 @@ from reconciler.guest_xml import (
     render_graphics_xml,
     serial_log_path,
 )
+from reconciler.longwork import InProgress, LongWork, Report
 from reconciler.naming import names
 from state.compute import CellSpec
 from state.errors import Invalid, NanoError, NotFound, Permanent, Unavailable
@@ -267,8 +268,11 @@ class GuestReconciler:
     def __init__(self, store: Any, connections: CellConnections,
                  enqueue: Callable[[Key], None], *, poll_seconds: float = 15.0,
                  agent_retry_seconds: float = 10.0, stop_grace_seconds: float = 60.0,
-                 sign_of_life_seconds: float = 120.0) -> None:
+                 sign_of_life_seconds: float = 120.0, long_work: LongWork | None = None
+                 ) -> None:
         self.store = store
+        # image streams, volume copies and disk compaction (reconciler/longwork.py)
+        self.long = long_work or LongWork(enqueue)
         self.connections = connections
         self.enqueue = enqueue
         self.poll_seconds = poll_seconds
@@ -341,6 +345,8 @@ class GuestReconciler:
         wait = self.poll_seconds
         if final.actions:
             wait = min(wait, 2.0)
+        if outcome.get("long_work"):
+            wait = min(wait, 5.0)  # to report progress; the job's end enqueues the guest
         if outcome.get("agent_error") or any(h.reason is HoldReason.PASSWORD_PENDING
                                              for h in final.holds):
             wait = min(wait, self.agent_retry_seconds)
@@ -434,7 +440,12 @@ class GuestReconciler:
                                              last_error="")
         total = len(plan.actions)
         for done, action in enumerate(plan.actions, 1):
-            self._execute(action, desired, cell, link, drv, place, outcome)
+            try:
+                self._execute(action, desired, cell, link, drv, place, outcome)
+            except InProgress as running:
+                # long work in its own lane: the rest of the plan waits for it
+                outcome["long_work"] = running.job.describe()
+                break
             if creating:
                 self.store.record_guest_observed(desired.id, progress=5 + 90 * done // total)
         if any(a.do in (Do.DEFINE, Do.START, Do.SHUTDOWN, Do.DESTROY, Do.REBOOT, Do.RESET)
@@ -450,12 +461,21 @@ class GuestReconciler:
         name = domain_name(gid)
         record = self.store.record_guest_observed
         do = action.do
+        owner = Key("guest", gid)
         if do is Do.SEND_IMAGE:
-            self._image_volume(cell, link, place, args["kind"], args["image"])
+            self._image_volume(owner, cell, link, place, args["kind"], args["image"])
         elif do is Do.CREATE_VOLUME:
-            drv.delete_volume(place.pool, args["volume"])  # a leftover of an interrupted try
-            drv.create_volume(place.pool, args["volume"], int(args["size"]),
-                              backing=args["backing"] or None)
+            def create(_report: Any = None) -> None:
+                drv.delete_volume(place.pool, args["volume"])  # left by an interrupted try
+                drv.create_volume(place.pool, args["volume"], int(args["size"]),
+                                  backing=args["backing"] or None)
+
+            if args["backing"]:  # a full copy of an image: long work
+                self.long.run(owner, f"guest/{gid}/volume/{args['volume']}",
+                              f"copy image volume {args['backing']} to {args['volume']}",
+                              create)
+            else:
+                create()
         elif do is Do.WRITE_SEED:
             self._write_seed(desired, drv, place)
         elif do is Do.DEFINE:
@@ -470,15 +490,19 @@ class GuestReconciler:
         elif do is Do.SET_AUTOSTART:
             drv.set_autostart(name, bool(args["enable"]))
         elif do is Do.RESET_SYSTEM:
-            for snap in drv.snapshots(name):  # snapshots of the old system are meaningless
-                drv.delete_snapshot(name, snap.name)
-            drv.delete_volume(place.pool, args["volume"])
-            drv.create_volume(place.pool, args["volume"], int(args["size"]),
-                              backing=args["backing"] or None)
-            if args.get("seed"):
-                self._write_seed(desired, drv, place)  # new instance id: cloud-init runs again
-            record(gid, observed={"system_reset_generation": args["generation"],
-                                  "instance_id": desired.spec.get("instance_id", "")})
+            def reset(_report: Any) -> None:
+                for snap in drv.snapshots(name):  # snapshots of the old system are void
+                    drv.delete_snapshot(name, snap.name)
+                drv.delete_volume(place.pool, args["volume"])
+                drv.create_volume(place.pool, args["volume"], int(args["size"]),
+                                  backing=args["backing"] or None)
+                if args.get("seed"):
+                    self._write_seed(desired, drv, place)  # new instance id: cloud-init again
+                record(gid, observed={"system_reset_generation": args["generation"],
+                                      "instance_id": desired.spec.get("instance_id", "")})
+
+            self.long.run(owner, f"guest/{gid}/reset/{args['generation']}",
+                          f"reset the system disk of {desired.name}", reset)
         elif do is Do.RESTORE_SNAPSHOT:
             drv.revert_snapshot(name, args["snapshot"])
             record(gid, observed={"restore_generation": args["generation"],
@@ -494,10 +518,14 @@ class GuestReconciler:
                                                 generation=snap.generation)
             record(gid, observed={"current_snapshot": snap.name})
         elif do is Do.SHRINK_DISK:
-            self._shrink(desired, drv, place, int(args["index"]))
-            done = dict(desired.observed.get("disk_shrink") or {})
-            done[str(args["index"])] = args["generation"]
-            record(gid, observed={"disk_shrink": done})
+            def shrink(_report: Any) -> None:
+                self._shrink(desired, drv, place, int(args["index"]))
+                done = dict(desired.observed.get("disk_shrink") or {})
+                done[str(args["index"])] = args["generation"]
+                record(gid, observed={"disk_shrink": done})
+
+            self.long.run(owner, f"guest/{gid}/shrink/{args['index']}/{args['generation']}",
+                          f"compact disk {args['index']} of {desired.name}", shrink)
         elif do is Do.GROW_VOLUME:
             drv.resize_volume(place.pool, args["volume"], int(args["size"]))
         elif do is Do.GROW_DISK_LIVE:
@@ -608,16 +636,18 @@ class GuestReconciler:
     def _media_path(self, desired: Any, drv: Any, place: Placement, media_id: str) -> str:
         cell = self.store.cell_spec(desired.cell)
         link = self.connections.link(cell)
-        name = self._image_volume(cell, link, place, "media", media_id)
+        name = self._image_volume(Key("guest", desired.id), cell, link, place, "media",
+                                  media_id)
         info = drv.volume(place.pool, name)
         if info is None:
             raise NotFound(f"media volume {name} vanished")
         return info.path
 
-    def _image_volume(self, cell: CellSpec, link: Any, place: Placement, kind: str,
-                      image_id: str) -> str:
+    def _image_volume(self, owner: Key, cell: CellSpec, link: Any, place: Placement,
+                      kind: str, image_id: str) -> str:
         """The image's current version as a volume of the guest's pool on the cell, sent
-        there through a libvirt upload stream when missing (cached by id + version)."""
+        there through a libvirt upload stream when missing (cached by id + version): long
+        work, in its lane (InProgress until it is there)."""
         from reconciler.drivers.domains import LibvirtGuests
         from reconciler.drivers.volumes import upload_volume
 
@@ -631,16 +661,23 @@ class GuestReconciler:
         # capacity cannot say (for qcow2 it is the virtual size, not the file's)
         if replica and drv.volume(place.pool, name) is not None:
             return name
-        size, sha1 = upload_volume(link.hypervisor, place.pool, name, source["path"],
-                                   fmt="qcow2" if kind == "disk" else "raw")
-        if size != source["size"] or (source["checksum"] and sha1 != source["checksum"]):
-            drv.delete_volume(place.pool, name)
-            raise Permanent(f"{kind} image {image_id} arrived on {cell.name} as {size} bytes "
-                            f"with SHA-1 {sha1}, expected {source['size']} / "
-                            f"{source['checksum']}")
-        self.store.record_image_replica(image_id, source["version"], cell.name,
-                                        f"{place.pool}/{name}", size, sha1)
-        return name
+
+        def send(report: Report) -> str:
+            size, sha1 = upload_volume(link.hypervisor, place.pool, name, source["path"],
+                                       fmt="qcow2" if kind == "disk" else "raw",
+                                       progress=report)
+            if size != source["size"] or (source["checksum"] and sha1 != source["checksum"]):
+                drv.delete_volume(place.pool, name)
+                raise Permanent(f"{kind} image {image_id} arrived on {cell.name} as {size} "
+                                f"bytes with SHA-1 {sha1}, expected {source['size']} / "
+                                f"{source['checksum']}")
+            self.store.record_image_replica(image_id, source["version"], cell.name,
+                                            f"{place.pool}/{name}", size, sha1)
+            return name
+
+        # one job per volume on a cell: guests that need the same image share it
+        return self.long.run(owner, f"send/{cell.name}/{place.pool}/{name}",
+                             f"send {kind} image {image_id} to cell {cell.name}", send)
 
     def _write_seed(self, desired: Any, drv: Any, place: Placement) -> None:
         """Build the guest's cloud-init seed ISO and write it as its seed volume. The
@@ -707,6 +744,9 @@ class GuestReconciler:
         what this pass found drifted."""
         now = now_text()
         ready, reason, message = ready_reason(final)
+        if outcome.get("long_work") and not ready:
+            reason = "LongWorkRunning"
+            message = f"{outcome['long_work']}; then: {message}"
         if outcome.get("agent_error") and reason == "Converging" and all(
                 a.do is Do.SET_PASSWORD for a in final.actions):
             reason = "PasswordPending"

@@ -1,9 +1,9 @@
 """The image reconciler: disk images cloned from a stopped guest's system disk.
 
 Key `image/<id>`. A pending clone (state/clones.py) is pulled from the guest's cell with a
-libvirt download stream (the same path for local and remote cells), written to a temporary
-file beside the image store and installed as version 1, with progress from the bytes
-received. Registered by reconciler/kinds.py.
+libvirt download stream (the same path for local and remote cells), in the long-work lane
+(reconciler/longwork.py), written to a temporary file beside the image store and installed
+as version 1, with progress from the bytes received. Registered by reconciler/kinds.py.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from reconciler.cells import CellConnections
 from reconciler.contract import READY, Action, Key, Result, Verb, get_condition, set_condition
 from reconciler.guests import now_text, placement_of, volume_name
+from reconciler.longwork import InProgress, LongWork, Report
 from state.errors import NanoError, Unavailable
 
 log = logging.getLogger("nano.reconciler.images")
@@ -27,10 +28,12 @@ class ImageReconciler:
     kind = "image"
 
     def __init__(self, store: Any, connections: CellConnections,
-                 enqueue: Callable[[Key], None]) -> None:
+                 enqueue: Callable[[Key], None], *, long_work: LongWork | None = None) -> None:
         self.store = store
         self.connections = connections
         self.enqueue = enqueue
+        # the download runs in the long-work lane (reconciler/longwork.py)
+        self.long = long_work or LongWork(enqueue)
 
     def keys(self) -> Iterable[Key]:
         return [Key("image", i) for i in self.store.clone_jobs()]
@@ -73,13 +76,24 @@ class ImageReconciler:
         files = ImageFiles(self.store.data_dir)
         files.ensure()
         final = files.path(DISK, key.id, 1)
-        self.store.record_clone(key.id, phase="cloning", progress=1, error="")
-        done = threading.Event()
-        watcher = threading.Thread(target=self._watch, daemon=True,
-                                   args=(key.id, os.path.dirname(final), info.allocation, done))
-        watcher.start()
+
+        def pull(_report: Report) -> tuple[int, str]:
+            self.store.record_clone(key.id, phase="cloning", progress=1, error="")
+            done = threading.Event()
+            watcher = threading.Thread(target=self._watch, daemon=True, args=(
+                key.id, os.path.dirname(final), info.allocation, done))
+            watcher.start()
+            try:
+                return download_volume(link.hypervisor, pool, volume, final)
+            finally:
+                done.set()
+                watcher.join(timeout=5)
+
         try:
-            size, sha1 = download_volume(link.hypervisor, pool, volume, final)
+            size, sha1 = self.long.run(key, f"clone/{key.id}",
+                                       f"clone the system disk of guest {guest.name}", pull)
+        except InProgress as running:  # progress is recorded by the job's watcher
+            return Result(requeue_after=5.0, note=str(running))
         except NanoError as exc:
             conditions = set_condition(self.store.image_conditions(key.id), READY, False,
                                        "CloneFailed", exc.message, now_text())
@@ -88,9 +102,6 @@ class ImageReconciler:
             if isinstance(exc, Unavailable):
                 raise  # the cell may answer again: retried
             return Result(note=f"failed: {exc.message}")  # stays failed: delete, clone again
-        finally:
-            done.set()
-            watcher.join(timeout=5)
         if not self.store.finish_clone(key.id, size, sha1):
             os.unlink(final)  # the image was deleted while we copied
             return Result()

@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from reconciler import naming
+from reconciler.drivers import libvirt_hv
 from reconciler.cells import CellConnections, CellReconciler
 from reconciler.contract import Key
 from reconciler.firewalls import FirewallReconciler
 from reconciler.guests import GuestReconciler
 from reconciler.images import ImageReconciler
+from reconciler.longwork import LongWork
 from reconciler.loop import Controller
 from reconciler.networking import AddressPoolReconciler, NetworkReconciler
 from reconciler.pools import ComputePoolReconciler, StoragePoolReconciler
@@ -19,6 +21,8 @@ from reconciler.pools import ComputePoolReconciler, StoragePoolReconciler
 def build(store: Any, settings: dict[str, Any]) -> Controller:
     naming.use(settings["names"]["prefix"])  # before any reconciler names anything
     conf = settings.get("reconciler", {})
+    # how long a reconciler worker waits for one libvirt call (reconciler/drivers/libvirt_hv.py)
+    libvirt_hv.configure(call_timeout=float(conf.get("libvirt_timeout_seconds", 30)))
     pending: list[Controller] = []
 
     def enqueue(key: Key) -> None:
@@ -33,6 +37,8 @@ def build(store: Any, settings: dict[str, Any]) -> Controller:
         enqueue(Key("cell", cell))
 
     connections = CellConnections.from_settings(settings, on_domain_event=on_domain_event)
+    # image streams, volume copies, disk compaction, clones: threads of their own
+    long_work = LongWork(enqueue, workers=int(conf.get("long_workers", 2)))
     reconcilers: list[Any] = [
         CellReconciler(store, connections, enqueue,
                        offline_after=int(conf.get("offline_after", 3)),
@@ -40,11 +46,12 @@ def build(store: Any, settings: dict[str, Any]) -> Controller:
         GuestReconciler(store, connections, enqueue,
                         poll_seconds=float(conf.get("guest_poll_seconds", 15)),
                         stop_grace_seconds=float(conf.get("stop_grace_seconds", 60)),
-                        sign_of_life_seconds=float(conf.get("sign_of_life_seconds", 120))),
+                        sign_of_life_seconds=float(conf.get("sign_of_life_seconds", 120)),
+                        long_work=long_work),
         NetworkReconciler(store, connections, enqueue),
         FirewallReconciler(store, connections, enqueue),
         AddressPoolReconciler(store, enqueue),
-        ImageReconciler(store, connections, enqueue),
+        ImageReconciler(store, connections, enqueue, long_work=long_work),
         ComputePoolReconciler(store),
         StoragePoolReconciler(store),
     ]

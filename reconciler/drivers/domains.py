@@ -22,7 +22,7 @@ import libvirt
 import libvirt_qemu
 
 from reconciler import naming
-from reconciler.drivers.libvirt_hv import NAMESPACE, LibvirtHypervisor
+from reconciler.drivers.libvirt_hv import DEFAULT_LIMIT, NAMESPACE, LibvirtHypervisor
 from state.errors import Conflict, NanoError, NotFound
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,9 @@ class LibvirtGuests:
     def __init__(self, hypervisor: LibvirtHypervisor) -> None:
         self.hv = hypervisor
 
-    def _call(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
-        return self.hv.call(what, fn)
+    def _call(self, what: str, fn: Callable[[libvirt.virConnect], T], *,
+              timeout: float | None = DEFAULT_LIMIT) -> T:
+        return self.hv.call(what, fn, timeout=timeout)
 
     def _dom(self, conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
         return conn.lookupByName(name)
@@ -308,15 +309,16 @@ class LibvirtGuests:
         ET.SubElement(root, "name").text = snapshot
         ET.SubElement(root, "description").text = description
         xml = ET.tostring(root, encoding="unicode")
+        # long work (the guest's memory is saved): no call limit
         self._call(f"create snapshot {snapshot} of {name}",
-                   lambda c: self._dom(c, name).snapshotCreateXML(xml, 0))
+                   lambda c: self._dom(c, name).snapshotCreateXML(xml, 0), timeout=None)
 
     def revert_snapshot(self, name: str, snapshot: str) -> None:
         def go(conn: libvirt.virConnect) -> None:
             dom = self._dom(conn, name)
             dom.revertToSnapshot(dom.snapshotLookupByName(snapshot), 0)
 
-        self._call(f"restore snapshot {snapshot} of {name}", go)
+        self._call(f"restore snapshot {snapshot} of {name}", go, timeout=None)  # long work
 
     def delete_snapshot(self, name: str, snapshot: str) -> None:
         def go(conn: libvirt.virConnect) -> None:
@@ -381,7 +383,9 @@ class LibvirtGuests:
                 p.createXML(xml, 0)
 
         try:
-            self._call(f"create volume {pool}/{name}", go)
+            # a copy of an image is long work: no call limit
+            self._call(f"create volume {pool}/{name}", go,
+                       timeout=None if backing else DEFAULT_LIMIT)
         except Conflict:
             pass  # made by an earlier, interrupted reconcile: observed and checked below
         info = self.volume(pool, name)

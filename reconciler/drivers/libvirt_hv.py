@@ -13,10 +13,18 @@ prefix, reconciler/naming.py). We change or delete only what carries the mark an
 Every libvirt error is translated at this edge by `libvirt_errors(what)`: NotFound,
 Conflict, Unavailable (unreachable cell; retried), Permanent; raw `libvirtError` never
 leaves this module.
+
+No call waits on a cell for ever: each runs in the cell's own threads and its caller
+waits at most `reconciler.libvirt_timeout_seconds` (`configure`), then gets Unavailable;
+until that call returns, further calls to the cell fail at once instead of queueing
+behind it. A libvirtd that accepts and never answers holds a thread of its own cell, never
+a reconciler worker. Streams (volume upload and download) are long work and have no limit
+(`timeout=None`); ssh's keepalives end a remote one whose cell went away.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -26,11 +34,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import libvirt
 
 from reconciler import naming
+from reconciler.threads import DaemonThreads
 from state.errors import Conflict, NanoError, NotFound, Permanent, Unavailable
 
 log = logging.getLogger(__name__)
@@ -154,6 +163,36 @@ def ensure_event_loop() -> None:
         thread = threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True)
         thread.start()
         _event_loop_thread = thread
+
+
+# -- call limits -----------------------------------------------------------------------
+
+_call_timeout = 30.0
+_in_call = threading.local()  # set on a cell thread while it runs a call
+DEFAULT_LIMIT: Any = object()
+"""`timeout` of a call not given one: the configured limit."""
+
+
+def configure(*, call_timeout: float) -> None:
+    """Set how long a caller waits for one libvirt call (reconciler.libvirt_timeout_seconds;
+    nanod sets it at start)."""
+    global _call_timeout
+    if not call_timeout > 0:
+        raise ValueError("settings: reconciler.libvirt_timeout_seconds must be above 0, "
+                         f"not {call_timeout!r}")
+    _call_timeout = float(call_timeout)
+
+
+class _Stall(NamedTuple):
+    what: str
+    since: float
+    future: concurrent.futures.Future[Any]
+
+
+# URI -> the call to it that did not answer in time. Per URI, not per connection object:
+# a cell whose link is dropped and opened again (as every failed probe does) must not
+# leave one more stuck thread (and ssh process) behind each time.
+_stalls: dict[str, _Stall] = {}
 
 
 # -- values ----------------------------------------------------------------------------
@@ -347,6 +386,8 @@ class LibvirtHypervisor:
         self._callbacks: list[LifecycleCallback] = []
         self._event_id: int | None = None
         self._owners: dict[str, str | None] = {}  # uuid -> owned id, for undefined events
+        # the threads calls to this cell run in
+        self._threads = DaemonThreads(4, "libvirt-cell")  # never joined at exit
 
     def __repr__(self) -> str:
         return f"LibvirtHypervisor({self.uri!r})"
@@ -396,7 +437,37 @@ class LibvirtHypervisor:
         except libvirt.libvirtError:
             return False
 
-    def _call(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
+    def _call(self, what: str, fn: Callable[[libvirt.virConnect], T], *,
+              timeout: float | None = DEFAULT_LIMIT) -> T:
+        """`_call_now` in one of this cell's threads, waiting at most `timeout` seconds
+        (default: the configured limit; None: no limit). A call made from inside a call
+        runs at once (its caller's wait already bounds it)."""
+        if getattr(_in_call, "active", False):
+            return self._call_now(what, fn)
+        stall = _stalls.get(self.uri)
+        if stall is not None:
+            if not stall.future.done():
+                raise Unavailable(
+                    f"{what}: not tried, the cell has not answered an earlier call for "
+                    f"{time.monotonic() - stall.since:.0f} s ({stall.what})")
+            _stalls.pop(self.uri, None)
+        limit = _call_timeout if timeout is DEFAULT_LIMIT else timeout
+        future = self._threads.submit(self._run_call, what, fn)
+        try:
+            return future.result(timeout=limit)
+        except concurrent.futures.TimeoutError:
+            _stalls[self.uri] = _Stall(what, time.monotonic(), future)
+            raise Unavailable(f"{what}: no answer within {limit:g} s (setting "
+                              "reconciler.libvirt_timeout_seconds)") from None
+
+    def _run_call(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
+        _in_call.active = True
+        try:
+            return self._call_now(what, fn)
+        finally:
+            _in_call.active = False
+
+    def _call_now(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
         """Run `fn(conn)` with errors translated; once more on a fresh connection when
         it failed as unavailable because the connection itself broke."""
         conn = self._connection()
@@ -414,13 +485,23 @@ class LibvirtHypervisor:
         with libvirt_errors(what):
             return fn(conn)
 
-    def call(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
+    def call(self, what: str, fn: Callable[[libvirt.virConnect], T], *,
+             timeout: float | None = DEFAULT_LIMIT) -> T:
         """Run `fn(conn)` on this cell's connection, errors translated, reconnecting once
-        when the connection broke (for the other drivers of this cell: domains, volumes)."""
-        return self._call(what, fn)
+        when the connection broke (for the other drivers of this cell: domains, volumes);
+        the caller waits at most `timeout` (see `_call`)."""
+        return self._call(what, fn, timeout=timeout)
 
     def close(self) -> None:
-        """Drop the connection and lifecycle callbacks; a later call reconnects."""
+        """Drop the connection and lifecycle callbacks; a later call reconnects. Never
+        waits on a call that did not answer: then the connection goes once it returns."""
+        stall = _stalls.get(self.uri)
+        if stall is not None and not stall.future.done():
+            stall.future.add_done_callback(lambda _done: self._close_now())
+            return
+        self._close_now()
+
+    def _close_now(self) -> None:
         with self._lock:
             self._callbacks.clear()
             self._drop_locked()

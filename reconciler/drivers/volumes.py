@@ -141,17 +141,19 @@ def _streaming(hv: LibvirtHypervisor, what: str, fn: Callable[[libvirt.virConnec
                                 f"volumes ({exc.get_error_message()})") from exc
             raise
 
-    return hv.call(what, guarded)
+    return hv.call(what, guarded, timeout=None)  # long work: no limit (module docstring)
 
 
 def upload_volume(target: Target, pool_name: str, volume_name: str, path: str, *,
-                  fmt: Format, verify: bool = True) -> tuple[int, str]:
+                  fmt: Format, verify: bool = True,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[int, str]:
     """Copy the file at `path` into volume `volume_name` of pool `pool_name` (created, or
     replaced when it exists); returns (size, sha1) of what the volume holds.
 
     `fmt` is what the volume must be once written: "raw" for ISO media, "qcow2" for disk
     images; a file that libvirt does not see as such is refused (and the volume removed).
-    With `verify` (the default) the volume is read back and compared by size and SHA-1."""
+    With `verify` (the default) the volume is read back and compared by size and SHA-1.
+    `progress(sent, size)` is told of every block sent."""
     naming.names().require_owned(volume_name, "write volume")
     if "/" in volume_name:
         raise Invalid(f"refusing to write volume {volume_name!r}: '/' in its name")
@@ -174,6 +176,8 @@ def upload_volume(target: Target, pool_name: str, volume_name: str, path: str, *
                 data = fh.read(min(nbytes, size - sent))
                 digest.update(data)
                 sent += len(data)
+                if progress is not None:
+                    progress(sent, size)
                 return data
 
             try:

@@ -123,11 +123,13 @@ def host_key_fingerprint(public_key: str) -> str:
 
 def start_sshd(
     tmpdir: str | os.PathLike[str], *, port: int | None = None, timeout: float = 10,
-    new_host_key: bool = False,
+    new_host_key: bool = False, force_command: str | None = None,
 ) -> SshServer:
     """Start sshd on 127.0.0.1 with keys and config under `tmpdir` (kept when already
     there, so a restart in the same dir presents the same host key, unless `new_host_key`);
-    `port` pins the port (e.g. to restart a stopped server), else a free one is picked."""
+    `port` pins the port (e.g. to restart a stopped server), else a free one is picked;
+    `force_command` (sshd's ForceCommand) runs instead of every command a client asks for
+    (which it finds in $SSH_ORIGINAL_COMMAND)."""
     if not os.access(SSHD, os.X_OK):
         raise FileNotFoundError(f"{SSHD} is not installed")
     base = Path(tmpdir)
@@ -180,6 +182,7 @@ def start_sshd(
                     "MaxSessions 64",
                     "MaxStartups 64",
                     "LogLevel INFO",
+                    *([f"ForceCommand {force_command}"] if force_command else []),
                     "",
                 ]
             )

@@ -1,0 +1,119 @@
+"""The long-work lane: work that takes minutes (an image streamed to a cell, a full copy of
+a volume, `qemu-img convert` of a disk, a clone pulled from a cell) runs in a few threads
+of its own, so the reconciler's workers stay free for the status and power changes that
+must not wait behind it.
+
+A reconciler hands a job over with `LongWork.run(owner, job_id, what, fn)` and returns at
+once: while the job runs, `run` raises `InProgress` (what, how long, how far), which the
+reconciler turns into a condition and a requeue; when the job ends its owner key is
+enqueued, and the next `run` with the same id returns the job's result or raises its error
+(once). The same id never runs twice at a time, so a reconcile that plans the same action
+again while it runs only asks how far it got. Results nobody comes back for are dropped
+after `keep_seconds`.
+
+The lane is bounded (`reconciler.long_workers` threads): jobs beyond that wait in order,
+reported as queued. `fn` receives a `report(done, total)` callable for progress.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from reconciler.contract import Key
+from reconciler.threads import DaemonThreads
+
+log = logging.getLogger("nano.reconciler.longwork")
+
+T = TypeVar("T")
+Report = Callable[[int, int], None]
+
+
+class InProgress(Exception):
+    """The long job a reconcile asked for is queued or running; its owner key is enqueued
+    when it ends. Not an error: the reconcile records it and comes back."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(job.describe())
+        self.job = job
+
+
+@dataclass
+class Job:
+    owner: Key
+    job_id: str
+    what: str
+    queued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    ended_at: float | None = None
+    done: int = 0
+    total: int = 0
+    future: concurrent.futures.Future[Any] | None = None
+
+    def report(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+    def describe(self) -> str:
+        now = time.monotonic()
+        if self.started_at is None:
+            return f"{self.what}: waiting {now - self.queued_at:.0f} s for a long-work thread"
+        far = f", {100 * self.done // self.total}%" if self.total else ""
+        return f"{self.what}: running for {now - self.started_at:.0f} s{far}"
+
+
+class LongWork:
+    """`workers` threads for long jobs; `enqueue` wakes a job's owner when it ends."""
+
+    def __init__(self, enqueue: Callable[[Key], None], *, workers: int = 2,
+                 keep_seconds: float = 600.0) -> None:
+        if workers < 1:
+            raise ValueError(f"settings: reconciler.long_workers must be at least 1, "
+                             f"not {workers}")
+        self._enqueue = enqueue
+        # daemon threads: a stop of nanod does not wait for a job; the restart redoes it
+        self._pool = DaemonThreads(workers, "long-work", idle_seconds=60.0)
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self.keep_seconds = keep_seconds
+
+    def run(self, owner: Key, job_id: str, what: str, fn: Callable[[Report], T]) -> T:
+        """The result of `fn(report)` once it has run in the lane; until then raises
+        InProgress (the first call starts it). A job that failed raises its error once."""
+        with self._lock:
+            self._forget_old()
+            job = self._jobs.get(job_id)
+            if job is None:
+                job = Job(owner, job_id, what)
+                self._jobs[job_id] = job
+                job.future = self._pool.submit(self._execute, job, fn)
+                raise InProgress(job)
+            if job.ended_at is None:
+                raise InProgress(job)
+            del self._jobs[job_id]
+        assert job.future is not None
+        return job.future.result()  # the job's error, raised here once
+
+    def running(self) -> list[Job]:
+        """Jobs queued or running (for status and tests)."""
+        with self._lock:
+            return [j for j in self._jobs.values() if j.ended_at is None]
+
+    def _execute(self, job: Job, fn: Callable[[Report], T]) -> T:
+        job.started_at = time.monotonic()
+        try:
+            return fn(job.report)
+        finally:
+            job.ended_at = time.monotonic()
+            log.info("%s: ended after %.1f s", job.what, job.ended_at - job.started_at)
+            self._enqueue(job.owner)
+
+    def _forget_old(self) -> None:
+        now = time.monotonic()
+        for job_id, job in list(self._jobs.items()):
+            if job.ended_at is not None and now - job.ended_at > self.keep_seconds:
+                del self._jobs[job_id]
