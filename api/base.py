@@ -30,6 +30,7 @@ logins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
@@ -39,7 +40,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -235,6 +236,7 @@ class NanoHandler(tornado.web.RequestHandler):
         self.store = ctx.store
         self._loop_thread = threading.get_ident()
         self._deferred: tuple[int, str] | None = None
+        self._background: Future[Any] | None = None
         self.session: SessionInfo | None = None
         self._chunks: list[bytes] = []
         self._size = 0
@@ -469,14 +471,32 @@ class NanoHandler(tornado.web.RequestHandler):
         return await IOLoop.current().run_in_executor(self.ctx.store_lane, fn, *args)
 
     def in_background(self, fn: Callable[..., Any], *args: Any, quiet: bool = False) -> None:
-        """Run `fn`, a store write nobody waits for (upload progress, an abandoned
-        upload's reset), in the store lane; a failure is logged (at debug if `quiet`)."""
+        """Run `fn`, a store write the request does not wait for (upload progress, an
+        abandoned upload's reset), in the store lane, after this request's earlier ones
+        (in order: a reset never lands before the progress it resets); a failure is logged
+        (at debug if `quiet`). `background_settled` waits for them all."""
+        previous = self._background
+
+        def run() -> Any:
+            if previous is not None:
+                with contextlib.suppress(Exception):  # logged by its own callback
+                    previous.result()
+            return fn(*args)
+
         def done(future: Any) -> None:
             exc = future.exception()
             if exc is not None:
                 (log.debug if quiet else log.warning)("%s failed: %s", fn.__name__, exc)
 
-        self.ctx.store_lane.submit(fn, *args).add_done_callback(done)
+        self._background = self.ctx.store_lane.submit(run)
+        self._background.add_done_callback(done)
+
+    async def background_settled(self) -> None:
+        """Wait until this request's writes in the background are done (before answering,
+        so that a client reads what the answer implies)."""
+        if self._background is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(self._background)
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` in the API thread pool, never on the IOLoop."""

@@ -582,6 +582,12 @@ class ImageFileHandler(ImageRoute):
         super().on_finish()
 
     async def post(self, image_id: str) -> None:
+        try:
+            await self._receive(image_id)
+        finally:
+            await self.background_settled()  # a failed upload is reset before the answer
+
+    async def _receive(self, image_id: str) -> None:
         if self._claimed is not None and not await self._read_claimed_body(self._claimed):
             return  # the client went away; on_connection_close abandoned the upload
         if self._finished:  # answered while the body was arriving (too large)
