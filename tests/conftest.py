@@ -25,6 +25,22 @@ from state.db import close_database
 
 pytest_plugins = ["tests.setup_guard"]  # a setup nanod on this host is left as it was
 
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figure() -> Any:
+    """`figure(line)`: a measured figure for the run's summary ("figures measured by the
+    tests", printed at the end whatever pytest captured): counts and ratios CI shows."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _FIGURES:
+        terminalreporter.section("figures measured by the tests")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
+
 ADMIN = "admin"
 ADMIN_PASSWORD = "Adm1nPassword"
 PG_URL = os.environ.get("NANO_TEST_POSTGRES", "")

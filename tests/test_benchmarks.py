@@ -74,7 +74,7 @@ def run_quick(name: str) -> tuple[int, str]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_benchmark_runs_at_its_quick_size(name: str) -> None:
+def test_benchmark_runs_at_its_quick_size(name: str, figure) -> None:
     code, out = run_quick(name)
     if code == CANNOT_RUN:
         reason = out.strip().splitlines()[-1]
@@ -83,3 +83,5 @@ def test_benchmark_runs_at_its_quick_size(name: str) -> None:
     assert code == 0, f"{name} --quick exited with {code}:\n{out[-3000:]}"
     missing = [pattern for pattern in EXPECTED[name] if not re.search(pattern, out)]
     assert not missing, f"{name} --quick did not print {missing}:\n{out[-3000:]}"
+    for pattern in EXPECTED[name]:
+        figure(f"{name} --quick: {re.search(pattern, out).group(0)}")

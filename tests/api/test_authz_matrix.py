@@ -244,7 +244,7 @@ async def channel_refused(w: MatrixWalker) -> None:
 
 
 @pytest.mark.gen_test(timeout=300)
-async def test_every_route_refuses_every_caller_it_must(server, tmp_path):
+async def test_every_route_refuses_every_caller_it_must(server, tmp_path, figure):
     table = routes(server.ctx)
     sockets = {pattern for pattern, handler, _ in table
                if issubclass(handler, tornado.websocket.WebSocketHandler)}
@@ -290,6 +290,7 @@ async def test_every_route_refuses_every_caller_it_must(server, tmp_path):
     # the expired session was refused as expired, not purged as unknown
     assert Session.select().where(Session.user == "matrix-expired").exists()
 
-    print(f"\nauthorization matrix: {len(w.tried)} (route, method, case) triples over "
-          f"{len(w.all_pairs())} (route, method) pairs, {w.requests} refused or filtered "
-          f"requests, each compared with a snapshot of the store")
+    database = server.settings["database"].split(":", 1)[0]
+    figure(f"authorization matrix ({database}): {len(w.tried)} (route, method, case) "
+           f"triples over {len(w.all_pairs())} (route, method) pairs, {w.requests} refused "
+           "or filtered requests, each compared with a snapshot of the store")

@@ -139,7 +139,7 @@ async def stop(api, gid: str) -> None:
 
 @pytest.mark.gen_test(timeout=180)
 async def test_a_hanging_cell_does_not_delay_a_power_change_elsewhere(
-        api, tmp_path, hanging_sshd, no_pools_left):
+        api, tmp_path, hanging_sshd, no_pools_left, figure):
     from tests.api.guest_helpers import guest_body
 
     await register(api, tmp_path, "fast", cpus=8, memory_gib=16)
@@ -175,8 +175,8 @@ async def test_a_hanging_cell_does_not_delay_a_power_change_elsewhere(
     await until(all_hanging, timeout=60, what="every hanging cell found hanging")
 
     during = await start_and_time(api, gid)
-    print(f"start of a guest on another cell: {before:.2f} s before, {during:.2f} s with "
-          f"{len(HUNG)} hanging cells and 2 workers (limit {LIMIT} s)")
+    figure(f"start of a guest beside hanging cells: {before:.2f} s before, {during:.2f} s "
+           f"with {len(HUNG)} hanging cells and 2 workers (libvirt limit {LIMIT} s)")
     assert during - before <= 1.0
     for name in HUNG:
         rec = await api.ok("GET", f"/cells/{name}")
