@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from reconciler import naming
-from reconciler.drivers import libvirt_hv
 from reconciler.cells import CellConnections, CellReconciler
 from reconciler.contract import Key
+from reconciler.drivers import libvirt_hv
 from reconciler.firewalls import FirewallReconciler
 from reconciler.guests import GuestReconciler
 from reconciler.images import ImageReconciler
