@@ -112,6 +112,14 @@ def test_a_tcg_domain_runs_inside_it(second_host: SecondHost) -> None:
         assert os.readlink(f"/proc/{qemu}/exe").startswith("/usr/bin/qemu-system-")
         assert os.readlink(f"/proc/{qemu}/ns/pid") == \
             os.readlink(f"/proc/{second_host.init_pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+        # its cgroups are its own (a cgroup namespace over a subtree of this host's), and
+        # live CPU tuning works there as on a real host
+        assert os.readlink(f"/proc/{qemu}/ns/cgroup") == \
+            os.readlink(f"/proc/{second_host.init_pid}/ns/cgroup")
+        assert f"/nano-second-host-{second_host.name}/machine/" in \
+            Path(f"/proc/{qemu}/cgroup").read_text()
+        dom.setSchedulerParameters({"cpu_shares": 512})
+        assert dom.schedulerParameters()["cpu_shares"] == 512
         # virtlockd holds the disk's lease (lock_manager = "lockd"): a lock on its inode
         if "virtlockd" in second_host.state.get("daemons", {}):
             lockd = second_host.host_pid(second_host.state["daemons"]["virtlockd"])
@@ -227,6 +235,7 @@ def test_up_twice_is_one_host_and_down_leaves_nothing(figure) -> None:
         assert state["netns"] in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                                 text=True).stdout
         assert Path(f"/sys/class/net/{state['veth']}").exists()
+        assert all(Path(g["path"]).is_dir() for g in state["cgroups"])
     finally:
         started = time.monotonic()
         done = first.down()
@@ -242,6 +251,7 @@ def test_up_twice_is_one_host_and_down_leaves_nothing(figure) -> None:
     assert not Path(f"/sys/class/net/{state['veth']}").exists()
     assert not Path(state["root"]).exists() and not Path(state["shared"]).exists()
     assert state["root"] not in Path("/proc/self/mountinfo").read_text()
+    assert state["cgroups"] and not any(Path(g["path"]).exists() for g in state["cgroups"])
     assert not (STATE_DIR / f"{name}.json").exists()
     again_down = run_script("down", "--name", name)
     assert again_down.returncode == 0 and "nothing to do" in again_down.stderr
