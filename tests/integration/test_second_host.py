@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -217,6 +219,22 @@ def _namespace_pids(ns_link: str) -> list[int]:
     return found
 
 
+def _assert_gone(name: str, state: dict, pid_ns: str) -> None:
+    """Nothing of the rig `state` describes is left: processes, netns, veth, mounts, temp
+    directories, cgroups, state file."""
+    assert _namespace_pids(pid_ns) == []
+    for pid in (state["init_pid"], state["unshare_pid"]):
+        assert not Path(f"/proc/{pid}").exists() or \
+            os.readlink(f"/proc/{pid}/ns/pid") != pid_ns
+    assert state["netns"] not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                text=True).stdout
+    assert not Path(f"/sys/class/net/{state['veth']}").exists()
+    assert not Path(state["root"]).exists() and not Path(state["shared"]).exists()
+    assert state["root"] not in Path("/proc/self/mountinfo").read_text()
+    assert state["cgroups"] and not any(Path(g["path"]).exists() for g in state["cgroups"])
+    assert not (STATE_DIR / f"{name}.json").exists()
+
+
 def test_up_twice_is_one_host_and_down_leaves_nothing(figure) -> None:
     why = unavailable()
     if why:
@@ -242,16 +260,43 @@ def test_up_twice_is_one_host_and_down_leaves_nothing(figure) -> None:
         down_seconds = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     figure(f"second host: up {up_seconds:.1f} s, down {down_seconds:.1f} s")
-    assert _namespace_pids(pid_ns) == []
-    for pid in (state["init_pid"], state["unshare_pid"]):
-        assert not Path(f"/proc/{pid}").exists() or \
-            os.readlink(f"/proc/{pid}/ns/pid") != pid_ns
-    assert state["netns"] not in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                                text=True).stdout
-    assert not Path(f"/sys/class/net/{state['veth']}").exists()
-    assert not Path(state["root"]).exists() and not Path(state["shared"]).exists()
-    assert state["root"] not in Path("/proc/self/mountinfo").read_text()
-    assert state["cgroups"] and not any(Path(g["path"]).exists() for g in state["cgroups"])
-    assert not (STATE_DIR / f"{name}.json").exists()
+    _assert_gone(name, state, pid_ns)
     again_down = run_script("down", "--name", name)
     assert again_down.returncode == 0 and "nothing to do" in again_down.stderr
+
+
+def test_a_killed_host_comes_up_anew_and_down_removes_both(second_host_name: str) -> None:
+    """SIGKILL to its init is the whole host dying (the kernel kills its PID namespace):
+    `status` says so, `up` removes the remains and starts a new one, `down` leaves nothing
+    of either."""
+    first = second_host_up(second_host_name)
+    dead_ns = os.readlink(f"/proc/{first.init_pid}/ns/pid")
+    os.kill(first.init_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _namespace_pids(dead_ns):
+        assert time.monotonic() < deadline, "its processes outlived its init"
+        time.sleep(0.1)
+    status = run_script("status", "--name", second_host_name)
+    assert '"running": false' in status.stdout
+    second = second_host_up(second_host_name)
+    try:
+        assert second.init_pid != first.init_pid
+        assert not Path(first.state["root"]).exists()  # the dead one's remains are gone
+        conn = libvirt.open(second.uri())
+        assert conn.getHostname() == f"nano-{second_host_name}"
+        conn.close()
+        live_ns = os.readlink(f"/proc/{second.init_pid}/ns/pid")
+    finally:
+        done = second.down()
+    assert done.returncode == 0, done.stderr
+    _assert_gone(second_host_name, second.state, live_ns)
+
+
+@pytest.fixture
+def second_host_name() -> Iterator[str]:
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    name = f"k{os.getpid() % 10000000}"
+    yield name
+    run_script("down", "--name", name)  # when the test failed half way
