@@ -1,6 +1,7 @@
 """Shared pieces of the real-libvirt tests: the `system` connection (skipped, saying why,
-where libvirtd does not answer) and the removal of what a test cell left on the local
-libvirtd (guest domains on the cell's pool, its volumes, the pool)."""
+where libvirtd does not answer), the `second_host` (tests/helpers/second_host.py) and the
+removal of what a test cell left on the local libvirtd (guest domains on the cell's pool,
+its volumes, the pool)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import libvirt
 import pytest
 
 from reconciler.naming import names
+from tests.helpers.second_host import second_host
+
+__all__ = ["default_network_as_found", "remove_cell_leftovers", "second_host", "system"]
 
 
 @pytest.fixture
