@@ -76,10 +76,11 @@ class SetupToken:
         finally:
             os.close(fd)
         os.replace(partial, path)
+        # the path, never the token: whoever reads the log must not be able to claim it
         log.warning(
             "no administrator yet: claim this nanod with POST /api/v1/system/ from this host, "
-            "or from another one with the header %s: %s (also in %s, mode 0600), or run "
-            "`nanod init`", HEADER, token.value, path)
+            "or from another one with the header %s set to the token in %s (mode 0600, "
+            "readable by root), or run `nanod init`", HEADER, path)
         return token
 
     def admit(self, request: HTTPServerRequest) -> None:

@@ -89,13 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         bound = server.listen(host, port)
-        ready = server.store.system_ready()
+        # an unclaimed nanod says how to claim it once, when it writes its setup token
         logging.getLogger("nano").info(
-            "nanod %s serving http://%s:%d/api/v1 (data in %s)%s", __version__, host, bound,
-            settings["data_dir"],
-            "" if ready else "; no administrator yet: run `nanod init --user NAME` "
-            "or POST /api/v1/system/",
-        )
+            "nanod %s serving http://%s:%d/api/v1 (data in %s)", __version__, host, bound,
+            settings["data_dir"])
         await server.serve_forever()
 
     asyncio.run(main())
