@@ -199,7 +199,11 @@ def build_seed_files(
         mounts: list[list[str]] = []
         for n, name in enumerate(data_disks, start=1):
             device = _device(name)
-            disk_setup[device] = {"table_type": "mbr", "layout": True, "overwrite": False}
+            # `layout: [100]` (one partition, the whole disk), never `layout: true`:
+            # cloud-init before 23.1 feeds sfdisk "0," for `true`, which sfdisk of
+            # util-linux 2.38 (Debian 12) refuses ("Start sector 0 out of range"), so the
+            # data disk stayed blank; [100] becomes ",,83", which every sfdisk takes
+            disk_setup[device] = {"table_type": "mbr", "layout": [100], "overwrite": False}
             fs_setup.append(
                 {
                     "label": _data_label(n),
