@@ -189,6 +189,22 @@ def test_sfdisk_takes_the_data_disk_layout_nano_asks_for(tmp_path: Path, layout:
     assert tuple(ours) == (100,)
 
 
+def test_data_disks_by_stable_path() -> None:
+    """The reconciler names data disks by their /dev/disk/by-id path (the serial nano
+    gives them), not by sdX: the guest's kernel may find them in another order."""
+    from reconciler.guest_xml import guest_disk_path
+
+    scsi, ide = guest_disk_path("scsi", 1), guest_disk_path("ide", 2)
+    assert scsi == "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_nano-disk1"
+    assert ide == "/dev/disk/by-id/ata-QEMU_HARDDISK_nano-disk2"
+    assert guest_disk_path("sata", 1) == "/dev/disk/by-id/ata-QEMU_HARDDISK_nano-disk1"
+    config = user_data(seed(data_disks=[scsi]))
+    assert list(config["disk_setup"]) == [scsi]
+    assert config["fs_setup"][0]["device"] == scsi and config["mounts"][0][0] == scsi
+    with pytest.raises(ValueError):
+        seed(data_disks=["/dev/disk/by-id/x y"])
+
+
 def test_meta_data() -> None:
     meta = yaml.safe_load(seed(instance_id="6f1c-guest", hostname="Web_01.")["meta-data"])
     assert meta == {"instance-id": "6f1c-guest", "local-hostname": "web-01"}
