@@ -32,9 +32,10 @@ BOUNDARY = "nano-realos-boundary"
 
 
 def guest_image() -> tuple[Path | None, str]:
-    """(path of the Debian guest image, "") or (None, why there is none). A cached image
-    is reused; otherwise scripts/build-guest-image builds it (about 2-3 minutes).
-    NANO_GUEST_IMAGE names a ready image instead."""
+    """(path of the Debian guest image, "") or (None, the capability this machine lacks
+    to build it). A cached image is reused; otherwise scripts/build-guest-image builds it
+    (about 2-3 minutes). NANO_GUEST_IMAGE names a ready image instead. A build that fails
+    raises RuntimeError with its error: that is a fault, not a missing capability."""
     given = os.environ.get("NANO_GUEST_IMAGE")
     if given:
         return (Path(given), "") if Path(given).is_file() else (
@@ -46,7 +47,7 @@ def guest_image() -> tuple[Path | None, str]:
     done = subprocess.run([str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=900)
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines or not Path(lines[-1]).is_file():
-        return None, f"scripts/build-guest-image failed: {done.stderr.strip()[-800:]}"
+        raise RuntimeError(f"scripts/build-guest-image failed: {done.stderr.strip()[-800:]}")
     return Path(lines[-1]), ""
 
 
