@@ -169,13 +169,11 @@ def _teardown(lab: Realos) -> None:
     for ns in lab.namespaces:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     lab.system.close()
-    # nanod's log of the last run stays for a look after a failure
-    shutil.copy(lab.workdir / "nanod.log", lab.workdir.parent / "realos-last-nanod.log")
     shutil.rmtree(lab.workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def realos() -> Iterator[Realos]:
+def realos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realos]:
     """nanod with the image uploaded and both guests created and started (they boot while
     the first checks wait for them)."""
     image, reason = guest_image()
@@ -197,7 +195,9 @@ def realos() -> Iterator[Realos]:
                        "probe_seconds": 1, "offline_after": 3, "guest_poll_seconds": 1},
         "limits": {"guest_ports": list(PORTS)}})
     port = free_port()
-    proc = serve_nanod(data, port, config, workdir / "nanod.log")
+    log = tmp_path_factory.mktemp("realos") / "nanod.log"  # kept by pytest, for a look
+    print(f"nanod's log: {log}")
+    proc = serve_nanod(data, port, config, log)
     nano = Nano(port)
     lab = Realos(nano, proc, system, workdir, image_id="")
     try:
