@@ -46,7 +46,7 @@ _ISO_NAMES = {
     NETWORK_CONFIG: "NETWORK_CONFIG.;1",
 }
 _USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-_DEVICE = re.compile(r"^(/dev/)?[a-z][a-z0-9]*$")
+_DEVICE = re.compile(r"^((/dev/)?[a-z][a-z0-9]*|/dev/disk/by-id/[A-Za-z0-9][A-Za-z0-9_.:-]*)$")
 _HOST_LABEL = re.compile(r"[^a-z0-9-]+")
 _SALT_CHARS = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _SALT = re.compile(r"^[./0-9A-Za-z]{1,16}$")
@@ -151,8 +151,8 @@ def build_seed_files(
     `admin_name` None or "root": root gets the password; otherwise that user is created
     with passwordless sudo and the password. `root_enabled` is the API's "allow root login
     via SSH" (`disable_root`, and sshd's PermitRootLogin when root is the admin).
-    `data_disks` are the guest's device names of the data disks in order (`sdb` or
-    `/dev/sdb`): each gets one partition with ext4 labelled `data`, `data2`, ... mounted
+    `data_disks` are the guest's device names of the data disks in order (`sdb`,
+    `/dev/sdb`, or a stable `/dev/disk/by-id/...` path: the reconciler gives those): each gets one partition with ext4 labelled `data`, `data2`, ... mounted
     at `data_path`, `data_path` + "2", ... (`nofail`: a missing disk never blocks boot).
     `network_config` is a cloud-init network config (version 1 or 2) as a dict.
 
@@ -199,7 +199,11 @@ def build_seed_files(
         mounts: list[list[str]] = []
         for n, name in enumerate(data_disks, start=1):
             device = _device(name)
-            disk_setup[device] = {"table_type": "mbr", "layout": True, "overwrite": False}
+            # `layout: [100]` (one partition, the whole disk), never `layout: true`:
+            # cloud-init before 23.1 feeds sfdisk "0," for `true`, which sfdisk of
+            # util-linux 2.38 (Debian 12) refuses ("Start sector 0 out of range"), so the
+            # data disk stayed blank; [100] becomes ",,83", which every sfdisk takes
+            disk_setup[device] = {"table_type": "mbr", "layout": [100], "overwrite": False}
             fs_setup.append(
                 {
                     "label": _data_label(n),
@@ -208,7 +212,8 @@ def build_seed_files(
                     "partition": "auto",
                 }
             )
-            # the whole disk: cloud-init mounts its first partition (every version)
+            # the whole disk: cloud-init mounts its first partition (`sdb1` of `sdb`; of a
+            # by-id path its `-part1` link, which cloud-init 22.x looks for)
             mounts.append(
                 [device, data_mount_path(mount_root, n), "ext4", "defaults,nofail", "0", "2"]
             )

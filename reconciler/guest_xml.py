@@ -306,6 +306,27 @@ def domain_uuid(guest_id: str) -> str:
         return str(uuid.uuid5(_UUID_NAMESPACE, guest_id))
 
 
+DISK_SERIAL = "nano-disk"
+"""Disk N carries serial `nano-diskN`: the guest's udev names it /dev/disk/by-id/...,
+a name that holds whatever order the guest's kernel found the disks in."""
+
+
+def disk_serial(index: int) -> str:
+    return f"{DISK_SERIAL}{index}"
+
+
+def guest_disk_path(bus: DiskBus | str, index: int) -> str:
+    """Where a Linux guest finds disk `index`: the /dev/disk/by-id link udev makes from
+    its serial (`scsi-0QEMU_QEMU_HARDDISK_<serial>` on virtio-scsi, `ata-QEMU_HARDDISK_
+    <serial>` on SATA and IDE). The sdX names follow the order the kernel probed the disks
+    in, not the domain's targets: a Debian guest on virtio-scsi came up with its data disk
+    as sda and its system disk as sdb."""
+    serial = disk_serial(index)
+    if DiskBus(bus) == DiskBus.SCSI:
+        return f"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_{serial}"
+    return f"/dev/disk/by-id/ata-QEMU_HARDDISK_{serial}"
+
+
 def disk_target(bus: DiskBus | str, index: int) -> str:
     """Target dev by bus and slot: sda.. for SCSI/SATA, hda.. for IDE (never vd*: the
     templates do not use virtio-blk)."""
@@ -462,6 +483,7 @@ def _disk_element(spec: DomainSpec, disk: DiskSpec) -> ET.Element:
     else:
         ET.SubElement(el, "source", file=disk.path)
     ET.SubElement(el, "target", dev=disk_target(bus, disk.index), bus=str(bus))
+    ET.SubElement(el, "serial").text = disk_serial(disk.index)
     limits = spec.iotune.limits()
     if limits:
         iotune = ET.SubElement(el, "iotune")

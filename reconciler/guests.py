@@ -57,6 +57,7 @@ from reconciler.guest_xml import (
     IoTune,
     disk_target,
     domain_name,
+    guest_disk_path,
     kib_per_sec,
     parse_domain_xml,
     render_cdrom_xml,
@@ -687,8 +688,7 @@ class GuestReconciler:
         ci = spec.get("cloud_init") or {}
         admin = spec.get("admin") or {}
         bus = (spec.get("template_spec") or {}).get("disk") or "scsi"
-        data = [disk_target("sata" if bus == "scsi" else bus, i)
-                for i in range(1, len(spec["disks"]))]
+        data = [guest_disk_path(bus, i) for i in range(1, len(spec["disks"]))]
         iso = build_seed_iso(
             instance_id=spec.get("instance_id") or desired.id,
             hostname=desired.name,

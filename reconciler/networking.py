@@ -12,8 +12,8 @@ What a cell gets for address pool P (ARCHITECTURE.md §4 networks):
 - libvirt network `nano-net-P` (`render_network_xml`; `nano` is the names prefix,
   reconciler/naming.py): the pool gateway with the pool's
   netmask on bridge `nanobr-<hash>`; `<dhcp>` with no range and one `<host>` per internal
-  address allocated to a guest interface (dnsmasq answers only those MACs); DNS forwarders
-  from the pool. Host entries follow guests live (`networkUpdate`), never by a restart.
+  address allocated to a guest interface (dnsmasq answers only those MACs); the pool's DNS
+  servers as dnsmasq's forwarders and, by DHCP, as the guests' DNS servers. Host entries follow guests live (`networkUpdate`), never by a restart.
   Forward mode is `route`, not `nat`: libvirt 9's `nat` mode rejects every new connection
   into the network in its own iptables chains, so no port forward could ever reach a
   guest; in `route` mode libvirt accepts traffic to the subnet and we masquerade outbound
@@ -157,6 +157,10 @@ def desired_network(view: Mapping[str, Any], uid: str) -> NetworkSpec:
     )
 
 
+DNSMASQ_NAMESPACE = "http://libvirt.org/schemas/network/dnsmasq/1.0"
+"""libvirt's namespace for options passed to a network's dnsmasq as they are."""
+
+
 def render_network_xml(spec: NetworkSpec) -> str:
     """Pure: the libvirt network XML of `spec` (see the module docstring)."""
     root = ET.Element("network")
@@ -172,6 +176,13 @@ def render_network_xml(spec: NetworkSpec) -> str:
             dns = ET.SubElement(root, "dns")
             for server in spec.dns:
                 ET.SubElement(dns, "forwarder", addr=server)
+            # DHCP names the pool's DNS servers to the guests, as the `cloudinit` provider's
+            # network-config does; without it dnsmasq names itself (the gateway) and a
+            # guest never shows the servers its pool says (seen in a Debian guest)
+            root.set("xmlns:dnsmasq", DNSMASQ_NAMESPACE)
+            options = ET.SubElement(root, "dnsmasq:options")
+            ET.SubElement(options, "dnsmasq:option",
+                          value="dhcp-option=option:dns-server," + ",".join(spec.dns))
         ip = ET.SubElement(root, "ip", address=spec.gateway, netmask=spec.netmask)
         dhcp = ET.SubElement(ip, "dhcp")  # no <range>: only the hosts below get an answer
         for host in spec.hosts:

@@ -147,8 +147,8 @@ def test_root_as_admin(admin: str | None) -> None:
 def test_data_disks_get_a_filesystem_each_and_mount_points() -> None:
     config = user_data(seed(data_disks=["sdb", "/dev/sdc"]))
     assert config["disk_setup"] == {
-        "/dev/sdb": {"table_type": "mbr", "layout": True, "overwrite": False},
-        "/dev/sdc": {"table_type": "mbr", "layout": True, "overwrite": False},
+        "/dev/sdb": {"table_type": "mbr", "layout": [100], "overwrite": False},
+        "/dev/sdc": {"table_type": "mbr", "layout": [100], "overwrite": False},
     }
     assert config["fs_setup"] == [
         {"label": "data", "filesystem": "ext4", "device": "/dev/sdb", "partition": "auto"},
@@ -162,6 +162,47 @@ def test_data_disks_get_a_filesystem_each_and_mount_points() -> None:
     assert custom["mounts"][0][1] == "/srv/data"
     assert not {"disk_setup", "fs_setup", "mounts"} & set(user_data(seed()))
     assert [data_mount_path("/d", n) for n in (1, 2, 3)] == ["/d", "/d2", "/d3"]
+
+
+# What cloud-init's cc_disk_setup (22.4, Debian 12) gives sfdisk for an MBR `layout`:
+# `true` -> "0,", a list [100] -> ",,83" (get_partition_mbr_layout).
+CLOUD_INIT_SFDISK_INPUT = {True: "0,", (100,): ",,83"}
+
+
+@pytest.mark.parametrize(("layout", "accepted"), [(True, False), ((100,), True)])
+def test_sfdisk_takes_the_data_disk_layout_nano_asks_for(tmp_path: Path, layout: Any,
+                                                         accepted: bool) -> None:
+    """The layout in nano's seed must survive the guest's sfdisk: run the input that
+    cloud-init 22.4 makes from it through this host's sfdisk (util-linux 2.38, as in
+    Debian 12) the way cloud-init does (`--Linux --unit=S --force`), on a blank file."""
+    if shutil.which("sfdisk") is None:
+        pytest.skip("sfdisk (util-linux/fdisk) is not installed here")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"")
+    with open(disk, "r+b") as fh:
+        fh.truncate(64 << 20)
+    done = subprocess.run(["sfdisk", "--Linux", "--unit=S", "--force", str(disk)],
+                          input=CLOUD_INIT_SFDISK_INPUT[layout] + "\n", text=True,
+                          capture_output=True)
+    assert (done.returncode == 0) is accepted, done.stderr
+    ours = user_data(seed(data_disks=["sdb"]))["disk_setup"]["/dev/sdb"]["layout"]
+    assert tuple(ours) == (100,)
+
+
+def test_data_disks_by_stable_path() -> None:
+    """The reconciler names data disks by their /dev/disk/by-id path (the serial nano
+    gives them), not by sdX: the guest's kernel may find them in another order."""
+    from reconciler.guest_xml import guest_disk_path
+
+    scsi, ide = guest_disk_path("scsi", 1), guest_disk_path("ide", 2)
+    assert scsi == "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_nano-disk1"
+    assert ide == "/dev/disk/by-id/ata-QEMU_HARDDISK_nano-disk2"
+    assert guest_disk_path("sata", 1) == "/dev/disk/by-id/ata-QEMU_HARDDISK_nano-disk1"
+    config = user_data(seed(data_disks=[scsi]))
+    assert list(config["disk_setup"]) == [scsi]
+    assert config["fs_setup"][0]["device"] == scsi and config["mounts"][0][0] == scsi
+    with pytest.raises(ValueError):
+        seed(data_disks=["/dev/disk/by-id/x y"])
 
 
 def test_meta_data() -> None:

@@ -220,6 +220,8 @@ def test_disks_and_cdroms_by_bus(
     assert file_.get("type") == "file"
     assert file_.find("source").get("file") == "/var/lib/nano/data.qcow2"  # type: ignore[union-attr]
     assert all(d.find("driver").get("type") == "qcow2" for d in disks)  # type: ignore[union-attr]
+    # a serial each: the guest finds disk N at /dev/disk/by-id/...nano-diskN
+    assert [d.findtext("serial") for d in disks] == ["nano-disk0", "nano-disk1"]
     assert [d.find("target").attrib for d in drives] == [  # type: ignore[union-attr]
         {"dev": cdroms[0], "bus": cdrom_bus},
         {"dev": cdroms[1], "bus": cdrom_bus},

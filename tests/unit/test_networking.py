@@ -182,6 +182,12 @@ def test_render_has_no_range_one_host_per_allocation_and_our_mark():
     assert [(h.get("mac"), h.get("ip")) for h in ip.findall("dhcp/host")] == [
         (MAC1, "10.1.0.10"), (MAC2, "10.1.0.11")]
     assert [f.get("addr") for f in root.findall("dns/forwarder")] == ["192.0.2.53"]
+    # DHCP gives guests the pool's DNS servers, not the gateway's dnsmasq
+    dnsmasq = "{http://libvirt.org/schemas/network/dnsmasq/1.0}"
+    assert [o.get("value") for o in root.findall(f"{dnsmasq}options/{dnsmasq}option")] == [
+        "dhcp-option=option:dns-server,192.0.2.53"]
+    without = ET.fromstring(render_network_xml(desired_network(view(dns=[]), "u1")))
+    assert without.find(f"{dnsmasq}options") is None
     mark = root.find("metadata/{https://nano.cloud/xmlns/network/1}network")
     assert mark.get("address_pool") == "office" and mark.get("uid") == "u1"
 
