@@ -2,9 +2,9 @@
 what, from where), appended by a single thread in batches, so that no request writes to
 the database on the IOLoop and audit entries never queue for the write lock one by one.
 
-`NanoHandler.on_finish` hands the entry over (`add`, which never waits); `GET /logs/`
-calls `flush` first, so a client reads every entry of the changes it saw answered; nanod's
-shutdown (`close`) writes the last ones.
+`NanoHandler.on_finish` hands the entry over (`add`, which never waits, except after nanod
+began to stop: then it writes at once); `GET /logs/` calls `flush` first, so a client reads
+every entry of the changes it saw answered; nanod's shutdown (`close`) writes the last ones.
 """
 
 from __future__ import annotations
@@ -38,10 +38,15 @@ class AuditWriter:
 
     def add(self, content: str, *, user: str, address: str, resource: str) -> None:
         """Append an entry soon (never waits; never a secret in `content`)."""
-        if self._closed:
-            raise RuntimeError("the audit writer is closed: nanod is stopping")
+        line = LogLine(content, user, address, resource)
+        if self._closed:  # a request that ends while nanod stops: written at once
+            try:
+                self._sink.add_logs([line])
+            except Exception:
+                log.exception("cannot write an audit log entry at shutdown")
+            return
         self._ensure_thread()
-        self._queue.put(LogLine(content, user, address, resource))
+        self._queue.put(line)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every entry added before this call is written (blocks: call it off

@@ -214,7 +214,10 @@ class IdentityStore:
             timeout=timeout,
             expires=expires,
         )
-        return self._session_info(token, handle, user, row.group_id or "", address, timeout, expires)
+        info = self._session_info(token, handle, user, row.group_id or "", address, timeout,
+                                  expires)
+        self._session_cache[token] = (time.monotonic(), info)  # its first request: no read
+        return info
 
     # Authenticated reads are the hot path (the portal polls every second): a session is
     # read from the database at most once per SESSION_CACHE_SECONDS per process. Changes to

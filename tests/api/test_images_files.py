@@ -208,9 +208,9 @@ async def test_progress_of_a_first_upload_and_reset_when_cut_off(api, server, se
                                     f"Content-Length: {len(body)}\r\n") + body[:quarter])
     await asyncio.sleep(0.6)
     await stream.write(body[quarter:quarter + 4096])
-    for _ in range(100):
+    for _ in range(100):  # progress is written in the background: it arrives soon
         reply = await api.call("GET", f"/disk_images/{image_id}")
-        if reply.data["progress"] > 0:
+        if reply.data["progress"] >= 20:
             break
         await asyncio.sleep(0.05)
     assert reply.status == 202 and reply.data["created"] is False
