@@ -306,6 +306,11 @@ class GuestReconciler:
         link = self.connections.link(cell)
         drv = LibvirtGuests(link.hypervisor)
         place = placement_of(desired, cell)
+        job = self.long.running_for(key)
+        if job is not None:
+            # its volumes are being made: observed now, they would look half there (a copy
+            # still allocating is not a disk to grow); the job's end wakes this guest
+            return self._long_work_running(desired, job.describe())
         if desired.deleting:
             return self._delete(desired, drv, place)
         if desired.observed.get("failed_generation") == desired.generation:
@@ -910,6 +915,12 @@ class GuestReconciler:
             "bytes_read": stats.block_read_bytes, "bytes_written": stats.block_write_bytes,
             "bytes_received": stats.net_rx_bytes, "bytes_sent": stats.net_tx_bytes,
         }
+
+    def _long_work_running(self, desired: Any, what: str) -> Result:
+        conditions = set_condition(list(self.store.guest_conditions(desired.id)), READY, False,
+                                   "LongWorkRunning", what, now_text())
+        self.store.record_guest_observed(desired.id, conditions=conditions)
+        return Result(requeue_after=5.0, note=what)
 
     def _blocked(self, desired: Any, plan: GuestPlan, conditions: list[dict]) -> Result:
         """Something the guest needs cannot be had (a capability of the cell, a lost disk):

@@ -98,6 +98,12 @@ class LongWork:
         assert job.future is not None
         return job.future.result()  # the job's error, raised here once
 
+    def running_for(self, owner: Key) -> Job | None:
+        """A job of `owner` queued or running, if any."""
+        with self._lock:
+            return next((j for j in self._jobs.values()
+                         if j.owner == owner and j.ended_at is None), None)
+
     def running(self) -> list[Job]:
         """Jobs queued or running (for status and tests)."""
         with self._lock:

@@ -107,3 +107,15 @@ def test_a_stuck_thread_does_not_keep_the_process_from_exiting():
                           timeout=20, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "leaving"
+
+
+def test_the_job_of_an_owner_is_known_while_it_runs():
+    lane = LongWork(lambda key: None, workers=1)
+    gate = threading.Event()
+    other = Key("guest", "g2")
+    with pytest.raises(InProgress):
+        lane.run(OWNER, "copy", "copy a volume", lambda report: gate.wait(5))
+    assert lane.running_for(OWNER).job_id == "copy"
+    assert lane.running_for(other) is None
+    gate.set()
+    wait_for(lambda: lane.running_for(OWNER) is None)
