@@ -6,12 +6,13 @@ its volumes, the pool)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import libvirt
 import pytest
 
 from reconciler.naming import names
+from tests.conftest import TEST_NAMES_PREFIX
 from tests.helpers.second_host import second_host
 
 __all__ = ["default_network_as_found", "remove_cell_leftovers", "second_host", "system"]
@@ -54,6 +55,23 @@ def remove_cell_leftovers(conn: libvirt.virConnect, pool_name: str) -> None:
             time.sleep(0.5)
     # left behind, the pool would keep the next test's cell from converging
     raise AssertionError(f"cannot remove storage pool {pool_name}: {last}")
+
+
+def remove_cell_pools(cells: Iterable[str]) -> None:
+    """Remove the (empty) local storage pools of the tests' cells `cells` from the real
+    libvirtd, once their reconciler has stopped (else it would make them again)."""
+    conn = libvirt.open("qemu:///system")
+    try:
+        for name in (f"{TEST_NAMES_PREFIX}-{cell}" for cell in cells):
+            try:
+                pool = conn.storagePoolLookupByName(name)
+            except libvirt.libvirtError:
+                continue
+            if pool.isActive():
+                pool.destroy()
+            pool.undefine()
+    finally:
+        conn.close()
 
 
 @pytest.fixture(autouse=True)

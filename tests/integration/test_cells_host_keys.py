@@ -25,9 +25,9 @@ import pytest
 from reconciler.drivers.libvirt_hv import LibvirtHypervisor
 from state.errors import Unavailable
 from tests.api.test_compute import register, until
-from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.conftest import reconciling
 from tests.helpers.sshd import SSHD, SshServer, host_key_fingerprint, start_sshd
+from tests.integration.conftest import remove_cell_pools
 
 pytestmark = pytest.mark.integration
 
@@ -64,18 +64,7 @@ def pools(server) -> Iterator[None]:
     yield
     if server.controller:
         server.controller.stop(10.0)
-    conn = libvirt.open("qemu:///system")
-    try:
-        for name in (f"{PREFIX}-{cell}" for cell in CELLS):
-            try:
-                pool = conn.storagePoolLookupByName(name)
-            except libvirt.libvirtError:
-                continue
-            if pool.isActive():
-                pool.destroy()
-            pool.undefine()
-    finally:
-        conn.close()
+    remove_cell_pools(CELLS)
 
 
 def cell_body(sshd: SshServer, tmp_path: Path, name: str, **ssh: str) -> dict:

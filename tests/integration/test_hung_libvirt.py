@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import libvirt
 import pytest
 
 from reconciler.drivers import libvirt_hv
@@ -30,9 +29,9 @@ from reconciler.drivers.libvirt_hv import LibvirtHypervisor
 from state.db import close_database
 from state.errors import Unavailable
 from tests.api.test_compute import register, until
-from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.conftest import reconciling
 from tests.helpers.sshd import SSHD, SshServer, start_sshd
+from tests.integration.conftest import remove_cell_pools
 
 pytestmark = pytest.mark.integration
 
@@ -111,21 +110,7 @@ def no_pools_left(server) -> Iterator[None]:
     yield
     if server.controller:
         server.controller.stop(10.0)
-    try:
-        conn = libvirt.open("qemu:///system")
-    except libvirt.libvirtError:
-        return
-    try:
-        for name in (f"{PREFIX}-{cell}" for cell in HUNG):
-            try:
-                pool = conn.storagePoolLookupByName(name)
-            except libvirt.libvirtError:
-                continue
-            if pool.isActive():
-                pool.destroy()
-            pool.undefine()
-    finally:
-        conn.close()
+    remove_cell_pools(HUNG)
 
 
 async def start_and_time(api, gid: str) -> float:
