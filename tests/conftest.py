@@ -135,6 +135,14 @@ def database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     close_database()
 
 
+def sqlite_only(tmp_path: Any) -> Iterator[str]:
+    """For a module whose tests are about threads, cells or SQLite itself, not the store's
+    backends: `database = pytest.fixture(name="database")(sqlite_only)` runs them on SQLite
+    only (the PostgreSQL variants of the store run in tests/api and tests/state)."""
+    yield "sqlite:///" + str(tmp_path / "nano.db")
+    close_database()
+
+
 @pytest.fixture
 def settings(tmp_path: Any, database: str) -> dict[str, Any]:
     return config.load(None, config.merge(TEST_SETTINGS, {

@@ -404,3 +404,14 @@ async def teardown(w: Walker, made: dict[str, str]) -> None:
     await w.nothing("DELETE", "/users/walker")
     await w.nothing("DELETE", "/user_groups/walkers")
     await w.nothing("DELETE", "/roles/walk")
+
+
+async def scripted_pass(w: Walker, tmp_path: Any) -> None:
+    """Every phase of the scripted pass, in order, from the claim to the teardown."""
+    await claim(w)
+    await identity(w)
+    await compute(w)
+    made = await images(w, tmp_path)
+    await templates_and_policies(w)
+    await guests(w, made)
+    await teardown(w, made)

@@ -18,17 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.route_walk import (
-    Walker,
-    claim,
-    compute,
-    fill,
-    guests,
-    identity,
-    images,
-    teardown,
-    templates_and_policies,
-)
+from tests.api.route_walk import Walker, fill, scripted_pass
 
 # -- the test -----------------------------------------------------------------------------------
 
@@ -36,13 +26,7 @@ from tests.api.route_walk import (
 @pytest.mark.gen_test(timeout=60)
 async def test_every_route_answers_the_three_keys(server, tmp_path):
     w = Walker(server)
-    await claim(w)
-    await identity(w)
-    await compute(w)
-    made = await images(w, tmp_path)
-    await templates_and_policies(w)
-    await guests(w, made)
-    await teardown(w, made)
+    await scripted_pass(w, tmp_path)
 
     # the success paths reached, each with data "" (not only 404s)
     expected_nothing = {

@@ -22,18 +22,9 @@ from typing import Any
 
 import pytest
 
-from state.db import close_database, db
-from tests.api.route_walk import (
-    Walker,
-    claim,
-    compute,
-    fill,
-    guests,
-    identity,
-    images,
-    teardown,
-    templates_and_policies,
-)
+from state.db import db
+from tests.api.route_walk import Walker, fill, scripted_pass
+from tests.conftest import sqlite_only
 
 
 @contextmanager
@@ -62,13 +53,7 @@ def sql_on_this_thread(during: Callable[[], str]) -> Iterator[list[tuple[str, st
 async def test_no_route_runs_sql_on_the_ioloop(server, tmp_path):
     w = Walker(server)
     with sql_on_this_thread(lambda: w.current) as on_loop:
-        await claim(w)
-        await identity(w)
-        await compute(w)
-        made = await images(w, tmp_path)
-        await templates_and_policies(w)
-        await guests(w, made)
-        await teardown(w, made)
+        await scripted_pass(w, tmp_path)
         w.phase = "sweep"
         for pattern, method in w.all_pairs():
             if (pattern, method) not in w.seen:
@@ -80,11 +65,7 @@ async def test_no_route_runs_sql_on_the_ioloop(server, tmp_path):
 # -- a held write lock ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def database(tmp_path: Path) -> Iterator[str]:
-    """SQLite only: its write lock (and busy_timeout) is what a route could wait on."""
-    yield "sqlite:///" + str(tmp_path / "nano.db")
-    close_database()
+database = pytest.fixture(name="database")(sqlite_only)  # threads, not backends
 
 
 @contextmanager

@@ -26,10 +26,9 @@ import pytest
 
 from reconciler.drivers import libvirt_hv
 from reconciler.drivers.libvirt_hv import LibvirtHypervisor
-from state.db import close_database
 from state.errors import Unavailable
 from tests.api.test_compute import register, until
-from tests.conftest import reconciling
+from tests.conftest import reconciling, sqlite_only
 from tests.helpers.sshd import SSHD, SshServer, start_sshd
 from tests.integration.conftest import remove_cell_pools
 
@@ -87,12 +86,7 @@ def test_a_hanging_cell_answers_unavailable_in_time_and_then_at_once(hanging_ssh
 # -- through nanod ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def database(tmp_path):
-    """SQLite only: what this shows is about threads and cells, not the database (the
-    PostgreSQL variants of the store run in tests/api and tests/state)."""
-    yield "sqlite:///" + str(tmp_path / "nano.db")
-    close_database()
+database = pytest.fixture(name="database")(sqlite_only)  # threads, not backends
 
 
 @pytest.fixture

@@ -12,10 +12,9 @@ import subprocess
 
 import pytest
 
-from state.db import close_database
 from tests.api.test_compute import until
 from tests.api.test_images import create, sha1, upload
-from tests.conftest import reconciling
+from tests.conftest import reconciling, sqlite_only
 from tests.integration.test_guests_real import (  # noqa: F401  (fixtures)
     cell,
     created,
@@ -28,12 +27,7 @@ MiB = 1 << 20
 BIG = 1024 * MiB
 
 
-@pytest.fixture
-def database(tmp_path):
-    """SQLite only: what this shows is about threads and cells, not the database (the
-    PostgreSQL variants of the store run in tests/api and tests/state)."""
-    yield "sqlite:///" + str(tmp_path / "nano.db")
-    close_database()
+database = pytest.fixture(name="database")(sqlite_only)  # threads, not backends
 
 
 @pytest.fixture
