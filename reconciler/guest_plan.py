@@ -196,6 +196,7 @@ class GuestWant:
     running_spec: DomainSpec
     volumes: tuple[VolumeWant, ...]
     seed_volume: str
+    seed_digest: str = ""       # digest of the seed the spec asks for ("" = not compared)
     media_volume: str = ""      # the media image volume when media is wanted
     network: str | None = None  # libvirt network its NIC needs
     snapshots: tuple[tuple[str, str, bool], ...] = ()  # (name, description, deleting)
@@ -366,6 +367,12 @@ class _Planner:
                 self.w.seed_volume not in self.o.volumes:
             self.add(Do.WRITE_SEED, Effect.LIVE, "modules", "cloud-init seed ISO",
                      volume=self.w.seed_volume)
+        elif self.w.seed_digest and self.w.seed_volume in self.o.volumes and \
+                self.rec.get("seed_digest") != self.w.seed_digest and \
+                not self._reset_pending():
+            self.add(Do.WRITE_SEED, Effect.LIVE, "modules",
+                     "cloud-init seed ISO out of date (name, admin, disks or addresses "
+                     "changed since it was written)", volume=self.w.seed_volume)
         self._media_image()
         self.add(Do.DEFINE, Effect.LIVE, "domain",
                  "define the domain again" if created_before else "define the domain",
@@ -467,6 +474,12 @@ class _Planner:
                 self.drift.append(f"the cloud-init seed {self.w.seed_volume} vanished")
             self.add(Do.WRITE_SEED, Effect.LIVE, "modules", "cloud-init seed ISO",
                      volume=self.w.seed_volume)
+        elif self.w.seed_digest and self.w.seed_volume in self.o.volumes and \
+                self.rec.get("seed_digest") != self.w.seed_digest and \
+                not self._reset_pending():
+            self.add(Do.WRITE_SEED, Effect.LIVE, "modules",
+                     "cloud-init seed ISO out of date (name, admin, disks or addresses "
+                     "changed since it was written)", volume=self.w.seed_volume)
         self._media_image()
 
     def _media_image(self) -> None:

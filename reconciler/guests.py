@@ -14,6 +14,8 @@ the planner's input and is pure too, so a dry run (`dry_run_fields`) needs no ce
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import datetime as dt
 import logging
 import time
@@ -195,10 +197,11 @@ class ImageNeed:
 
 
 def guest_want(desired: Any, place: Placement, *, max_cores: int, images: dict[str, Any],
-               paths: Callable[[str], str], now: float, stop_grace_seconds: float
-               ) -> tuple[GuestWant, list[ImageNeed]]:
+               paths: Callable[[str], str], now: float, stop_grace_seconds: float,
+               seed_digest: str = "") -> tuple[GuestWant, list[ImageNeed]]:
     """Pure: the planner's input for a stored guest. `images` maps image id -> its current
-    source ({version, ...}) or None; `paths` gives a volume's path on the cell."""
+    source ({version, ...}) or None; `paths` gives a volume's path on the cell;
+    `seed_digest` is the digest of the seed ISO the guest should carry ("" not compared)."""
     spec, rec = desired.spec, desired.observed
     needs: list[ImageNeed] = []
 
@@ -246,6 +249,7 @@ def guest_want(desired: Any, place: Placement, *, max_cores: int, images: dict[s
         generation=desired.generation, observed_generation=desired.observed_generation,
         config=config, running_spec=build(running_media) if running_media != media_volume
         else config, volumes=tuple(volumes), seed_volume=seed_volume(desired.id),
+        seed_digest=seed_digest if seed else "",
         media_volume=running_media or media_volume, network=network,
         snapshots=tuple((s.name, s.description, s.deleting) for s in desired.snapshots),
         deleting=desired.deleting, now=now, stop_grace_seconds=stop_grace_seconds)
@@ -380,7 +384,8 @@ class GuestReconciler:
             return f"{pool_path[0]}/{volume}"
 
         return guest_want(desired, place, max_cores=self.max_cores, images=images, paths=path,
-                          now=time.time(), stop_grace_seconds=self.stop_grace_seconds)
+                          now=time.time(), stop_grace_seconds=self.stop_grace_seconds,
+                          seed_digest=self._seed(desired)[1])
 
     def _observe(self, desired: Any, want: GuestWant, needs: list[ImageNeed], drv: Any,
                  place: Placement, cell: CellSpec) -> ObservedGuest:
@@ -483,7 +488,7 @@ class GuestReconciler:
             else:
                 create()
         elif do is Do.WRITE_SEED:
-            self._write_seed(desired, drv, place)
+            record(gid, observed={"seed_digest": self._write_seed(desired, drv, place)})
         elif do is Do.DEFINE:
             spec: DomainSpec = args["spec"]
             drv.define(render_domain_xml(spec))
@@ -502,10 +507,11 @@ class GuestReconciler:
                 drv.delete_volume(place.pool, args["volume"])
                 drv.create_volume(place.pool, args["volume"], int(args["size"]),
                                   backing=args["backing"] or None)
-                if args.get("seed"):
-                    self._write_seed(desired, drv, place)  # new instance id: cloud-init again
-                record(gid, observed={"system_reset_generation": args["generation"],
-                                      "instance_id": desired.spec.get("instance_id", "")})
+                facts = {"system_reset_generation": args["generation"],
+                         "instance_id": desired.spec.get("instance_id", "")}
+                if args.get("seed"):  # new instance id: cloud-init again
+                    facts["seed_digest"] = self._write_seed(desired, drv, place)
+                record(gid, observed=facts)
 
             self.long.run(owner, f"guest/{gid}/reset/{args['generation']}",
                           f"reset the system disk of {desired.name}", reset)
@@ -685,26 +691,36 @@ class GuestReconciler:
         return self.long.run(owner, f"send/{cell.name}/{place.pool}/{name}",
                              f"send {kind} image {image_id} to cell {cell.name}", send)
 
-    def _write_seed(self, desired: Any, drv: Any, place: Placement) -> None:
-        """Build the guest's cloud-init seed ISO and write it as its seed volume. The
-        password goes in as a SHA-512 crypt hash (reconciler/cloudinit.py), never in clear:
-        the ISO sits in the cell's storage pool and stays attached to the guest."""
+    def _seed(self, desired: Any) -> tuple[dict[str, Any], str]:
+        """What the guest's cloud-init seed ISO is built from (build_seed_iso's arguments)
+        and its digest. The digest names the admin password by its generation, never by
+        its value, so the recorded digest says nothing about the password."""
         spec = desired.spec
         ci = spec.get("cloud_init") or {}
         admin = spec.get("admin") or {}
         bus = (spec.get("template_spec") or {}).get("disk") or "scsi"
-        data = [guest_disk_path(bus, i) for i in range(1, len(spec["disks"]))]
-        iso = build_seed_iso(
+        inputs = dict(
             instance_id=spec.get("instance_id") or desired.id,
             hostname=desired.name,
             admin_name=admin.get("user") or ci.get("admin_name") or None,
-            admin_password=desired.admin_password,
             root_enabled=bool(ci.get("root_enabled", True)),
-            data_disks=data,
+            data_disks=[guest_disk_path(bus, i) for i in range(1, len(spec["disks"]))],
             data_path=ci.get("data_path") or "/opt/data",
             network_config=self.store.guest_network_config(desired.id),
         )
+        digest = hashlib.sha256(json.dumps(
+            {**inputs, "admin_generation": admin.get("generation", 0)}, sort_keys=True
+        ).encode()).hexdigest()[:32]
+        return inputs, digest
+
+    def _write_seed(self, desired: Any, drv: Any, place: Placement) -> str:
+        """Build the guest's cloud-init seed ISO, write it as its seed volume and return
+        its digest. The password goes in as a SHA-512 crypt hash (reconciler/cloudinit.py),
+        never in clear: the ISO sits in the cell's storage pool and stays attached."""
+        inputs, digest = self._seed(desired)
+        iso = build_seed_iso(admin_password=desired.admin_password, **inputs)
         drv.write_volume(place.pool, seed_volume(desired.id), iso)
+        return digest
 
     def _shrink(self, desired: Any, drv: Any, place: Placement, index: int) -> None:
         """Compact a qcow2 disk on the cell with `qemu-img convert` (argv, no shell)."""

@@ -441,3 +441,23 @@ def test_guest_want_names_every_volume_and_refuses_a_missing_image() -> None:
         guest_want(dataclasses.replace(guest, spec={**guest.spec, "from_image": "gone"}),
                    PLACE, max_cores=24, images={}, paths=str, now=0.0,
                    stop_grace_seconds=60.0)
+
+
+def test_a_seed_written_from_an_older_spec_is_written_again() -> None:
+    """The seed on the cell was written for another admin password generation (a pass
+    that read the guest before `PUT /guests/{id}/auth`): present is not enough, the seed
+    is written again, live, and the guest is not Ready until it is."""
+    guest = changed(stored(modules=["cloud-init"]), bump=False,
+                    recorded={"seed_digest": "digest-of-generation-0"})
+    cell = converged_cell(guest)
+
+    def planned(digest: str) -> GuestPlan:
+        want = dataclasses.replace(want_of(guest)[0], seed_digest=digest)
+        return plan_guest(want, cell)
+
+    assert planned("digest-of-generation-0").converged
+    stale = planned("digest-of-generation-1")
+    assert kinds(stale) == [Do.WRITE_SEED]
+    assert stale.actions[0].effect is Effect.LIVE and "out of date" in stale.actions[0].reason
+    assert ready_reason(stale)[0] is False
+    assert planned("").converged  # no digest to compare (a dry run): nothing claimed
