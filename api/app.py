@@ -18,6 +18,7 @@ from api import (
     guests,
     identity,
     images,
+    migrations,
     networks,
     policies,
     status,
@@ -27,7 +28,7 @@ from api.base import AppContext, NotFoundHandler
 
 PREFIX = "/api/v1"
 MODULES = [identity, compute, images, networks, policies, guests, templates, batches, status,
-           console]
+           console, migrations]
 
 
 def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:

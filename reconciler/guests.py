@@ -14,9 +14,9 @@ the planner's input and is pure too, so a dry run (`dry_run_fields`) needs no ce
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
-import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -68,6 +68,7 @@ from reconciler.guest_xml import (
     serial_log_path,
 )
 from reconciler.longwork import InProgress, LongWork, Report
+from reconciler.migration import GuestMover
 from reconciler.naming import names
 from state.compute import CellSpec
 from state.errors import Invalid, NanoError, NotFound, Permanent, Unavailable
@@ -285,6 +286,8 @@ class GuestReconciler:
         self.stop_grace_seconds = stop_grace_seconds
         self.sign_of_life_seconds = sign_of_life_seconds
         self._cpu: dict[str, tuple[float, int]] = {}  # guest -> (when, cpu time ns)
+        # a guest with an active migration moves instead (reconciler/migration.py)
+        self.mover = GuestMover(store, connections, self.long, enqueue)
 
     def keys(self) -> Iterable[Key]:
         return [Key("guest", gid) for gid in self.store.guest_ids()]
@@ -300,6 +303,12 @@ class GuestReconciler:
         if desired is None:
             self._cpu.pop(key.id, None)
             return Result()
+        move = self.store.guest_move(key.id)
+        if move is not None:
+            if not desired.deleting:
+                return self.mover.step(desired, move)
+            self.store.record_move(desired.id, move, phase="failed", percent=100, done=True,
+                                   error="the guest was deleted before it moved")
         cell = self.store.cell_spec(desired.cell)
         if cell is None:
             return self._cell_gone(desired)

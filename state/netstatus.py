@@ -197,11 +197,13 @@ class NetStatusStore:
     # -- what the firewall reconciler renders -------------------------------------------------
 
     def firewall_guests(self, cell: str) -> list[dict[str, Any]]:
-        """The guests placed on `cell` that have a security policy of their own and are not
-        being deleted: [{id, name, default_action, rules, macs: {internal|external: mac}}],
+        """The guests placed on (or moving to) `cell` that have a security policy of their
+        own and are not being deleted: [{id, name, default_action, rules, macs: {internal|external: mac}}],
         by id. Guests without a policy row are left alone (no chain at all)."""
+        # guests moving here get theirs before they arrive (state/migrations.py)
+        here = (Guest.cell == cell) | Guest.id.in_(self.guests_moving_to(cell))  # type: ignore[attr-defined]
         rows = list(GuestPolicy.select(GuestPolicy, Guest.id, Guest.name)
-                    .join(Guest).where((Guest.cell == cell) & (Guest.deleting == False))  # noqa: E712
+                    .join(Guest).where(here & (Guest.deleting == False))  # noqa: E712
                     .order_by(Guest.id))
         ids = [r.guest.id for r in rows]
         macs: dict[str, dict[str, str]] = {}

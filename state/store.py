@@ -14,6 +14,7 @@ from state.console import ConsoleStore
 from state.guest_changes import GuestChangeStore
 from state.identity import IdentityStore
 from state.images import ImageStore
+from state.migrations import MigrationStore
 from state.netconfig import NetConfigStore
 from state.netstatus import NetStatusStore
 from state.networks import NetworkStore
@@ -28,7 +29,7 @@ from state.templates import TemplateStore
 # NetStatusStore first: its record_cell wraps ComputeStore's (see state/netstatus.py)
 class Store(CloneStore, PoolStatusStore, NetStatusStore, IdentityStore, ComputeStore, ImageStore, NetworkStore,
             GuestChangeStore, SnapshotStore, TemplateStore, BatchStore, StatusStore, ReplicaStore,
-            ConsoleStore, NetConfigStore):
+            ConsoleStore, NetConfigStore, MigrationStore):
     """Facade over the database opened by `state.db.open_database`."""
 
     def __init__(self, *, session_timeout: int = 180, limits: dict | None = None,

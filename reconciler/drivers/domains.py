@@ -114,11 +114,15 @@ class LibvirtGuests:
 
     # -- domains -------------------------------------------------------------------------
 
-    def domain_xml(self, name: str, *, inactive: bool = False) -> str | None:
-        """The domain's XML with secrets (VNC password), or None when it does not exist."""
+    def domain_xml(self, name: str, *, inactive: bool = False,
+                   migratable: bool = False) -> str | None:
+        """The domain's XML with secrets (VNC password), or None when it does not exist;
+        `migratable`: as a migration's destination XML must start from."""
         flags = libvirt.VIR_DOMAIN_XML_SECURE
         if inactive:
             flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
+        if migratable:
+            flags |= libvirt.VIR_DOMAIN_XML_MIGRATABLE
         try:
             return self._call(f"read domain {name}",
                               lambda c: self._dom(c, name).XMLDesc(flags))
@@ -142,6 +146,23 @@ class LibvirtGuests:
             return None
         text = SHUTOFF_REASONS.get(reason, "unknown") if st == libvirt.VIR_DOMAIN_SHUTOFF else ""
         return STATE_NAMES.get(st, "nostate"), text
+
+    def presence(self, name: str) -> tuple[str, bool] | None:
+        """(state, persistent) of a domain, or None when the cell has no such domain."""
+        try:
+            st, persistent = self._call(f"state of {name}", lambda c: (
+                lambda d: (d.state()[0], bool(d.isPersistent())))(self._dom(c, name)))
+        except NotFound:
+            return None
+        return STATE_NAMES.get(st, "nostate"), persistent
+
+    def migrating(self, name: str) -> bool:
+        """Whether libvirt runs a job (a migration) on the domain right now."""
+        try:
+            kind = self._call(f"job of {name}", lambda c: self._dom(c, name).jobInfo()[0])
+        except NotFound:
+            return False
+        return kind not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED)
 
     def define(self, xml: str) -> None:
         name = ET.fromstring(xml).findtext("name") or ""
