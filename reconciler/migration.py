@@ -121,17 +121,20 @@ def plan_move(seen: Seen) -> Plan:
     return Plan(Step.DEFINE_TARGET, "define the guest on the target cell", "cold")
 
 
-def retarget_xml(xml: str, paths: dict[str, str]) -> str:
-    """The domain XML with each disk file under a directory of `paths` (source pool path
-    -> target pool path) moved to the other directory; everything else as it is."""
+def retarget_xml(xml: str, pools: dict[str, str], paths: dict[str, str]) -> str:
+    """The domain XML with its disks moved from each storage pool of `pools` (source pool
+    name -> target pool name; `<source pool=... volume=...>` disks) and each directory of
+    `paths` (source pool path -> target pool path; `<source file=...>` disks) to the other;
+    everything else as it is."""
     root = ET.fromstring(xml)
     for source in root.iterfind("./devices/disk/source"):
-        file = source.get("file")
-        if not file:
-            continue
-        folder, _, base = file.rpartition("/")
-        if folder in paths:
-            source.set("file", f"{paths[folder]}/{base}")
+        pool, file = source.get("pool"), source.get("file")
+        if pool in pools:
+            source.set("pool", pools[pool])
+        if file:
+            folder, _, base = file.rpartition("/")
+            if folder in paths:
+                source.set("file", f"{paths[folder]}/{base}")
     return ET.tostring(root, encoding="unicode")
 
 
@@ -235,7 +238,8 @@ class GuestMover:
                         mode="cold", percent=90, copied=True)
         elif plan.step is Step.DEFINE_TARGET:
             xml = s_drv.domain_xml(name, inactive=True) or ""
-            t_drv.define(retarget_xml(xml, self._paths(s_drv, t_drv, s_pool, t_pool)))
+            t_drv.define(retarget_xml(xml, {s_pool: t_pool},
+                                      self._paths(s_drv.hv, t_drv.hv, s_pool, t_pool)))
         elif plan.step is Step.UNDEFINE_SOURCE:
             s_drv.undefine(name)
         elif plan.step is Step.REMOVE_TARGET:
@@ -260,16 +264,21 @@ class GuestMover:
         from reconciler.drivers.migrate import migrate_live
 
         name = names().domain(desired.id)
-        t_drv_paths = self._paths(s_drv, None, s_pool, t_pool, target_hv=t_link.hypervisor)
+        paths = self._paths(s_drv.hv, t_link.hypervisor, s_pool, t_pool)
         xml = s_drv.domain_xml(name, migratable=True) or ""
-        dest_xml = retarget_xml(xml, t_drv_paths)
+        dest_xml = retarget_xml(xml, {s_pool: t_pool}, paths)
         copy = [] if seen.shared else _disk_targets(xml)
         target = self.store.cell_spec(move.target_cell)
+        # a `dir` storage pool is a directory the operator declares shared (a cluster file
+        # system libvirt does not recognise, or the test rig's bind mount): libvirt's own
+        # shared-storage check would refuse it
+        declared = bool(desired.storage_pool) and \
+            self.store.storage(desired.storage_pool)["type"] == "dir"
 
         def run(report: Any) -> dict[str, Any]:
             return migrate_live(s_drv.hv, t_link.hypervisor, name, dest_xml=dest_xml,
                                 migrate_host=target.address if target else "",
-                                copy_disks=copy, report=report)
+                                copy_disks=copy, report=report, declared_shared=declared)
 
         self._phase(desired, move, last, "migrating", "live migration", mode="live")
         stats = self.long.run(key, f"guest/{desired.id}/migrate/{move.migration}",
@@ -306,11 +315,10 @@ class GuestMover:
         return vols
 
     @staticmethod
-    def _paths(s_drv: Any, t_drv: Any, s_pool: str, t_pool: str, *,
-               target_hv: Any = None) -> dict[str, str]:
-        hv = target_hv if target_hv is not None else t_drv.hv
-        src = (s_drv.hv.pool_state(s_pool, refresh=False).path or "").rstrip("/")
-        dst = (hv.pool_state(t_pool, refresh=False).path or "").rstrip("/")
+    def _paths(s_hv: Any, t_hv: Any, s_pool: str, t_pool: str) -> dict[str, str]:
+        """{source pool path: target pool path} (disks given by file name)."""
+        src = (s_hv.pool_state(s_pool, refresh=False).path or "").rstrip("/")
+        dst = (t_hv.pool_state(t_pool, refresh=False).path or "").rstrip("/")
         return {src: dst} if src and dst else {}
 
     def _settle_cells(self, move: Move) -> None:

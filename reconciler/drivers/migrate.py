@@ -34,14 +34,19 @@ LOCAL_URIS = ("qemu:///system",)
 
 def migrate_live(source: LibvirtHypervisor, target: LibvirtHypervisor, name: str, *,
                  dest_xml: str, migrate_host: str, copy_disks: list[str],
-                 report: Report | None = None, bandwidth_mib: int = 0) -> dict[str, Any]:
+                 report: Report | None = None, bandwidth_mib: int = 0,
+                 declared_shared: bool = False) -> dict[str, Any]:
     """Migrate running domain `name` from `source` to `target`; returns the completed
-    job's stats as libvirt gives them (downtime, time_elapsed, data_total, ...)."""
+    job's stats as libvirt gives them (downtime, time_elapsed, data_total, ...).
+    `declared_shared`: the disks are on storage the operator declared shared that libvirt
+    cannot recognise as such (a `dir` storage pool): its safety check is skipped."""
     p2p = source.uri in LOCAL_URIS and target.uri not in LOCAL_URIS
     flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST
              | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_ABORT_ON_ERROR)
     if p2p:
         flags |= libvirt.VIR_MIGRATE_PEER2PEER
+    if declared_shared:
+        flags |= libvirt.VIR_MIGRATE_UNSAFE
     params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml}
     if migrate_host:
         params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{migrate_host}"

@@ -67,7 +67,10 @@ def test_retarget_moves_only_disks_of_the_source_pool() -> None:
            "<disk type='file' device='disk'><source file='/a/pool/v0'/></disk>"
            "<disk type='file' device='cdrom'><source file='/a/pool/seed.iso'/></disk>"
            "<disk type='file' device='disk'><source file='/elsewhere/v1'/></disk>"
+           "<disk type='volume' device='disk'><source pool='p-a' volume='v2'/></disk>"
+           "<disk type='volume' device='disk'><source pool='other' volume='v3'/></disk>"
            "</devices></domain>")
-    out = retarget_xml(xml, {"/a/pool": "/b/other"})
+    out = retarget_xml(xml, {"p-a": "p-b"}, {"/a/pool": "/b/other"})
     assert "/b/other/v0" in out and "/b/other/seed.iso" in out and "/elsewhere/v1" in out
     assert "/a/pool" not in out
+    assert "pool=\"p-b\" volume=\"v2\"" in out and "pool=\"other\" volume=\"v3\"" in out
