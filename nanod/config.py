@@ -31,9 +31,12 @@ DEFAULTS: dict[str, Any] = {
     # libvirt_timeout_seconds: how long a worker waits for one libvirt call before the cell
     # counts as not answering (streams and image copies have no limit); long_workers:
     # threads for long work (image streams, volume copies, compaction, clones) apart from
-    # the `workers` that status and power changes need (reconciler/longwork.py)
+    # the `workers` that status and power changes need (reconciler/longwork.py);
+    # migration_bandwidth_mib: MiB/s a live migration may use (memory and copied disks),
+    # 0 = as fast as the network goes
     "reconciler": {"enabled": True, "workers": 4, "resync_seconds": 30, "offline_after": 3,
-                   "libvirt_timeout_seconds": 30, "long_workers": 2},
+                   "libvirt_timeout_seconds": 30, "long_workers": 2,
+                   "migration_bandwidth_mib": 0},
     "images": {"max_upload_bytes": 64 << 30, "upload_idle_seconds": 60},
     # abuse limits (api/base.py): bytes of a JSON body (uploads: images.max_upload_bytes),
     # threads that hash passwords, failed-login records kept by the throttle, threads the

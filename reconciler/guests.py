@@ -274,8 +274,8 @@ class GuestReconciler:
     def __init__(self, store: Any, connections: CellConnections,
                  enqueue: Callable[[Key], None], *, poll_seconds: float = 15.0,
                  agent_retry_seconds: float = 10.0, stop_grace_seconds: float = 60.0,
-                 sign_of_life_seconds: float = 120.0, long_work: LongWork | None = None
-                 ) -> None:
+                 sign_of_life_seconds: float = 120.0, long_work: LongWork | None = None,
+                 migration_bandwidth_mib: int = 0) -> None:
         self.store = store
         # image streams, volume copies and disk compaction (reconciler/longwork.py)
         self.long = long_work or LongWork(enqueue)
@@ -287,7 +287,8 @@ class GuestReconciler:
         self.sign_of_life_seconds = sign_of_life_seconds
         self._cpu: dict[str, tuple[float, int]] = {}  # guest -> (when, cpu time ns)
         # a guest with an active migration moves instead (reconciler/migration.py)
-        self.mover = GuestMover(store, connections, self.long, enqueue)
+        self.mover = GuestMover(store, connections, self.long, enqueue,
+                                bandwidth_mib=migration_bandwidth_mib)
 
     def keys(self) -> Iterable[Key]:
         return [Key("guest", gid) for gid in self.store.guest_ids()]

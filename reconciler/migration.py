@@ -38,6 +38,11 @@ from state.migrations import Move
 
 log = logging.getLogger("nano.reconciler.migration")
 READY = "Ready"
+ATTEMPTS = 5  # a step that fails this often in a row ends the move (the guest stays)
+
+
+class MoveFailed(Exception):
+    """libvirt's live migration or a cold copy failed: the move ends, the guest stays."""
 
 
 class Step(StrEnum):
@@ -142,8 +147,10 @@ class GuestMover:
     """Drives one guest's move (module docstring); used by the guest reconciler."""
 
     def __init__(self, store: Any, connections: CellConnections, long: LongWork,
-                 enqueue: Callable[[Key], None], *, poll_seconds: float = 2.0) -> None:
+                 enqueue: Callable[[Key], None], *, poll_seconds: float = 2.0,
+                 bandwidth_mib: int = 0) -> None:
         self.store = store
+        self.bandwidth_mib = bandwidth_mib  # a live migration's limit, 0 = none
         self.connections = connections
         self.long = long
         self.enqueue = enqueue
@@ -171,14 +178,24 @@ class GuestMover:
             return self._step(desired, move, last, source, target, key)
         except InProgress as progress:
             job = progress.job
+            phase = "migrating" if "/migrate/" in job.job_id else "copying"
             percent = 100 * job.done // job.total if job.total else int(last.get("percent", 0))
-            return self._phase(desired, move, last, last.get("phase") or "moving",
-                               progress.job.describe(), percent=percent)
+            return self._phase(desired, move, last, phase, job.describe(),
+                               mode="live" if phase == "migrating" else "cold",
+                               percent=percent)
+        except MoveFailed as failed:  # libvirt's migration or the copy failed: it is over
+            return self._end(desired, move, last, str(failed), rollback=(source, target))
         except NanoError as exc:
             if isinstance(exc, Unavailable):
                 self._phase(desired, move, last, last.get("phase") or "waiting", exc.message)
                 raise
-            return self._end(desired, move, last, exc.message)
+            attempts = int(last.get("attempts", 0)) + 1
+            if attempts >= ATTEMPTS:
+                return self._end(desired, move, last, f"{exc.message} ({attempts} attempts)",
+                                 rollback=(source, target))
+            self._phase(desired, move, last, last.get("phase") or "waiting",
+                        f"{exc.message} (attempt {attempts} of {ATTEMPTS})", attempts=attempts)
+            raise
 
     # -- one step ------------------------------------------------------------------------
 
@@ -278,11 +295,16 @@ class GuestMover:
         def run(report: Any) -> dict[str, Any]:
             return migrate_live(s_drv.hv, t_link.hypervisor, name, dest_xml=dest_xml,
                                 migrate_host=target.address if target else "",
-                                copy_disks=copy, report=report, declared_shared=declared)
+                                copy_disks=copy, report=report, declared_shared=declared,
+                                bandwidth_mib=self.bandwidth_mib)
 
         self._phase(desired, move, last, "migrating", "live migration", mode="live")
-        stats = self.long.run(key, f"guest/{desired.id}/migrate/{move.migration}",
-                              f"live migration of {desired.name} to {move.target_cell}", run)
+        try:
+            stats = self.long.run(key, f"guest/{desired.id}/migrate/{move.migration}",
+                                  f"live migration of {desired.name} to {move.target_cell}",
+                                  run)
+        except NanoError as exc:
+            raise MoveFailed(exc.message) from exc
         log.info("guest %s live-migrated to %s: %s", desired.name, move.target_cell, stats)
 
     def _copy(self, desired: Any, move: Move, last: dict[str, Any], s_link: Any, t_link: Any,
@@ -299,8 +321,11 @@ class GuestMover:
                             progress=part)
 
         self._phase(desired, move, last, "copying", "cold copy of the disks", mode="cold")
-        self.long.run(key, f"guest/{desired.id}/copy/{move.migration}",
-                      f"copy the disks of {desired.name} to {move.target_cell}", run)
+        try:
+            self.long.run(key, f"guest/{desired.id}/copy/{move.migration}",
+                          f"copy the disks of {desired.name} to {move.target_cell}", run)
+        except NanoError as exc:
+            raise MoveFailed(exc.message) from exc
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -330,11 +355,12 @@ class GuestMover:
 
     def _phase(self, desired: Any, move: Move, last: dict[str, Any], phase: str, why: str, *,
                mode: str = "", percent: int | None = None, requeue: float | None = None,
-               copied: bool | None = None) -> Result:
+               copied: bool | None = None, attempts: int = 0) -> Result:
         mode = mode or last.get("mode", "")
         percent = int(last.get("percent", 0)) if percent is None else percent
         self.store.record_move(desired.id, move, phase=phase, percent=percent, mode=mode,
-                               copied=bool(last.get("copied") if copied is None else copied))
+                               copied=bool(last.get("copied") if copied is None else copied),
+                               attempts=attempts)
         conditions = set_condition(list(self.store.guest_conditions(desired.id)), "Migrating",
                                    True, phase.capitalize().replace("_", ""),
                                    f"{mode or 'migration'} to {move.target_cell}: {why} "
@@ -346,8 +372,10 @@ class GuestMover:
                       note=f"moving: {phase}")
 
     def _end(self, desired: Any, move: Move, last: dict[str, Any], error: str, *,
-             mode: str = "") -> Result:
+             mode: str = "", rollback: tuple[CellSpec, CellSpec] | None = None) -> Result:
         mode = mode or last.get("mode", "")
+        if error and rollback is not None:
+            error = self._roll_back(desired, *rollback, error)
         where = move.target_cell if not error else desired.cell
         self.store.record_move(desired.id, move, phase="failed" if error else "done",
                                percent=100, mode=mode, error=error, done=True)
@@ -362,6 +390,27 @@ class GuestMover:
         if error:
             log.warning("guest %s (%s): %s", desired.name, desired.id, text)
         return Result(requeue_after=0.1, note=text)
+
+    def _roll_back(self, desired: Any, source: CellSpec, target: CellSpec, error: str) -> str:
+        """A failed move leaves nothing on the target: its half-made volumes go (only when
+        the source still holds the guest and the target holds no definition of it)."""
+        from reconciler.drivers.domains import LibvirtGuests
+
+        if desired.storage_pool:
+            return error  # shared: the volumes are the guest's own, nothing was made
+        try:
+            s_drv = LibvirtGuests(self.connections.link(source).hypervisor)
+            t_drv = LibvirtGuests(self.connections.link(target).hypervisor)
+            name = names().domain(desired.id)
+            if s_drv.presence(name) is None or t_drv.presence(name) is not None:
+                return error
+            pool = self._pool(desired, target)
+            for vol in self._volumes(desired):
+                t_drv.delete_volume(pool, vol)
+        except NanoError as exc:
+            return f"{error}; removing what was made on {target.name} failed too: " \
+                   f"{exc.message} (remove the guest's volumes there by hand)"
+        return error
 
 
 def _disk_targets(xml: str) -> list[str]:

@@ -160,7 +160,7 @@ class LibvirtGuests:
         """Whether libvirt runs a job (a migration) on the domain right now."""
         try:
             kind = self._call(f"job of {name}", lambda c: self._dom(c, name).jobInfo()[0])
-        except NotFound:
+        except (NotFound, Conflict):  # gone, or not running (it has just left): no job
             return False
         return kind not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED)
 

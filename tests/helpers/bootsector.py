@@ -8,6 +8,7 @@ off and say so; one that prints shows a sign of life).
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 from pathlib import Path
@@ -56,6 +57,7 @@ def counter_sector() -> bytes:
     return sector(asm)
 
 
-def counter_disk(path: Path, *, size: int = 1 << 20) -> Path:
-    """A qcow2 disk image at `path` whose first sector is `counter_sector()`."""
-    return _disk(path, counter_sector(), size)
+def counter_disk(path: Path, *, size: int = 1 << 20, noise: int = 0) -> Path:
+    """A qcow2 disk image at `path` whose first sector is `counter_sector()`, followed by
+    `noise` bytes of random data (a disk whose copy takes time: zeros copy for free)."""
+    return _disk(path, counter_sector() + os.urandom(noise), max(size, 512 + noise))
