@@ -674,7 +674,7 @@ class DiskImageKind(ImageKind):
 
 # -- guests -----------------------------------------------------------------------------------
 
-GUEST_FIELDS = ("pool", "cores", "memory", "disks", "auto_start", "from_image", "qos",
+GUEST_FIELDS = ("pool", "cell", "cores", "memory", "disks", "auto_start", "from_image", "qos",
                 "owner", "group", "system", "template", "modules", "cloud_init",
                 "security_policy_group", "network_address", "ethernet_address", "ports")
 """Guest fields a manifest states and the API reads back (how each change takes effect is
@@ -788,7 +788,12 @@ class GuestKind(IdKind):
         naming an image this apply has yet to create cannot be planned before it exists."""
         body: dict[str, Any] = {}
         later: dict[str, tuple[Effect, str]] = {}
+        if "cell" in fields:  # a migration (state/migrations.py), not a field the planner has
+            later["cell"] = (Effect.LIVE, "live migration" if found.spec.get("power") ==
+                             "running" else "cold migration")
         for name in fields:
+            if name == "cell":
+                continue
             value = want.get(name)
             if name in GUEST_REFS and value:
                 ident = self._ids(client, GUEST_REFS[name]).get(value)
@@ -983,8 +988,30 @@ class GuestKind(IdKind):
             if image is None:
                 raise ManifestError(f"spec.from_image: no DiskImage named {spec['from_image']!r}")
             client.ok("PUT", f"/guests/{ident}/system", {"from_image": image})
+        if "cell" in fields:
+            self._migrate(client, name, found, spec["cell"], ctx)
         self._live(client, name, found, spec, [f for f in fields if f in GUEST_LIVE_FIELDS],
                    ctx)
+
+    def _migrate(self, client: NanoClient, name: str, found: Found, cell: str,
+                 ctx: ApplyContext) -> None:
+        """A new `cell` moves the guest (POST /migrations/); with --wait until it moved."""
+        started = client.ok("POST", "/migrations/", {
+            "source_pool": found.spec["pool"], "source_cell": found.spec["cell"],
+            "target_cell": cell, "instances": [found.id]})
+        deadline = time.monotonic() + ctx.wait_seconds
+        while ctx.wait_seconds:
+            status = client.ok("GET", f"/migrations/{p(started['id'])}")
+            if status.get("finished"):
+                if status.get("error"):
+                    raise ManifestError(f"spec.cell: the guest could not move to {cell!r}: "
+                                        f"{status['error']}")
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        ctx.notes.append(f"Guest/{name}: moving to cell {cell} (migration {started['id']}); "
+                         f"follow it with GET /api/v1/migrations/{started['id']}")
 
     def _wait_gone(self, client: NanoClient, ident: str, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -268,7 +268,8 @@ class Planner:
                 effect, note = effects[name]
                 verb = Verb.REPLACE if effect is Effect.REPLACE else Verb.UPDATE
                 actions.append(Action(verb, key, {name: before}, {name: after},
-                                      reason=f"{effect}: {note}" if note else str(effect),
+                                      reason=note if note and effect is Effect.LIVE else
+                                      f"{effect}: {note}" if note else str(effect),
                                       live=effect is Effect.LIVE, effect=effect))
             return Planned(doc, tuple(actions), found)
         except (ApiError, ManifestError) as exc:

@@ -235,6 +235,14 @@ class GuestMover:
             return result
         if plan.step is Step.WAIT:
             return self._phase(desired, move, last, "moving", plan.reason, mode=mode)
+        if plan.step in (Step.CREATE_TARGET_VOLUMES, Step.MIGRATE_LIVE) and \
+                not last.get("cpu_checked"):
+            live_xml = s_drv.domain_xml(name, migratable=True) or ""
+            refusal = t_drv.cpu_refusal(live_xml, target.virt_type)
+            if refusal:
+                return self._end(desired, move, last, f"the guest's CPU does not run on cell "
+                                 f"{target.name}: {refusal}", mode="live")
+            last = {**last, "cpu_checked": True}
         if plan.step is Step.CREATE_TARGET_VOLUMES:
             from reconciler.drivers.volumes import copy_volume
 
@@ -360,7 +368,7 @@ class GuestMover:
         percent = int(last.get("percent", 0)) if percent is None else percent
         self.store.record_move(desired.id, move, phase=phase, percent=percent, mode=mode,
                                copied=bool(last.get("copied") if copied is None else copied),
-                               attempts=attempts)
+                               attempts=attempts, cpu_checked=bool(last.get("cpu_checked")))
         conditions = set_condition(list(self.store.guest_conditions(desired.id)), "Migrating",
                                    True, phase.capitalize().replace("_", ""),
                                    f"{mode or 'migration'} to {move.target_cell}: {why} "

@@ -237,7 +237,8 @@ class MigrationStore:
 
     def record_move(self, guest_id: str, move: Move, *, phase: str, percent: int = 0,
                     mode: str = "", error: str = "", done: bool = False,
-                    copied: bool = False, attempts: int = 0) -> None:
+                    copied: bool = False, attempts: int = 0,
+                    cpu_checked: bool = False) -> None:
         """The guest's progress in `move`; `done` without `error` moves the guest's row to
         the target cell and pool (it was observed there only), its port forwards with it
         (the same cell ports where they are free there)."""
@@ -256,7 +257,7 @@ class MigrationStore:
             observed["move"] = {"migration": move.migration, "phase": phase,
                                 "percent": max(0, min(int(percent), 100)), "mode": mode,
                                 "error": error, "done": done, "copied": copied,
-                                "attempts": attempts}
+                                "attempts": attempts, "cpu_checked": cpu_checked}
             fields: dict[Any, Any] = {Guest.observed: observed}
             if done and not error:
                 fields.update({Guest.cell: move.target_cell, Guest.pool: move.target_pool})

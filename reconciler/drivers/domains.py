@@ -164,6 +164,28 @@ class LibvirtGuests:
             return False
         return kind not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED)
 
+    def cpu_refusal(self, domain_xml: str, virt_type: str) -> str:
+        """"" when the CPU of `domain_xml` (a running domain's, as libvirt expanded it)
+        runs on this cell's hypervisor, else libvirt's reason (the features it lacks)."""
+        root = ET.fromstring(domain_xml)
+        cpu, os_type = root.find("cpu"), root.find("os/type")
+        if cpu is None or os_type is None:
+            return ""
+        text = ET.tostring(cpu, encoding="unicode")
+
+        def compare(conn: libvirt.virConnect) -> str:
+            try:
+                conn.compareHypervisorCPU(
+                    None, os_type.get("arch"), os_type.get("machine"), virt_type, text,
+                    libvirt.VIR_CONNECT_COMPARE_CPU_FAIL_INCOMPATIBLE)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_CPU_INCOMPATIBLE:
+                    return exc.get_error_message()
+                raise
+            return ""
+
+        return self._call("compare the guest's CPU", compare)
+
     def define(self, xml: str) -> None:
         name = ET.fromstring(xml).findtext("name") or ""
         _owned(name)

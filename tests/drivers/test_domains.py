@@ -105,3 +105,19 @@ def test_domain_lifecycle_stats_and_snapshots(guests):
     finally:
         drv.undefine(name)
     assert drv.state(name) is None and drv.domain_xml(name) is None
+
+
+def _cpu_domain(features: str) -> str:
+    return ("<domain type='qemu'><name>x</name><os><type arch='x86_64' machine='pc'>hvm"
+            "</type></os><cpu mode='custom' match='exact'><model fallback='forbid'>qemu64"
+            f"</model>{features}</cpu></domain>")
+
+
+def test_a_guest_cpu_the_cell_cannot_run_is_named_before_a_migration(system_hv) -> None:
+    """What a live migration checks first (reconciler/migration.py): TCG runs qemu64, not
+    a CPU that needs AVX-512; libvirt's reason names the missing feature."""
+    guests = LibvirtGuests(system_hv)
+    assert guests.cpu_refusal(_cpu_domain(""), "qemu") == ""
+    refusal = guests.cpu_refusal(
+        _cpu_domain("<feature policy='require' name='avx512f'/>"), "qemu")
+    assert "avx512f" in refusal, refusal

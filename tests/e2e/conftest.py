@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import ADMIN, ADMIN_PASSWORD, write_nanod_config
+from tests.helpers.second_host import second_host  # noqa: F401 (fixture: the migration tests)
 
 NANOD = str(Path(sys.executable).with_name("nanod"))
 ROOT = Path(__file__).resolve().parents[2]

@@ -40,11 +40,10 @@ def remove_cell_leftovers(conn: libvirt.virConnect, pool_name: str) -> None:
     for _attempt in range(40):
         try:
             pool = conn.storagePoolLookupByName(pool_name)
-            if pool.isActive():
+            if pool.isActive():  # an inactive pool lists no volumes: undefined as it is
                 pool.refresh(0)
-            for vol in pool.listAllVolumes():
-                vol.delete(0)
-            if pool.isActive():
+                for vol in pool.listAllVolumes():
+                    vol.delete(0)
                 pool.destroy()
             pool.undefine()
             return

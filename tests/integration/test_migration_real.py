@@ -43,6 +43,7 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 COUNTER = re.compile(rb"^([0-9A-F]{4})\r?$", re.M)
 database = pytest.fixture(name="database")(sqlite_only)  # cells and libvirt, not backends
+SHARED = "shared-s"  # the storage pool of the shared-storage test
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def settings(settings, second_host: SecondHost):
 
 
 @pytest.fixture
-def h2(api, io_loop, server, cell, second_host: SecondHost):  # noqa: F811
+def h2(api, io_loop, server, system, cell, second_host: SecondHost):  # noqa: F811
     """The second host as a cell of compute pool 'gp' beside 'local-g'; afterwards every
     libvirt object nanod made on it is removed."""
     name = second_host.name
@@ -73,6 +74,8 @@ def h2(api, io_loop, server, cell, second_host: SecondHost):  # noqa: F811
     if server.controller:
         server.controller.stop(10.0)
     remove_cell_leftovers(conn, f"{PREFIX}-{name}")
+    for either in (conn, system):  # the shared storage pool of the shared-storage test
+        remove_cell_leftovers(either, names().shared_pool(SHARED))
     conn.close()
 
 
@@ -186,16 +189,16 @@ async def test_live_migration_with_local_disks_keeps_the_guest_running(
 @pytest.mark.gen_test(timeout=420)
 async def test_live_migration_on_shared_storage_copies_no_disk(
         api, system, h2, second_host, tmp_path):  # noqa: F811
-    await api.ok("POST", "/storage_pools/shared-s", {"type": "dir",
+    await api.ok("POST", f"/storage_pools/{SHARED}", {"type": "dir",
                                                     "target": str(second_host.shared)})
-    await api.ok("PUT", "/compute_pools/gp", {"storage": "shared-s", "network": "",
+    await api.ok("PUT", "/compute_pools/gp", {"storage": SHARED, "network": "",
                                               "failover": False})
 
     async def storage_ready():  # both cells mounted the shared storage
         for name in ("local-g", h2):
             rec = await api.ok("GET", f"/cells/{name}")
             pools = [p for p in rec["status"]["observed"].get("storage_pools", [])
-                     if "shared-s" in p["name"]]
+                     if SHARED in p["name"]]
             if not pools or pools[0].get("error"):
                 return None
         return True
