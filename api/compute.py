@@ -211,8 +211,18 @@ class CellHandler(NanoHandler):
         self.reply()
 
     def put(self, name: str) -> None:
+        body = self.body("cell_modify")
+        drain = body.pop("drain", None)
         pinned = self.store.cell_record(name)["spec"].get("ssh", {}).get("host_key", "")
-        self.store.modify_cell_spec(name, self.body("cell_modify"))
+        if body or drain is None:
+            self.store.modify_cell_spec(name, body)
+        if drain is not None:
+            assert self.session is not None  # prepare() refuses requests without a session
+            mid, guests = self.store.drain_cell(self.session, name, drain)
+            for guest_id in guests:
+                self.ctx.enqueue(Key("guest", guest_id))
+            self.audit(f"cell {name}: drain {'on' if drain else 'off'}" + (
+                f", migration {mid} moves {len(guests)} guest(s)" if mid else ""))
         self.ctx.enqueue(Key("cell", name))
         given = self.store.cell_record(name)["spec"].get("ssh", {}).get("host_key", "")
         if given != pinned:  # re-pinning a host key is a security event: say which key

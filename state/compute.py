@@ -258,6 +258,8 @@ class ComputeStore:
             "libvirt_uri": uri,
             "generation": row.generation,
             "status": self._status(row),
+            # extension: a draining cell takes no guests; its guests' migration
+            "drain": self.drain_status(spec),  # type: ignore[attr-defined]
         }
 
     def _status(self, row: Any) -> dict[str, Any]:

@@ -439,7 +439,9 @@ class GuestStore:
             obs = c.observed or {}
             stats = obs.get("stats") or {}
             rooms.append(CellRoom(
-                name=c.name, alive=bool(obs.get("alive")), enabled=c.enabled,
+                # a draining cell takes no new guests (state/migrations.py)
+                name=c.name, alive=bool(obs.get("alive")),
+                enabled=c.enabled and not (c.spec or {}).get("drain"),
                 host=Amounts(int(stats.get("max_cpu", 0)), int(stats.get("max_memory", 0)),
                              int(stats.get("max_disk", 0))),
                 ratios=self.overcommit.over((c.spec or {}).get("overcommit")),

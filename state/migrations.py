@@ -217,6 +217,50 @@ class MigrationStore:
                          last_error="; ".join(errors)).where(Migration.id == row.id).execute()
         return Migration.get_by_id(row.id)
 
+    # -- draining a cell ----------------------------------------------------------------------
+
+    def drain_cell(self, session: SessionInfo, name: str, drain: bool) -> tuple[str, list[str]]:
+        """`PUT /cells/{name} {"drain": true}` (extension): the cell takes no new guests and
+        every guest it hosts moves to other cells of its pool (live when running), in one
+        migration; returns (migration id or "", guest ids). All or nothing: when a guest
+        cannot move (no room elsewhere, media inserted), nothing changes. `false` lets the
+        cell take guests again (moved guests stay where they went)."""
+        with db.atomic():
+            row = Cell.get_or_none(Cell.name == name)
+            if row is None:
+                raise NotFound(f"no cell named {name!r}")
+            spec = dict(row.spec or {})
+            mid, guests = "", []
+            if drain and not spec.get("drain"):
+                hosted = Guest.select().where((Guest.cell == name) & (Guest.deleting == False)  # noqa: E712
+                                              ).exists()
+                if hosted:
+                    if not row.pool:
+                        raise Conflict(f"cell {name!r} hosts guests but is in no compute "
+                                       "pool: nowhere to move them")
+                    mid, guests = self.start_migration(session, {
+                        "source_pool": row.pool, "source_cell": name})
+            spec["drain"] = bool(drain)
+            spec["drain_migration"] = mid if drain else ""
+            if drain and not mid:
+                spec["drain_migration"] = (row.spec or {}).get("drain_migration", "")
+            Cell.update(spec=spec, generation=row.generation + 1).where(
+                Cell.name == name).execute()
+        return mid, guests
+
+    def drain_status(self, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """The `drain` view of a cell record: {migration, finished, progress} or None."""
+        if not spec.get("drain"):
+            return None
+        mid = spec.get("drain_migration") or ""
+        row = Migration.get_or_none(Migration.id == mid) if mid else None
+        if row is None:
+            return {"migration": mid, "finished": True, "progress": 100}
+        view = self._migration_view(self._settle(row))
+        return {"migration": mid, "finished": view["finished"],
+                "progress": 100 if view["finished"] else view.get("progress", 0),
+                **({"error": view["error"]} if view.get("error") else {})}
+
     # -- the reconciler side ------------------------------------------------------------------
 
     def guest_move(self, guest_id: str) -> Move | None:

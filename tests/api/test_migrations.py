@@ -10,7 +10,14 @@ import pytest
 
 from state.migrations import Move
 from state.models import Guest, Migration
-from tests.api.guest_helpers import GIB, create_guest, make_pool, mark_created, set_cell
+from tests.api.guest_helpers import (
+    GIB,
+    create_guest,
+    guest_body,
+    make_pool,
+    mark_created,
+    set_cell,
+)
 
 
 async def two_cells(api, server) -> tuple[str, str]:
@@ -99,3 +106,35 @@ async def test_a_migration_is_followed_until_every_guest_moved(api, server):
     assert [(m["id"], m["finished"]) for m in listed] == [(mid, True)]
     missing = await api.call("GET", "/migrations/nope")
     assert missing.code == 404
+
+
+@pytest.mark.gen_test
+async def test_draining_a_cell_moves_its_guests_and_keeps_new_ones_off(api, server):
+    g1, g2 = await two_cells(api, server)
+    set_cell("cell-b", max_memory=3 * GIB, available_memory=3 * GIB)
+    refused = await api.call("PUT", "/cells/cell-a", {"drain": True})
+    assert refused.code == 409 and "2.0 GiB memory free" in refused.message  # all or nothing
+    assert (await api.ok("GET", "/cells/cell-a"))["drain"] is None
+    assert Migration.select().count() == 0
+
+    set_cell("cell-b")
+    await api.ok("PUT", "/cells/cell-a", {"drain": True})
+    record = await api.ok("GET", "/cells/cell-a")
+    assert record["drain"]["finished"] is False and record["drain"]["progress"] == 0
+    status = await api.ok("GET", f"/migrations/{record['drain']['migration']}")
+    assert sorted(g["id"] for g in status["guests"]) == sorted([g1, g2])
+    assert {g["target_cell"] for g in status["guests"]} == {"cell-b"}
+    # new guests go elsewhere; pinned to the draining cell they are refused
+    placed = await create_guest(api, "g3")
+    assert Guest.get_by_id(placed).cell == "cell-b"
+    pinned = await api.call("POST", "/guests/", guest_body("g4", cell="cell-a"))
+    assert pinned.code == 409 and "cell-a" in pinned.message
+
+    for gid in (g1, g2):
+        server.store.record_move(gid, server.store.guest_move(gid), phase="done",
+                                 percent=100, mode="cold", done=True)
+    record = await api.ok("GET", "/cells/cell-a")
+    assert record["drain"]["finished"] is True and record["drain"]["progress"] == 100
+    await api.ok("PUT", "/cells/cell-a", {"drain": False})
+    assert (await api.ok("GET", "/cells/cell-a"))["drain"] is None
+    assert Guest.get_by_id(await create_guest(api, "g5", cell="cell-a")).cell == "cell-a"

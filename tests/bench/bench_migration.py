@@ -10,9 +10,10 @@ directly, in one run (issue: "total time <= 1.2x and guest downtime <= 1.2x"):
    `migrateToURI3` and the flags and parameters nanod uses (peer to peer from
    qemu:///system, LIVE|PERSIST_DEST|UNDEFINE_SOURCE|ABORT_ON_ERROR|UNSAFE, the migration
    stream to tcp://<second host's address>), timed around that call. The downtime of both
-   is libvirt's own figure (the completed job's "downtime", ms), taken from the job-
-   completed event the target libvirtd sends (nanod reads the completed stats itself,
-   and reading them without VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED discards them);
+   is libvirt's own figure (the completed job's "downtime", ms), taken from the
+   job-completed event this host's libvirtd (the source) sends for each (nanod reads the
+   target's completed stats itself, and reading them without
+   VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED discards them, so they are not read there);
 2. cold: a stopped guest with a system disk (the counter image) and a data disk of
    `--cold-mib` MiB filled with random data (written into its qcow2 with qemu-img) on
    local storage, moved through `POST /migrations/`; against copying the same two volume
@@ -201,7 +202,7 @@ class Rig:
                 continue
             for name in [*self.domains, *(names().domain(g) for g in self.guests)]:
                 _remove_domain(conn, name)
-            for pool in (names().local_pool(cell), shared, self.direct_pool):
+            for pool in (self.direct_pool, names().local_pool(cell), shared):
                 _remove_pool(conn, pool, volumes=pool != shared)
         for conn in (self.local, self.remote):
             if conn is not None:
@@ -341,7 +342,7 @@ def direct_pools(rig: Rig) -> None:
     """A dir pool for the direct copy on both hosts."""
     assert rig.local is not None and rig.remote is not None
     for conn, path in ((rig.local, rig.workdir / "cold"),
-                       (rig.remote, Path("/var/lib/libvirt/images") / f"{rig.tag}-cold")):
+                       (rig.remote, Path("/var/lib/libvirt") / f"{rig.tag}-cold")):
         pool = conn.storagePoolDefineXML(
             f"<pool type='dir'><name>{rig.direct_pool}</name>"
             f"<target><path>{path}</path></target></pool>", 0)
@@ -435,12 +436,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cold-mib", type=int, default=1024)
+    parser.add_argument("--log", type=Path, help="keep nanod's log there")
     add_quick(parser, {"repeat": 1, "cold_mib": 64})
     args = parse(parser)
     why = unavailable()
     if why:
         cannot_run(why)
     event_loop()
+    libvirt.registerErrorHandler(lambda *_: None, None)  # errors are raised, not printed
     try:
         local = libvirt.open(LOCAL)
     except libvirt.libvirtError as exc:
@@ -457,7 +460,7 @@ def main() -> None:
     try:
         rig.up("qemu")
         assert rig.nano is not None and rig.remote is not None
-        events = JobEvents(rig.remote)
+        events = JobEvents(local)
         image = counter_disk(workdir / "counter.qcow2")
         image_id = rig.nano.upload_disk_image(f"{tag}-counter", image)
         rig.use_storage(rig.storage)
@@ -484,6 +487,8 @@ def main() -> None:
         raise
     finally:
         rig.close()
+        if args.log and (workdir / "nanod.log").exists():
+            shutil.copyfile(workdir / "nanod.log", args.log)
         shutil.rmtree(workdir, ignore_errors=True)
     report(live, cold, args)
 

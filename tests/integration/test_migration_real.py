@@ -255,3 +255,27 @@ async def test_cold_migration_copies_both_disks_byte_for_byte(
     await api.ok("POST", f"/instances/{gid}", {})
     await counting(h2_log(second_host, gid), what="the moved guest counting on the target")
     await api.ok("DELETE", f"/guests/{gid}", {"force": True})
+
+
+@pytest.mark.gen_test(timeout=420)
+async def test_draining_the_cell_moves_its_running_guest_live(
+        api, system, h2, second_host, tmp_path):  # noqa: F811
+    gid = await counter_guest(api, tmp_path, "drained")
+    before = await counting(host_log(gid), what="the counter on this host")
+    await api.ok("PUT", "/cells/local-g", {"drain": True})
+
+    async def drained():
+        drain = (await api.ok("GET", "/cells/local-g"))["drain"]
+        return drain if drain["finished"] else None
+
+    drain = await until(drained, timeout=240, what="the cell drained")
+    assert "error" not in drain and drain["progress"] == 100
+    after = await counting(h2_log(second_host, gid), above=before[-1],
+                           what="the counter on the second host")
+    assert after[0] >= before[-1]
+    assert not on_host(system, gid)
+    late = guest_body("late", modules=[], cell="local-g")
+    del late["cloud_init"]
+    refused = await api.call("POST", "/guests/", late)
+    assert refused.code == 409 and "local-g" in refused.message
+    await api.ok("DELETE", f"/guests/{gid}", {"force": True})
