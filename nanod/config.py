@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from reconciler.failover import check_fencing
 from reconciler.naming import check_prefix
 from state.cell_transport import check_path
 from state.errors import Invalid
@@ -57,6 +58,11 @@ DEFAULTS: dict[str, Any] = {
     # contact is pinned (else every cell needs ssh.host_key)
     "ssh": {"key_dir": "", "connect_timeout": 10, "command_timeout": 60,
             "trust_on_first_use": True},
+    # fenced failover (reconciler/failover.py): the command that powers a lost cell off
+    # (an argv list run on this node, `{cell}` and `{address}` replaced; exit 0 = fenced)
+    # per cell name, or `default` for the others; nothing starts a lost cell's guests
+    # elsewhere until its fence succeeded
+    "fencing": {"commands": {}, "default": [], "timeout_seconds": 60},
 }
 
 
@@ -97,6 +103,9 @@ def load(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     except ValueError as exc:
         raise SystemExit(f"nanod: config {path or '(defaults)'}: {exc}") from None
     _check_cell_access(settings)
+    problem = check_fencing(settings["fencing"])
+    if problem:
+        raise SystemExit(f"nanod: {problem}")
     names = settings["names"]
     if not isinstance(names, dict) or set(names) != {"prefix"}:
         raise SystemExit(f"nanod: names must be {{prefix: PREFIX}}, not {names!r}")

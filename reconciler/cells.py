@@ -31,6 +31,7 @@ from reconciler.contract import (
     get_condition,
     set_condition,
 )
+from reconciler.failover import Failover, Fencing
 from reconciler.naming import names
 from state.cell_transport import CellTransport, HostKeyPin, fingerprint
 from state.compute import CellSpec
@@ -469,12 +470,15 @@ class CellReconciler:
     kind = "cell"
 
     def __init__(self, store: Any, connections: CellConnections, enqueue: Callable[[Key], None],
-                 *, offline_after: int = 3, probe_seconds: float = 10.0) -> None:
+                 *, offline_after: int = 3, probe_seconds: float = 10.0,
+                 fencing: Fencing | None = None) -> None:
         self.store = store
         self.connections = connections
         self.enqueue = enqueue
         self.offline_after = offline_after
         self.probe_seconds = probe_seconds
+        # fenced failover of lost cells in failover pools (reconciler/failover.py)
+        self.failover = Failover(store, enqueue, fencing or Fencing())
 
     def keys(self) -> Iterable[Key]:
         return [Key("cell", name) for name in self.store.cell_names()]
@@ -530,6 +534,9 @@ class CellReconciler:
                                        exc.message, now_text())
             last_error = exc.message
             phase = "online" if alive else "offline"
+            if not alive:  # lost: fenced failover where the pool has it
+                observed["fence"], fenced = self.failover.lost(spec, prev.get("fence"))
+                conditions = set_condition(conditions, "Fenced", *fenced, now_text())
         self.store.record_cell(spec.name, generation=spec.generation, observed=observed,
                                conditions=conditions, phase=phase, last_error=last_error)
         # the pools' status is derived from their cells
@@ -592,6 +599,12 @@ class CellReconciler:
         networks = self._networks(hv, spec)
         actions += self._drop_unused_images(hv, spec)
         domains = hv.list_domains()
+        if prev.get("fence"):  # back after a fence: the guests that left are not here twice
+            for name in self.failover.returned(spec, hv, domains):
+                actions.append(Action(Verb.DELETE, Key("domain", f"{spec.name}/{name}"),
+                                      {"domain": name}, None,
+                                      reason="stale copy of a guest that failed over"))
+            domains = hv.list_domains()
 
         counters = asdict(facts.counters)
         prev_counters = prev.get("counters")

@@ -968,6 +968,9 @@ class GuestReconciler:
 
     def _lost(self, desired: Any, cell: CellSpec) -> Result:
         why = f"cell {cell.name} is offline: {cell.observed.get('error', '')}".rstrip(": ")
+        fence = cell.observed.get("fence") or {}
+        if fence and not fence.get("ok"):  # a failover pool: nothing starts it elsewhere
+            why += f"; failover waits for the fence: {fence.get('message', '')}"
         conditions = set_condition(list(self.store.guest_conditions(desired.id)),
                                    "CellReachable", False, "CellOffline", why, now_text())
         conditions = set_condition(conditions, READY, False, "CellOffline",

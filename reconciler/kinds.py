@@ -9,6 +9,7 @@ from reconciler import naming
 from reconciler.cells import CellConnections, CellReconciler
 from reconciler.contract import Key
 from reconciler.drivers import libvirt_hv
+from reconciler.failover import Fencing
 from reconciler.firewalls import FirewallReconciler
 from reconciler.guests import GuestReconciler
 from reconciler.images import ImageReconciler
@@ -42,7 +43,8 @@ def build(store: Any, settings: dict[str, Any]) -> Controller:
     reconcilers: list[Any] = [
         CellReconciler(store, connections, enqueue,
                        offline_after=int(conf.get("offline_after", 3)),
-                       probe_seconds=float(conf.get("probe_seconds", 10))),
+                       probe_seconds=float(conf.get("probe_seconds", 10)),
+                       fencing=Fencing.from_settings(settings)),
         GuestReconciler(store, connections, enqueue,
                         poll_seconds=float(conf.get("guest_poll_seconds", 15)),
                         stop_grace_seconds=float(conf.get("stop_grace_seconds", 60)),

@@ -130,8 +130,9 @@ class ComputeStore:
             if ComputePool.get_or_none(ComputePool.name == name):
                 raise Conflict(f"compute pool {name!r} already exists")
             self._check_pool_refs(storage, network)
-            _refuse_failover(spec)
-            ComputePool.create(name=name, storage=storage, network=network, failover=False,
+            _check_failover(spec, storage)
+            ComputePool.create(name=name, storage=storage, network=network,
+                               failover=bool(spec.get("failover")),
                                enabled=bool(spec.get("enabled", True)))
 
     def modify_pool(self, name: str, spec: dict[str, Any]) -> list[str]:
@@ -155,7 +156,7 @@ class ComputeStore:
                     raise Conflict(f"compute pool {name!r} holds {held} address(es) of "
                                    f"{row.network!r}: delete those guests before changing "
                                    "the network")
-            _refuse_failover(spec)
+            _check_failover({"failover": spec.get("failover", row.failover)}, storage)
             row.storage, row.network = storage, network
             row.failover = bool(spec.get("failover", row.failover))
             if "enabled" in spec:
@@ -550,12 +551,12 @@ class ComputeStore:
         return zone
 
 
-def _refuse_failover(spec: dict[str, Any]) -> None:
-    """`failover: true` is refused until failover exists: it used to be stored and then
-    nothing acted on it (no reconciler moves guests off a lost cell yet)."""
-    if spec.get("failover"):
-        raise Invalid("failover: true is not implemented yet (nothing would move the guests "
-                      "of a lost cell): leave failover out or send false")
+def _check_failover(spec: dict[str, Any], storage: str) -> None:
+    """`failover: true` needs shared storage: the guests of a lost (and fenced) cell start
+    on another cell from their disks on it (reconciler/failover.py)."""
+    if spec.get("failover") and not storage:
+        raise Invalid("failover: true needs shared storage: give the pool a storage pool "
+                      "(storage: NAME) whose disks every cell reaches, or send failover: false")
 
 
 def _normalize_cell_spec(spec: dict[str, Any], rules: CellRules) -> dict[str, Any]:

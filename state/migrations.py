@@ -26,17 +26,19 @@ moving, or with media inserted from the source cell.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from state.db import db
-from state.errors import Conflict, Invalid, NotFound
+from state.errors import Conflict, Invalid, NanoError, NotFound
 from state.identity import SessionInfo
-from state.models import Cell, ComputePool, Guest, Migration, PortAllocation
+from state.models import Cell, ComputePool, Guest, Migration, PortAllocation, now
 from state.placement import check_cell, choose_cell, guest_need
 
 KEEP = 200  # finished migrations kept (oldest purged first)
+log = logging.getLogger("nano.state.migrations")
 
 
 @dataclass(frozen=True)
@@ -287,12 +289,7 @@ class MigrationStore:
         the target cell and pool (it was observed there only), its port forwards with it
         (the same cell ports where they are free there)."""
         if done and not error:
-            held = PortAllocation.select().where((PortAllocation.guest == guest_id) & (
-                PortAllocation.cell == move.source_cell)).order_by(PortAllocation.port)
-            forwarded = [p.guest_port for p in held]
-            if forwarded:
-                self.allocate_guest_ports(  # type: ignore[attr-defined]
-                    guest_id, move.target_cell, forwarded)
+            self._ports_to(guest_id, move.source_cell, move.target_cell)
         with db.atomic():
             g = Guest.get_or_none(Guest.id == guest_id)
             if g is None:
@@ -305,13 +302,84 @@ class MigrationStore:
             fields: dict[Any, Any] = {Guest.observed: observed}
             if done and not error:
                 fields.update({Guest.cell: move.target_cell, Guest.pool: move.target_pool})
-                PortAllocation.delete().where((PortAllocation.guest == guest_id) & (
-                    PortAllocation.cell == move.source_cell)).execute()
+                self._ports_off(guest_id, move.source_cell)
             Guest.update(fields).where(Guest.id == guest_id).execute()
         if done:
             row = Migration.get_or_none(Migration.id == move.migration)
             if row is not None:
                 self._settle(row)
+
+    def _ports_to(self, guest_id: str, source: str, target: str) -> None:
+        """The guest's port forwards on `source` get cell ports on `target` (the same
+        numbers where free): made before the guest's row moves, so a crash in between
+        leaves spare forwards, never missing ones."""
+        held = PortAllocation.select().where((PortAllocation.guest == guest_id) & (
+            PortAllocation.cell == source)).order_by(PortAllocation.port)
+        forwarded = [p.guest_port for p in held]
+        if forwarded:
+            self.allocate_guest_ports(guest_id, target, forwarded)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _ports_off(guest_id: str, cell: str) -> None:
+        PortAllocation.delete().where((PortAllocation.guest == guest_id) & (
+            PortAllocation.cell == cell)).execute()
+
+    # -- failover (reconciler/failover.py) -----------------------------------------------------
+
+    def pool_fails_over(self, pool: str) -> bool:
+        row = ComputePool.get_or_none(ComputePool.name == pool) if pool else None
+        return bool(row and row.failover and row.storage)
+
+    def guests_to_fail_over(self, cell: str) -> list[str]:
+        """Guests still placed on lost cell `cell` (not being deleted, not moving)."""
+        busy = self._moving_guests()
+        return [g.id for g in Guest.select(Guest.id).where(
+            (Guest.cell == cell) & (Guest.deleting == False)).order_by(Guest.id)  # noqa: E712
+            if g.id not in busy]
+
+    def fail_over(self, cell: str, guests: list[str], *, note: str) -> list[tuple[str, str]]:
+        """Place each guest of fenced cell `cell` on another cell of its pool with room
+        (counting the guests placed before it): auto_start guests are to run there, the
+        others stay stopped. A guest no cell has room for stays (and is tried again).
+        Returns [(guest id, new cell)]."""
+        moved: list[tuple[str, str]] = []
+        rooms_of: dict[str, list[Any]] = {}
+        for gid in guests:
+            row = Guest.get_or_none(Guest.id == gid)
+            if row is None or row.cell != cell:
+                continue
+            rooms = rooms_of.setdefault(row.pool, [  # type: ignore[attr-defined]
+                r for r in self._cell_rooms(row.pool) if r.name != cell])
+            need = guest_need(row.spec or {})
+            try:
+                target = choose_cell(row.pool, rooms, need)
+            except NanoError as exc:
+                log.warning("failover: guest %s stays on lost cell %s: %s", row.name, cell,
+                            exc.message)
+                continue
+            rooms_of[row.pool] = [r.promise(need) if r.name == target else r for r in rooms]
+            self._ports_to(gid, cell, target)
+            with db.atomic():
+                spec = dict(row.spec or {})
+                spec["power"] = "running" if spec.get("auto_start") else "stopped"
+                observed = {**(row.observed or {}), "failed_over": {
+                    "from": cell, "to": target, "at": str(now())}}
+                Guest.update(cell=target, spec=spec, generation=row.generation + 1,
+                             observed=observed, modified_at=now()).where(
+                    Guest.id == gid).execute()
+                self._ports_off(gid, cell)
+            self.add_log(f"failover: guest {row.name} ({gid}) moved from lost cell {cell} "  # type: ignore[attr-defined]
+                         f"to {target} ({'started' if spec['power'] == 'running' else 'stopped'}"
+                         f"; {note})")
+            moved.append((gid, target))
+        return moved
+
+    def stale_guests(self, cell: str, owned: list[str]) -> list[str]:
+        """Of the guests whose domains cell `cell` holds (`owned`), those that live on
+        another cell now (failed over while it was away) and are not moving."""
+        busy = self._moving_guests()
+        rows = Guest.select(Guest.id, Guest.cell).where(Guest.id.in_(owned)) if owned else []
+        return [g.id for g in rows if g.cell != cell and g.id not in busy]
 
     def guests_moving_to(self, cell: str) -> list[str]:
         """Guests of unfinished migrations bound for `cell` that are not there yet: their

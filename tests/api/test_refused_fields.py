@@ -1,6 +1,6 @@
 """Requests the store refuses before anything is stored: a cell with ssh but no address,
-a malformed `ssh.host_key`, and fields that would be accepted and then do nothing
-(`failover: true` on a compute pool) until they are implemented.
+a malformed `ssh.host_key`, and `failover: true` on a compute pool without shared storage
+(nothing could start its guests elsewhere).
 
 The reconciler is disabled here (the `api` fixture's settings): nothing connects to the
 addresses these tests register; what a refused request would have stored is read back
@@ -136,26 +136,25 @@ async def test_a_host_key_is_a_public_key_or_its_fingerprint(api, key, tmp_path)
 
 
 @pytest.mark.gen_test
-async def test_failover_true_is_refused_until_implemented(api):
+async def test_failover_needs_shared_storage(api):
     await api.ok("POST", "/storage_pools/nfs1", {"type": "nfs", "host": "nfs.example",
                                                  "target": "/export/nano"})
-    for body in ({"failover": True}, {"storage": "nfs1", "failover": True}):
-        reply = await api.call("POST", "/compute_pools/f1", body)
-        assert reply.code == 400, reply
-        assert reply.message == ("failover: true is not implemented yet (nothing would move "
-                                 "the guests of a lost cell): leave failover out or send false")
-        assert (await api.call("GET", "/compute_pools/f1")).code == 404
-    assert await api.ok("GET", "/compute_pools/") == []
+    refused = ("failover: true needs shared storage: give the pool a storage pool (storage: "
+               "NAME) whose disks every cell reaches, or send failover: false")
+    reply = await api.call("POST", "/compute_pools/f1", {"failover": True})
+    assert (reply.code, reply.message) == (400, refused)
+    assert (await api.call("GET", "/compute_pools/f1")).code == 404
 
-    # false (what the portal sends) and absent stay accepted
-    await api.ok("POST", "/compute_pools/f1", {"storage": "nfs1", "failover": False})
+    # with shared storage it is stored, and it is what it says
+    await api.ok("POST", "/compute_pools/f1", {"storage": "nfs1", "failover": True})
+    assert (await api.ok("GET", "/compute_pools/f1"))["failover"] is True
     await api.ok("POST", "/compute_pools/f2", {})
-    for name in ("f1", "f2"):
-        assert (await api.ok("GET", f"/compute_pools/{name}"))["failover"] is False
+    assert (await api.ok("GET", "/compute_pools/f2"))["failover"] is False
 
+    # taking the storage away from a failover pool is refused, nothing changes
     before = ComputePool.get(ComputePool.name == "f1")
-    reply = await api.call("PUT", "/compute_pools/f1", {"storage": "", "failover": True})
-    assert reply.code == 400 and reply.message.startswith("failover: true is not implemented")
+    reply = await api.call("PUT", "/compute_pools/f1", {"storage": ""})
+    assert (reply.code, reply.message) == (400, refused)
     after = ComputePool.get(ComputePool.name == "f1")
     assert (after.storage, after.failover, after.generation) == (
         before.storage, before.failover, before.generation)
