@@ -386,12 +386,17 @@ def nanod_live(rig: Rig, image_id: str, i: int, events: JobEvents, xml: list[str
                ) -> tuple[float, float]:
     """A running guest through nanod: (seconds, downtime ms). Its domain XML goes to
     `xml` (the direct domain's shape)."""
-    assert rig.nano is not None and rig.local is not None
+    assert rig.nano is not None and rig.local is not None and rig.remote is not None
     gid = new_guest(rig, image_id, f"live-{i}", [SYSTEM_DISK])
     rig.nano.ok("POST", f"/instances/{gid}", {})
     name = names().domain(gid)
     wait(lambda: rig.local.lookupByName(name).isActive(), 60, f"{name} running")
     xml[:] = [rig.local.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)]
+    # nanod does not refresh the shared pool on the target before a live migration: a
+    # volume made since the target cell's last probe (reconciler.probe_seconds) is unknown
+    # to the target's libvirtd, and the migration fails ("Storage volume not found").
+    # Refreshed here (not timed) until nanod does it.
+    rig.remote.storagePoolLookupByName(names().shared_pool(rig.storage)).refresh(0)
     time.sleep(1.0)
     took = migrate(rig, gid, "live")
     downtime = float(events.wait(name).get("downtime", "nan"))
