@@ -5,7 +5,11 @@ own mount, UTS, PID and network namespaces, reached over `qemu+ssh://` on a veth
 `second_host_up(name)` runs `scripts/second-host up` and returns a `SecondHost`: the cell
 body it printed (for `POST /cells/{name}`), its state (pids, namespace, directories) and
 ways in (`uri()` for libvirt, `ssh(...)` for a command). `down()` runs
-`scripts/second-host down`, which removes everything by pid and namespace.
+`scripts/second-host down`, which removes everything by pid and namespace. For failover
+tests: `freeze()` / `thaw()` (a hung host: every process of it SIGSTOPped, then SIGCONTed),
+`kill()` (the fence: every process SIGKILLed, its disk and network kept) and `up()` (a killed
+one powered on again with the same state; a new `SecondHost`), `condition()` (running,
+frozen, killed or dead).
 The `second_host` fixture (module scope) does both, and skips, saying why, where a part is
 missing (`unavailable()`).
 
@@ -81,6 +85,44 @@ class SecondHost:
 
     def down(self) -> subprocess.CompletedProcess[str]:
         return run_script("down", "--name", self.name)
+
+    def status(self) -> dict[str, Any]:
+        """`scripts/second-host status` now: its state file, "running" and "state"."""
+        done = run_script("status", "--name", self.name)
+        if done.returncode:
+            raise RuntimeError(f"second-host status: {done.stderr.strip()}")
+        return json.loads(done.stdout)
+
+    def condition(self) -> str:
+        """running, frozen, killed (by `kill()`) or dead (its init exited otherwise)."""
+        return str(self.status()["state"])
+
+    def freeze(self, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """SIGSTOP every process of its PID namespace (guests too): it hangs, TCP connects
+        to it are accepted and never answered."""
+        return self._verb("freeze", check)
+
+    def thaw(self, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """SIGCONT them; returns once its libvirtd answers again."""
+        return self._verb("thaw", check)
+
+    def kill(self, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The fence (an IPMI power-off): its eth0 down, every process SIGKILLed (frozen or
+        not), returns once all are gone; its directories (domain definitions), netns and veth
+        stay. Its pids in `state` are then stale: `up()` returns a new SecondHost."""
+        return self._verb("kill", check)
+
+    def up(self) -> SecondHost:
+        """`scripts/second-host up` again: on a killed host, the same host powered on (same
+        directories, name, host_uuid, address, keys); on a running one, nothing new."""
+        return second_host_up(self.name)
+
+    def _verb(self, verb: str, check: bool) -> subprocess.CompletedProcess[str]:
+        done = run_script(verb, "--name", self.name)
+        if check and done.returncode:
+            raise RuntimeError(f"second-host {verb} failed ({done.returncode}): "
+                               f"{done.stderr.strip()}")
+        return done
 
 
 def _same_ns(pid_a: int, pid_b: int, kind: str) -> bool:

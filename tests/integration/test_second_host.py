@@ -2,7 +2,9 @@
 libvirtd reached over `qemu+ssh://` that believes it is another host (its own hostname,
 host UUID, /etc/libvirt, processes and network), runs a real TCG QEMU domain, is registered
 by nanod as a cell through the API, shares one directory at the same path with this host,
-and leaves nothing behind when it goes down.
+and leaves nothing behind when it goes down. For failover tests it can hang (`freeze`,
+`thaw`) and be fenced (`kill`: every process gone, its disk and network kept), then power
+on again with the domains defined before.
 """
 
 from __future__ import annotations
@@ -77,10 +79,11 @@ def test_its_libvirtd_answers_over_ssh_as_another_host(second_host: SecondHost) 
     assert "default" not in routes  # it reaches nothing but this host's veth end
 
 
-def test_a_tcg_domain_runs_inside_it(second_host: SecondHost) -> None:
-    name = f"{PREFIX}-h2-{uuid.uuid4().hex[:8]}"
-    disk = second_host.shared / f"{name}.qcow2"
-    console = second_host.shared / f"{name}.console"
+def _tcg_domain(shared: Path, name: str) -> tuple[str, Path, Path, str]:
+    """A TCG domain's XML whose boot sector prints a line on its serial console (a file in
+    `shared`), then halts: (xml, disk, console, message)."""
+    disk = shared / f"{name}.qcow2"
+    console = shared / f"{name}.console"
     message = f"hello from {name}"
     boot_disk(disk, message, power_off=False)
     xml = f"""<domain type='qemu'>
@@ -94,14 +97,24 @@ def test_a_tcg_domain_runs_inside_it(second_host: SecondHost) -> None:
     <memballoon model='none'/>
   </devices>
 </domain>"""
+    return xml, disk, console, message
+
+
+def _wait_printed(console: Path, message: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while message not in (console.read_text(errors="replace") if console.exists() else ""):
+        assert time.monotonic() < deadline, f"the guest printed nothing in {timeout} s"
+        time.sleep(0.2)
+
+
+def test_a_tcg_domain_runs_inside_it(second_host: SecondHost) -> None:
+    name = f"{PREFIX}-h2-{uuid.uuid4().hex[:8]}"
+    xml, disk, console, message = _tcg_domain(second_host.shared, name)
     conn = libvirt.open(second_host.uri())
     dom = conn.defineXML(xml)
     try:
         dom.create()
-        deadline = time.monotonic() + 60
-        while message not in (console.read_text(errors="replace") if console.exists() else ""):
-            assert time.monotonic() < deadline, "the guest printed nothing in 60 s"
-            time.sleep(0.2)
+        _wait_printed(console, message)
         assert dom.isActive() and "<domain type='qemu'" in dom.XMLDesc(0)
         # this host's libvirtd knows nothing of it
         host = _host_libvirt()
@@ -160,6 +173,63 @@ def test_the_shared_directory_is_one_directory_at_one_path(second_host: SecondHo
             f"{ours.st_dev}:{ours.st_ino}"
     for name in ("from-host", "from-second"):
         (shared / name).unlink()
+
+
+def _virsh(uri: str, *args: str, timeout: float) -> tuple[int | None, str]:
+    """`virsh -c uri ARGS` in a session of its own: (exit code, output), or (None, ...) when
+    it did not end in `timeout` s; then its group (virsh, the ssh it ran) is killed by id."""
+    proc = subprocess.Popen(["virsh", "-c", uri, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None, f"no answer in {timeout} s"
+    return proc.returncode, out
+
+
+def _proc_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, T...); "" when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return ""
+    return fields[0]
+
+
+def _start_time(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return ""
+
+
+def test_freeze_hangs_it_and_thaw_brings_it_back(second_host: SecondHost) -> None:
+    uri, address = second_host.uri(), second_host.address
+    code, out = _virsh(uri, "list", timeout=30)
+    assert code == 0, out
+    pid_ns = os.readlink(f"/proc/{second_host.init_pid}/ns/pid")
+    done = second_host.freeze()
+    try:
+        assert done.stdout.startswith("froze ") and done.stdout.count("\n") == 1
+        members = _namespace_pids(pid_ns)
+        assert len(members) >= 5 and second_host.init_pid in members
+        assert {p: _proc_state(p) for p in members} == {p: "T" for p in members}
+        assert second_host.condition() == "frozen"
+        # a hung host: its kernel accepts the TCP connection, nothing answers on it
+        with socket.create_connection((address, 22), timeout=2) as sock:
+            sock.settimeout(1)
+            with pytest.raises(TimeoutError):
+                sock.recv(4)
+        assert _virsh(uri, "list", timeout=2)[0] is None
+    finally:
+        thawed = second_host.thaw(check=False)
+    assert thawed.returncode == 0, thawed.stderr
+    assert second_host.condition() == "running"
+    assert not [p for p in _namespace_pids(pid_ns) if _proc_state(p) in ("T", "t")]
+    code, out = _virsh(uri, "list", timeout=30)
+    assert code == 0, out
 
 
 @pytest.fixture
@@ -300,3 +370,94 @@ def second_host_name() -> Iterator[str]:
     name = f"k{os.getpid() % 10000000}"
     yield name
     run_script("down", "--name", name)  # when the test failed half way
+
+
+def test_kill_fences_it_and_up_powers_it_on_with_its_domains(second_host_name: str) -> None:
+    """`kill` (the fence) while a TCG guest runs there: every process of it gone (by pid),
+    the guest's disk lease free, its definition, directories, netns and veth kept; `up`
+    powers the same host on, its libvirtd with that domain defined and shut off."""
+    host = second_host_up(second_host_name)
+    dom_name = f"{PREFIX}-h2-{uuid.uuid4().hex[:8]}"
+    xml, disk, console, message = _tcg_domain(host.shared, dom_name)
+    conn = libvirt.open(host.uri())
+    try:
+        conn.defineXML(xml).create()
+        _wait_printed(console, message)
+    finally:
+        conn.close()
+    qemu = host.host_pid(int(host.ssh("cat", f"/run/libvirt/qemu/{dom_name}.pid").stdout))
+    pid_ns = os.readlink(f"/proc/{host.init_pid}/ns/pid")
+    members = {p: _start_time(p) for p in [*_namespace_pids(pid_ns), host.state["unshare_pid"]]}
+    members = {p: t for p, t in members.items() if t}  # not those that ended meanwhile
+    assert qemu in members and host.init_pid in members and len(members) >= 7
+    definition = Path(host.state["root"]) / "etc" / "qemu" / f"{dom_name}.xml"
+    assert definition.is_file()
+
+    done = host.kill()
+    assert done.stdout.startswith("killed ") and done.stdout.count("\n") == 1, done.stdout
+    assert "qemu-system" in done.stdout and "libvirtd" in done.stdout
+    assert _namespace_pids(pid_ns) == []
+    left = [p for p, t in members.items() if _start_time(p) == t and _proc_state(p) != "Z"]
+    assert left == [], [(p, _proc_state(p), Path(f"/proc/{p}/cmdline").read_bytes())
+                        for p in left]
+    state = host.status()
+    assert state["state"] == "killed" and state["running"] is False
+    # what a host keeps on its disk, and its network
+    assert dom_name in definition.read_text()
+    assert Path(f"/run/netns/{host.state['netns']}").exists()
+    assert Path(f"/sys/class/net/{host.state['veth']}").exists()
+    # the guest's disk lease went with its virtlockd: another host may start it now
+    st = disk.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    assert not [line for line in Path("/proc/locks").read_text().splitlines()
+                if line.split()[5] == inode]
+    with pytest.raises(OSError):  # nothing answers at its address
+        socket.create_connection((host.address, 22), timeout=0.5).close()
+
+    again = host.up()
+    try:
+        assert again.body == host.body and again.init_pid not in members
+        for key in ("root", "hostname", "host_uuid", "netns", "veth", "key_file"):
+            assert again.state[key] == host.state[key], key
+        conn = libvirt.open(again.uri())
+        try:
+            assert conn.getHostname() == f"nano-{second_host_name}"
+            assert _uuid_of(conn.getCapabilities()) == host.state["host_uuid"]
+            dom = conn.lookupByName(dom_name)
+            assert dom.isPersistent() and not dom.isActive()
+            console.unlink()
+            dom.create()  # it boots again there
+            _wait_printed(console, message)
+            dom.destroy()  # (`down` would wait for a QEMU run with -no-shutdown)
+        finally:
+            conn.close()
+        live_ns = os.readlink(f"/proc/{again.init_pid}/ns/pid")
+    finally:
+        done = again.down()
+    assert done.returncode == 0, done.stderr
+    _assert_gone(second_host_name, again.state, live_ns)
+
+
+def test_a_frozen_host_can_be_killed_and_down_removes_a_killed_or_frozen_one(
+        second_host_name: str) -> None:
+    first = second_host_up(second_host_name)
+    pid_ns = os.readlink(f"/proc/{first.init_pid}/ns/pid")
+    first.freeze()
+    done = first.kill()
+    assert done.stdout.startswith("killed ") and "init" in done.stdout
+    assert _namespace_pids(pid_ns) == [] and first.condition() == "killed"
+    assert "already killed" in first.kill().stdout
+    refused = first.freeze(check=False)
+    assert refused.returncode == 1 and "killed" in refused.stderr
+    done = first.down()
+    assert done.returncode == 0, done.stderr
+    _assert_gone(second_host_name, first.state, pid_ns)
+
+    second = second_host_up(second_host_name)  # a new one: `down` removed the killed one
+    assert second.state["root"] != first.state["root"]
+    pid_ns = os.readlink(f"/proc/{second.init_pid}/ns/pid")
+    second.freeze()
+    assert second.condition() == "frozen"
+    done = second.down()
+    assert done.returncode == 0, done.stderr
+    _assert_gone(second_host_name, second.state, pid_ns)
