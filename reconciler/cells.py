@@ -536,7 +536,8 @@ class CellReconciler:
             phase = "online" if alive else "offline"
             if not alive:  # lost: fenced failover where the pool has it
                 observed["fence"], fenced = self.failover.lost(spec, prev.get("fence"))
-                conditions = set_condition(conditions, "Fenced", *fenced, now_text())
+                if fenced is not None:
+                    conditions = set_condition(conditions, "Fenced", *fenced, now_text())
         self.store.record_cell(spec.name, generation=spec.generation, observed=observed,
                                conditions=conditions, phase=phase, last_error=last_error)
         # the pools' status is derived from their cells

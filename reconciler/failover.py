@@ -84,13 +84,13 @@ class Failover:
 
     # -- a cell is lost -----------------------------------------------------------------------
 
-    def lost(self, spec: CellSpec, fence: dict[str, Any] | None) -> tuple[dict[str, Any] | None,
-                                                                          tuple[bool, str, str]]:
+    def lost(self, spec: CellSpec, fence: dict[str, Any] | None
+             ) -> tuple[dict[str, Any] | None, tuple[bool, str, str] | None]:
         """The cell is offline. Returns its fence record (kept in its observed facts until
-        it answers again) and its `Fenced` condition (status, reason, message)."""
+        it answers again) and its `Fenced` condition (status, reason, message); None for a
+        cell whose pool has no failover (its guests wait for it)."""
         if not self.store.pool_fails_over(spec.pool):
-            return fence, (False, "NoFailover", f"compute pool {spec.pool or '(none)'} has no "
-                           "failover: its guests wait for the cell")
+            return fence, None
         guests = self.store.guests_to_fail_over(spec.name)
         if not guests and not fence:
             return fence, (False, "NothingToMove", "the cell hosts no guest")

@@ -362,7 +362,8 @@ class MigrationStore:
             with db.atomic():
                 spec = dict(row.spec or {})
                 spec["power"] = "running" if spec.get("auto_start") else "stopped"
-                observed = {**(row.observed or {}), "failed_over": {
+                # the fenced cell's copy is dead: nothing runs until the new cell says so
+                observed = {**(row.observed or {}), "running": False, "failed_over": {
                     "from": cell, "to": target, "at": str(now())}}
                 Guest.update(cell=target, spec=spec, generation=row.generation + 1,
                              observed=observed, modified_at=now()).where(

@@ -32,10 +32,15 @@ def remove_cell_leftovers(conn: libvirt.virConnect, pool_name: str) -> None:
     """Domains whose disks live in `pool_name`, then the pool's volumes and the pool.
     Volume jobs still under way make libvirt refuse for a while: retried."""
     for dom in conn.listAllDomains():
-        if dom.name().startswith(names().owned) and f"pool='{pool_name}'" in dom.XMLDesc(0):
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        try:
+            if dom.name().startswith(names().owned) and \
+                    f"pool='{pool_name}'" in dom.XMLDesc(0):
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        except libvirt.libvirtError as exc:  # gone meanwhile (another test's, or its own)
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
     last = None
     for _attempt in range(40):
         try:

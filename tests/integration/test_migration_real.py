@@ -59,6 +59,7 @@ def h2(api, io_loop, server, system, cell, second_host: SecondHost):  # noqa: F8
     name = second_host.name
     conn = libvirt.open(second_host.uri())
     remove_cell_leftovers(conn, f"{PREFIX}-{name}")
+    conn.close()
 
     async def setup():
         await api.ok("POST", f"/cells/{name}", second_host.body)
@@ -66,20 +67,30 @@ def h2(api, io_loop, server, system, cell, second_host: SecondHost):  # noqa: F8
         async def alive():
             return (await api.ok("GET", f"/cells/{name}"))["alive"] or None
 
-        await until(alive, timeout=60, what="the second host's cell alive")
+        try:
+            await until(alive, timeout=60, what="the second host's cell alive")
+        except AssertionError:
+            record = await api.ok("GET", f"/cells/{name}")
+            raise AssertionError(f"cell {name} not alive: {record['status']}") from None
         await api.ok("POST", f"/compute_pool_cells/gp/{name}", {})
 
     io_loop.run_sync(setup)
     yield name
     if server.controller:
         server.controller.stop(10.0)
+    remove_cell_leftovers(system, names().shared_pool(SHARED))  # of the shared-storage tests
+    if second_host.condition() == "frozen":  # a failover test that stopped half way
+        second_host.kill()
+    if second_host.condition() == "killed":
+        second_host.up()
+    conn = libvirt.open(second_host.uri())  # anew: a failover test powers the host off and on
     remove_cell_leftovers(conn, f"{PREFIX}-{name}")
-    for either in (conn, system):  # the shared storage pool of the shared-storage test
-        remove_cell_leftovers(either, names().shared_pool(SHARED))
+    remove_cell_leftovers(conn, names().shared_pool(SHARED))
     conn.close()
 
 
-async def counter_guest(api, tmp_path, name, *, disks=(64 * MiB,), start=True):
+async def counter_guest(api, tmp_path, name, *, disks=(64 * MiB,), start=True,
+                        on="local-g", **extra):
     image = counter_disk(tmp_path / f"{name}.qcow2")
     data = image.read_bytes()
     image_id = await create_image(api, "disk", f"{name}-counter")
@@ -87,7 +98,7 @@ async def counter_guest(api, tmp_path, name, *, disks=(64 * MiB,), start=True):
                          filename=f"{name}.qcow2")
     assert reply.code == 0, reply.message
     body = guest_body(name, modules=[], disks=list(disks), from_image=image_id,
-                      cell="local-g")
+                      cell=on, **extra)
     del body["cloud_init"]
     gid = (await api.ok("POST", "/guests/", body))["id"]
     await created(api, gid)
