@@ -166,6 +166,9 @@ class GuestMover:
             missing = move.target_cell if target is None else move.source_cell
             return self._end(desired, move, last, f"cell {missing!r} is not registered any more")
         if not source.observed.get("alive"):
+            if (source.observed.get("fence") or {}).get("ok"):  # failover takes the guest
+                return self._end(desired, move, last, f"source cell {source.name} was lost "
+                                 "and fenced: the pool's failover places the guest")
             return self._phase(desired, move, last, "waiting", f"source cell {source.name} "
                                "is offline: the move goes on once it answers")
         if not target.observed.get("alive"):
