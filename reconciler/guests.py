@@ -681,7 +681,9 @@ class GuestReconciler:
         drv = LibvirtGuests(link.hypervisor)
         # a recorded replica was checked by size and SHA-1 when it was made; the volume's
         # capacity cannot say (for qcow2 it is the virtual size, not the file's)
+        job_id = f"send/{cell.name}/{place.pool}/{name}"
         if replica and drv.volume(place.pool, name) is not None:
+            self.long.discard(job_id)  # a send's result nobody needs any more
             return name
 
         def send(report: Report) -> str:
@@ -698,8 +700,13 @@ class GuestReconciler:
             return name
 
         # one job per volume on a cell: guests that need the same image share it
-        return self.long.run(owner, f"send/{cell.name}/{place.pool}/{name}",
-                             f"send {kind} image {image_id} to cell {cell.name}", send)
+        sent = self.long.run(owner, job_id, f"send {kind} image {image_id} to cell "
+                             f"{cell.name}", send)
+        if drv.volume(place.pool, sent) is None:  # dropped since (an unused cached copy)
+            self.long.discard(job_id)
+            raise Unavailable(f"{kind} image {image_id} was sent to cell {cell.name} and is "
+                              "gone again (its cached copy was dropped): sending it again")
+        return sent
 
     def _seed(self, desired: Any) -> tuple[dict[str, Any], str]:
         """What the guest's cloud-init seed ISO is built from (build_seed_iso's arguments)

@@ -98,6 +98,14 @@ class LongWork:
         assert job.future is not None
         return job.future.result()  # the job's error, raised here once
 
+    def discard(self, job_id: str) -> None:
+        """Forget an ended job's result: what it made was seen by other means (or is gone),
+        and a later `run` with that id must start it again, not return the old result."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None and job.ended_at is not None:
+                del self._jobs[job_id]
+
     def running_for(self, owner: Key) -> Job | None:
         """A job of `owner` queued or running, if any."""
         with self._lock:

@@ -18,8 +18,10 @@ No call waits on a cell for ever: each runs in the cell's own threads and its ca
 waits at most `reconciler.libvirt_timeout_seconds` (`configure`), then gets Unavailable;
 until that call returns, further calls to the cell fail at once instead of queueing
 behind it. A libvirtd that accepts and never answers holds a thread of its own cell, never
-a reconciler worker. Streams (volume upload and download) are long work and have no limit
-(`timeout=None`); ssh's keepalives end a remote one whose cell went away.
+a reconciler worker. Long work (volume streams and copies, snapshots, live migrations) has
+no limit (`timeout=None`) and runs in its caller's own thread (a long-work thread), never in
+the cell's: two migrations from one cell must not take the threads its probes and status
+calls need. ssh's keepalives end a remote one whose cell went away.
 """
 
 from __future__ import annotations
@@ -451,6 +453,8 @@ class LibvirtHypervisor:
                     f"{what}: not tried, the cell has not answered an earlier call for "
                     f"{time.monotonic() - stall.since:.0f} s ({stall.what})")
             _stalls.pop(self.uri, None)
+        if timeout is None:  # long work: in the caller's thread (module docstring)
+            return self._run_call(what, fn)
         limit = _call_timeout if timeout is DEFAULT_LIMIT else timeout
         future = self._threads.submit(self._run_call, what, fn)
         try:

@@ -257,11 +257,15 @@ def delete_volume(target: Target, pool_name: str, volume_name: str) -> None:
 
 def copy_volume(source: LibvirtHypervisor, source_pool: str, target: LibvirtHypervisor,
                 target_pool: str, volume_name: str, *,
-                progress: Callable[[int, int], None] | None = None) -> tuple[int, str]:
+                progress: Callable[[int, int], None] | None = None,
+                digest_on_target: Callable[[str], tuple[int, str]] | None = None
+                ) -> tuple[int, str]:
     """Copy a volume from one cell to another through two libvirt streams (a download on
     the source piped into an upload on the target, 16 MiB in flight at most): the target
-    volume is created empty (or replaced), then read back and compared by size and SHA-1
-    with what the source sent. Returns (size, sha1). A cold migration's disk copy."""
+    volume is created empty (or replaced), then its size and SHA-1 are compared with what
+    the source sent: computed on the target cell itself by `digest_on_target(path)` when
+    given (a `sha1sum` there: no second trip over the network), else read back through a
+    download stream. Returns (size, sha1). A cold migration's disk copy."""
     naming.names().require_owned(volume_name, "copy volume")
     chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=16)
     failed = threading.Event()
@@ -333,7 +337,12 @@ def copy_volume(source: LibvirtHypervisor, source_pool: str, target: LibvirtHype
         writing = pair.submit(_streaming, target, what, send)
         sent_by_source = reading.result()
         writing.result()
-    held = volume_digest(target, target_pool, volume_name)
+    if digest_on_target is not None:
+        path = target.call(f"path of volume {target_pool}/{volume_name}", lambda conn: (
+            _lookup_pool(conn, target_pool).storageVolLookupByName(volume_name).path()))
+        held = digest_on_target(path)
+    else:
+        held = volume_digest(target, target_pool, volume_name)
     if held != sent_by_source:
         delete_volume(target, target_pool, volume_name)
         raise Permanent(f"{what}: the copy holds {held[0]} bytes with SHA-1 {held[1]}, the "

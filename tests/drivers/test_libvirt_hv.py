@@ -340,3 +340,14 @@ def test_remote_connection_is_reopened_with_its_callbacks(
     assert remote_hv.node_info() == before  # reconnected once, transparently
     name, guest_id = tiny_domain()
     events.wait_for((name, guest_id, "defined"))  # events flow on the new connection
+
+
+def test_long_work_runs_in_its_callers_thread(hv: LibvirtHypervisor) -> None:
+    """Calls without a limit (streams, copies, live migrations) never take the cell's own
+    threads, which its probes and status calls need: two migrations from one cell once
+    held all of them and the cell looked offline."""
+    caller = threading.current_thread()
+    seen = hv.call("long work", lambda conn: threading.current_thread(), timeout=None)
+    assert seen is caller
+    limited = hv.call("status", lambda conn: threading.current_thread())
+    assert limited is not caller  # a limited call runs in the cell's threads

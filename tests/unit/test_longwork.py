@@ -119,3 +119,26 @@ def test_the_job_of_an_owner_is_known_while_it_runs():
     assert lane.running_for(other) is None
     gate.set()
     wait_for(lambda: lane.running_for(OWNER) is None)
+
+
+def test_a_discarded_result_is_not_handed_to_the_next_caller():
+    """A send whose volume was seen by other means, then dropped from the cell: the next
+    guest needing it must send it again, not get the old job's answer (issue 15's bench
+    found a second guest of one image failing for good)."""
+    lane = LongWork(lambda key: None, workers=1)
+    runs: list[int] = []
+
+    def send(report):
+        runs.append(1)
+        return "volume"
+
+    with pytest.raises(InProgress):
+        lane.run(OWNER, "send/x", "send", send)
+    wait_for(lambda: not lane.running())
+    lane.discard("send/x")
+    with pytest.raises(InProgress):  # started again, not the old result
+        lane.run(Key("guest", "g2"), "send/x", "send", send)
+    wait_for(lambda: not lane.running())
+    assert lane.run(Key("guest", "g2"), "send/x", "send", send) == "volume"
+    assert len(runs) == 2
+    lane.discard("send/unknown")  # nothing to forget: nothing happens
