@@ -72,7 +72,11 @@ class Seen:
     missing_on_target: tuple[str, ...]  # guest volumes the target pool lacks
     left_on_source: tuple[str, ...]     # guest volumes still in the source pool
     copied: bool                 # a verified cold copy was recorded for this move
-    source_job: bool = False     # libvirt runs a migration job on the source domain
+    # libvirt runs a migration job on the source domain. Read BEFORE the domains' states:
+    # with no job then, a half-made target seen after is a leftover; read after, a job
+    # that ended in between (the guest now on the target) would look like one, and its
+    # removal would destroy the only running copy.
+    source_job: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class Plan:
 def plan_move(seen: Seen) -> Plan:
     """Pure: the next step of a move from what both cells show."""
     s, t = seen.source, seen.target
+    if seen.source_job:  # whatever both cells show meanwhile (a switchover pauses both)
+        return Plan(Step.WAIT, "libvirt is migrating the guest", "live")
     if s == "running" and t == "running":
         return Plan(Step.FAIL, "the guest's domain runs on both cells: nanod changes neither; "
                     "stop the copy that must not run, then migrate again")
@@ -100,8 +106,6 @@ def plan_move(seen: Seen) -> Plan:
                         "source pool")
         return Plan(Step.DONE, "the guest is on the target cell only")
     if t is not None:  # transient or paused on the target: an incoming live migration
-        if s == "running" and seen.source_job:
-            return Plan(Step.WAIT, "libvirt is migrating the guest", "live")
         if s is None:
             return Plan(Step.WAIT, "the guest arrives on the target", "live")
         return Plan(Step.REMOVE_TARGET, "a live migration stopped half way: the target's "
@@ -110,8 +114,6 @@ def plan_move(seen: Seen) -> Plan:
         return Plan(Step.FAIL, "the guest's domain is on neither cell: nothing to move "
                     "(it is lost; see the guest's conditions)")
     if s == "running":
-        if seen.source_job:
-            return Plan(Step.WAIT, "libvirt is migrating the guest", "live")
         if not seen.shared and seen.missing_on_target:
             return Plan(Step.CREATE_TARGET_VOLUMES, "volumes for the disks on the target",
                         "live")
@@ -214,6 +216,7 @@ class GuestMover:
         job = self.long.running_for(key)
         if job is not None:
             raise InProgress(job)
+        source_job = s_drv.migrating(name)  # first: see Seen.source_job
         s_seen, t_seen = s_drv.presence(name), t_drv.presence(name)
         shared = bool(desired.storage_pool)
         seen = Seen(
@@ -225,7 +228,7 @@ class GuestMover:
             left_on_source=() if shared else tuple(
                 v for v in vols if s_drv.volume(s_pool, v) is not None),
             copied=bool(last.get("copied")),
-            source_job=bool(s_seen and s_seen[0] == "running" and s_drv.migrating(name)))
+            source_job=source_job)
         plan = plan_move(seen)
         mode = plan.mode or last.get("mode") or ("live" if seen.source == "running" else "cold")
         log.info("guest %s (%s) move %s: %s (%s)", desired.name, desired.id, move.migration,

@@ -300,6 +300,8 @@ class MigrationStore:
                                 "error": error, "done": done, "copied": copied,
                                 "attempts": attempts, "cpu_checked": cpu_checked}
             fields: dict[Any, Any] = {Guest.observed: observed}
+            if not done:  # counted as migrating from the same write that says it moves
+                fields[Guest.phase] = "migrating"
             if done and not error:
                 fields.update({Guest.cell: move.target_cell, Guest.pool: move.target_pool})
                 self._ports_off(guest_id, move.source_cell)

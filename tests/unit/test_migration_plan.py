@@ -37,6 +37,11 @@ def seen(source="running", target=None, *, shared=False, missing=("v0",), left=(
     (seen("running", "paused", tp=False), Step.REMOVE_TARGET, "live"),
     (seen(None, "paused", tp=False), Step.WAIT, "live"),
     (seen("running", job=True), Step.WAIT, "live"),
+    # libvirt's switchover pauses both copies, and the target turns persistent before the
+    # source's job ends: while the job runs, nothing is removed anywhere
+    (seen("paused", "paused", tp=False, job=True), Step.WAIT, "live"),
+    (seen("paused", "running", job=True), Step.WAIT, "live"),
+    (seen("running", "running", tp=False, job=True), Step.WAIT, "live"),
     (seen("stopped", "running", missing=()), Step.UNDEFINE_SOURCE, ""),
     (seen("running", "stopped", missing=()), Step.REMOVE_TARGET, "cold"),
     # never two running copies, never a guest from nowhere
