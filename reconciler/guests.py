@@ -920,9 +920,12 @@ class GuestReconciler:
         phase = "running" if running else "stopped"
         if not observed.defined:
             phase = "failed" if final.blocked else "creating"
-        self.store.record_guest_observed(desired.id, generation=desired.generation,
-                                         phase=phase, observed=facts, conditions=conditions,
-                                         last_error="")
+        # converged on this generation only when nothing is left to do: a pass that
+        # started long work (an image sent) or left an action for the next one has not,
+        # and what its next pass finds different is no drift
+        self.store.record_guest_observed(desired.id, generation=None if final.actions else
+                                         desired.generation, phase=phase, observed=facts,
+                                         conditions=conditions, last_error="")
 
     def _stats(self, desired: Any, drv: Any, running: bool, spec: dict[str, Any]
                ) -> dict[str, Any]:

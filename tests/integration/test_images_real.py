@@ -13,9 +13,11 @@ import libvirt
 import pytest
 
 from tests.api.test_compute import until
+from tests.api.identity_helpers import logs
 from tests.api.test_images import create, make_iso, sha1, upload
 from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.conftest import reconciling
+from tests.integration.test_guest_drift import cond, converged
 from tests.integration.test_guests_real import (  # noqa: F401  (fixtures)
     cell,
     created,
@@ -95,6 +97,10 @@ async def test_guest_from_image_media_and_reset(api, cell, system, tmp_path):  #
     assert f"{PREFIX}-media-{media_id}-v1" in dom.XMLDesc(0)
     media_volume = volumes(system)[f"{PREFIX}-media-{media_id}-v1"]
     assert media_volume.info()[1] == len(iso)
+    # nanod's own insert (the image sent to the cell first) is no drift
+    item = await converged(api, gid)
+    assert cond(item, "Drifted")["reason"] == "InSync", cond(item, "Drifted")
+    assert not [e for e in (await logs(api, limit=100))["logs"] if "drifted" in e["content"]]
     await api.ok("DELETE", f"/instances/{gid}/media")
 
     async def ejected():
