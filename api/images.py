@@ -619,6 +619,9 @@ class ImageFileHandler(ImageRoute):
         self._receiving = False
         lanes.close()
         self._lanes = None
+        # the store lane has several threads: a progress write still in flight must land
+        # before the commit, or it would take the finished image back below 100
+        await self.background_settled()
         try:
             sha1 = await self.blocking(upload.finish, checksum)
             version = await self.stored(self.store.commit_upload, self.kind,

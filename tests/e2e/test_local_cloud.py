@@ -152,7 +152,7 @@ def test_local_cloud_example_lifecycle(libvirt_names, nanod: Nanod, tmp_path: Pa
         catalog = (example / "catalog.yaml").read_text()
         if "kind: Template" in catalog:
             edit(example / "catalog.yaml", "tablet: usb", "tablet: ''")
-            expected.append("~ tablet: 'usb' -> '' [live: guests copy a template when "
+            expected.append("~ tablet: 'usb' -> '' [guests copy a template when "
                             "created: existing ones keep theirs]")
         if "kind: SecurityPolicyGroup" in catalog:
             edit(example / "catalog.yaml", "to_port: 80", "to_port: 443")
