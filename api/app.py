@@ -20,6 +20,7 @@ from api import (
     images,
     migrations,
     networks,
+    openapi,
     policies,
     status,
     templates,
@@ -28,7 +29,7 @@ from api.base import AppContext, NotFoundHandler
 
 PREFIX = "/api/v1"
 MODULES = [identity, compute, images, networks, policies, guests, templates, batches, status,
-           console, migrations]
+           console, migrations, openapi]
 
 
 def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
@@ -42,8 +43,11 @@ def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
 
 
 def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
+    table = routes(ctx)
+    # the OpenAPI document of this very table, made once (GET /api/v1/openapi.json)
+    ctx.extras["openapi"] = openapi.document_text(table)
     return tornado.web.Application(
-        routes(ctx),
+        table,
         default_handler_class=NotFoundHandler,
         default_handler_args={"ctx": ctx},
         compress_response=False,

@@ -193,6 +193,66 @@ class AppContext:
 
 ROUTE_METHODS = ("get", "head", "post", "put", "delete", "patch")
 
+UPLOAD = "(upload)"
+"""`Contract.body` of the image upload routes: a multipart/form-data file, not JSON."""
+DOWNLOAD = "(download)"
+"""`Contract.data` of a file download: the file's bytes (errors still get the envelope)."""
+DOCUMENT = "(document)"
+"""`Contract.data` of a reply that is a document of its own (GET /openapi.json), not the
+envelope: like a download, it is what the client asked for, whole."""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What one route method takes and answers: the one declaration that `body()`
+    validates with and api/openapi.py documents, so the two cannot differ.
+
+    body      -- name of the request body's schema in specs/api (what `body()` checks), or
+                 UPLOAD, or None when the method reads no body;
+    data      -- name of the schema of the reply's `data` in specs/api, or DOWNLOAD or
+                 DOCUMENT;
+    query     -- the query parameters it reads (all strings on the wire);
+    extension -- not in the seed API (nano-frontend-api-1.3.1): True, or the route
+                 patterns (as in the module's ROUTES) on which it is one, for a handler
+                 serving a seed path and an extension path.
+    """
+
+    data: str
+    body: str | None = None
+    query: tuple[str, ...] = ()
+    extension: bool | tuple[str, ...] = False
+
+
+def contract(*, data: str, body: str | None = None, query: tuple[str, ...] = (),
+             extension: bool | tuple[str, ...] = False) -> Callable[[T], T]:
+    """Declare a route method's `Contract` (see there); every route method has one."""
+    declared = Contract(data=data, body=body, query=query, extension=extension)
+
+    def mark(method: T) -> T:
+        method.__dict__["contract"] = declared  # kept by functools.wraps (in_store_lane)
+        return method
+
+    return mark
+
+
+def contract_of(handler: type, method: str) -> Contract:
+    """The `Contract` of `handler`'s `method` ("GET", ...): the most derived declaration,
+    a method's `@contract` or an entry of a class's `contracts` (for a subclass that
+    shares its base's method, e.g. disk images with media images, but takes another
+    body). A KeyError names a route method that has none (tests/api/test_openapi.py
+    checks that none is missing)."""
+    for cls in handler.__mro__:
+        overrides = cls.__dict__.get("contracts", {})
+        if method in overrides:
+            return cast(Contract, overrides[method])
+        fn = cls.__dict__.get(method.lower())
+        if fn is not None:
+            declared = fn.__dict__.get("contract")
+            if not isinstance(declared, Contract):
+                break
+            return declared
+    raise KeyError(f"{handler.__name__}.{method.lower()} declares no @contract")
+
 
 def in_store_lane(method: Callable[..., None]) -> Callable[..., Any]:
     """`method`, a route method that is not a coroutine, as a coroutine that runs it whole
@@ -215,12 +275,15 @@ class NanoHandler(tornado.web.RequestHandler):
     Class attributes a route sets:
       public  -- no session needed (system init, login);
       menu    -- the menu tag a session must hold to change (non-GET) this route group;
-      read_menu -- a tag needed even to read (admin-only listings).
+      read_menu -- a tag needed even to read (admin-only listings);
+      contracts -- per HTTP method, a `Contract` replacing the one of an inherited method.
+    Every route method declares its `Contract` (`@contract`).
     """
 
     public = False
     menu: str | None = None
     read_menu: str | None = None
+    contracts: dict[str, Contract] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every route method a handler defines that is not a coroutine runs in the store
@@ -310,8 +373,13 @@ class NanoHandler(tornado.web.RequestHandler):
     def http_connection(self) -> HTTP1Connection:
         return cast(HTTP1Connection, self.request.connection)
 
-    def body(self, schema: str | None = None) -> dict:
-        """The JSON body as a dict ({} when empty), validated against `schema`."""
+    def body(self) -> dict:
+        """The JSON body as a dict ({} when empty), validated against the schema this
+        method's `@contract(body=...)` names (the one the OpenAPI document shows)."""
+        schema = contract_of(type(self), self.request.method or "").body
+        if schema is None or schema == UPLOAD:
+            raise TypeError(f"{type(self).__name__}.{(self.request.method or '').lower()} "
+                            "reads a JSON body but its @contract declares none")
         raw = b"".join(self._chunks)
         if not raw.strip():
             data: Any = {}
@@ -326,10 +394,9 @@ class NanoHandler(tornado.web.RequestHandler):
                 raise Invalid(f"malformed JSON body: {exc}") from None
         if not isinstance(data, dict):
             raise Invalid("the body must be a JSON object, e.g. {\"name\": ...}")
-        if schema:
-            problems = specs.validate(schema, data)
-            if problems:
-                raise Invalid("invalid request: " + "; ".join(problems), details=problems)
+        problems = specs.validate(schema, data)
+        if problems:
+            raise Invalid("invalid request: " + "; ".join(problems), details=problems)
         return data
 
     # -- session and authorization --------------------------------------------------------

@@ -8,6 +8,7 @@ caller's own; starting one needs the 'instance' menu tag.
 
 from __future__ import annotations
 
+from api.base import Contract, contract
 from api.guests import GuestHandlerBase
 from reconciler.contract import Key
 
@@ -16,6 +17,7 @@ class BatchHandler(GuestHandlerBase):
     menu = "instance"
     kind = ""
 
+    @contract(data="batch_guest_status")
     def get(self, task_id: str) -> None:
         finished, entries = self.store.batch_status(self.caller, self.kind, task_id)
         self.reply(entries, status=200 if finished else 202)
@@ -24,8 +26,9 @@ class BatchHandler(GuestHandlerBase):
 class BatchCreateHandler(GuestHandlerBase):
     menu = "instance"
 
+    @contract(data="created_id", body="batch_create_guest")
     def post(self) -> None:
-        body = self.body("batch_create_guest")
+        body = self.body()
         task_id, guests = self.store.batch_create_guests(self.caller, body)
         for guest in guests:
             self.ctx.enqueue(Key("guest", guest["id"]))
@@ -37,13 +40,15 @@ class BatchCreateHandler(GuestHandlerBase):
 
 class BatchCreateStatusHandler(BatchHandler):
     kind = "create_guest"
+    contracts = {"GET": Contract(data="batch_create_status")}  # entries carry progress
 
 
 class BatchDeleteHandler(GuestHandlerBase):
     menu = "instance"
 
+    @contract(data="created_id", body="batch_delete_guest")
     def post(self) -> None:
-        body = self.body("batch_delete_guest")
+        body = self.body()
         task_id, changed = self.store.batch_delete_guests(self.caller, body)
         for guest_id in changed:
             self.ctx.enqueue(Key("guest", guest_id))
@@ -59,8 +64,9 @@ class BatchDeleteStatusHandler(BatchHandler):
 class BatchStopHandler(GuestHandlerBase):
     menu = "instance"
 
+    @contract(data="created_id", body="batch_stop_guest")
     def post(self) -> None:
-        body = self.body("batch_stop_guest")
+        body = self.body()
         task_id, changed = self.store.batch_stop_guests(self.caller, body)
         for guest_id in changed:
             self.ctx.enqueue(Key("guest", guest_id))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from api.base import NanoHandler
+from api.base import NanoHandler, contract
 from reconciler.contract import Key
 from state.cell_transport import parse_host_key
 from state.errors import Conflict
@@ -36,6 +36,7 @@ async def wait_probed(handler: NanoHandler, name: str, timeout: float = 20.0) ->
 class PoolsHandler(NanoHandler):
     menu = "compute_pool"
 
+    @contract(data="compute_pool_list")
     def get(self) -> None:
         self.reply(self.store.list_pools())
 
@@ -43,23 +44,28 @@ class PoolsHandler(NanoHandler):
 class PoolHandler(NanoHandler):
     menu = "compute_pool"
 
+    @contract(data="compute_pool_info")
     def get(self, name: str) -> None:
         self.reply(self.store.pool(name))
 
+    @contract(data="nothing", body="compute_pool")
     def post(self, name: str) -> None:
-        self.store.create_pool(name, self.body("compute_pool"))
+        self.store.create_pool(name, self.body())
         self.ctx.enqueue(Key("compute_pool", name))
         self.audit(f"created compute pool {name}")
         self.reply()
 
+    @contract(data="nothing", body="compute_pool")
     def put(self, name: str) -> None:
-        cells = self.store.modify_pool(name, self.body("compute_pool"))
+        cells = self.store.modify_pool(name, self.body())
         _enqueue_cells(self, cells)
         self.ctx.enqueue(Key("compute_pool", name))
         self.audit(f"modified compute pool {name}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, name: str) -> None:
+        self.body()  # JSON or nothing; nothing in it is used
         self.store.delete_pool(name)
         self.audit(f"deleted compute pool {name}")
         self.reply()
@@ -68,6 +74,7 @@ class PoolHandler(NanoHandler):
 class UnallocatedCellsHandler(NanoHandler):
     menu = "compute_pool"
 
+    @contract(data="pool_cell_list")
     def get(self) -> None:
         self.reply(self.store.cells(unallocated=True))
 
@@ -75,6 +82,7 @@ class UnallocatedCellsHandler(NanoHandler):
 class PoolCellsHandler(NanoHandler):
     menu = "compute_pool"
 
+    @contract(data="pool_cell_list")
     def get(self, pool: str) -> None:
         self.reply(self.store.cells(pool))
 
@@ -82,9 +90,11 @@ class PoolCellsHandler(NanoHandler):
 class PoolCellHandler(NanoHandler):
     menu = "compute_pool"
 
+    @contract(data="pool_cell_detail")
     def get(self, pool: str, cell: str) -> None:
         self.reply(self.store.cell_status(pool, cell))
 
+    @contract(data="nothing", body="no_fields")
     async def post(self, pool: str, cell: str) -> None:
         self.body()  # the portal sends an empty body
         await self.stored(self.store.pool, pool)
@@ -95,13 +105,15 @@ class PoolCellHandler(NanoHandler):
         self.audit(f"added cell {cell} to compute pool {pool}")
         self.reply()
 
+    @contract(data="nothing", body="cell_enable")
     def put(self, pool: str, cell: str) -> None:
-        enable = self.body("cell_enable")["enable"]
+        enable = self.body()["enable"]
         self.store.enable_cell(pool, cell, enable)
         self.ctx.enqueue(Key("cell", cell))
         self.audit(f"{'enabled' if enable else 'disabled'} cell {cell} in compute pool {pool}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, pool: str, cell: str) -> None:
         self.body()
         self.store.remove_cell_from_pool(pool, cell)
@@ -113,6 +125,7 @@ class PoolCellHandler(NanoHandler):
 class StoragePoolsHandler(NanoHandler):
     menu = "storage_pool"
 
+    @contract(data="storage_pool_list")
     def get(self) -> None:
         self.reply(self.store.list_storage())
 
@@ -120,49 +133,59 @@ class StoragePoolsHandler(NanoHandler):
 class StoragePoolHandler(NanoHandler):
     menu = "storage_pool"
 
+    @contract(data="storage_pool_info")
     def get(self, name: str) -> None:
         data = self.store.storage(name)
         self.reply({k: v for k, v in data.items() if k != "name"})
 
+    @contract(data="nothing", body="storage_pool")
     def post(self, name: str) -> None:
-        self.store.create_storage(name, self.body("storage_pool"))
+        self.store.create_storage(name, self.body())
         self.ctx.enqueue(Key("storage_pool", name))
         self.audit(f"created storage pool {name}")
         self.reply()
 
+    @contract(data="nothing", body="storage_pool_modify")
     def put(self, name: str) -> None:
-        self.store.modify_storage(name, self.body("storage_pool_modify"))
+        self.store.modify_storage(name, self.body())
         self.ctx.enqueue(Key("storage_pool", name))
         self.audit(f"modified storage pool {name}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, name: str) -> None:
+        self.body()  # JSON or nothing; nothing in it is used
         self.store.delete_storage(name)
         self.audit(f"deleted storage pool {name}")
         self.reply()
 
 
 class ZoneStatusHandler(NanoHandler):
+    @contract(data="zone_status")
     def get(self) -> None:
         self.reply(self.store.zone_stats(self.ctx.started_at))
 
 
 class PoolStatusesHandler(NanoHandler):
+    @contract(data="pool_status_list")
     def get(self) -> None:
         self.reply(self.store.pool_stats())
 
 
 class PoolStatusHandler(NanoHandler):
+    @contract(data="pool_status")
     def get(self, pool: str) -> None:
         self.reply(self.store.pool_stats(pool))
 
 
 class CellStatusesHandler(NanoHandler):
+    @contract(data="cell_status_list")
     def get(self, pool: str) -> None:
         self.reply(self.store.cell_stats(pool))
 
 
 class CellStatusHandler(NanoHandler):
+    @contract(data="cell_status")
     def get(self, pool: str, cell: str) -> None:
         self.reply(self.store.cell_stats(pool, cell))
 
@@ -170,11 +193,13 @@ class CellStatusHandler(NanoHandler):
 class CellStoragesHandler(NanoHandler):
     menu = "compute_pool"
 
+    @contract(data="cell_storages")
     def get(self, pool: str, cell: str) -> None:
         self.reply(self.store.cell_storages(pool, cell))
 
+    @contract(data="nothing", body="cell_storage")
     def put(self, pool: str, cell: str) -> None:
-        path = self.body("cell_storage")["default"]
+        path = self.body()["default"]
         self.store.set_cell_storage(pool, cell, path)
         self.ctx.enqueue(Key("cell", cell))
         self.audit(f"set storage path of cell {cell} to {path}")
@@ -182,6 +207,7 @@ class CellStoragesHandler(NanoHandler):
 
 
 class InstanceStatusHandler(NanoHandler):
+    @contract(data="guest_status_list")
     def get(self, pool: str, cell: str | None = None) -> None:
         self.store.pool(pool)
         if cell is not None:
@@ -192,6 +218,7 @@ class InstanceStatusHandler(NanoHandler):
 class CellsHandler(NanoHandler):
     menu = "compute_pool"
 
+    @contract(data="cell_list", extension=True)
     def get(self) -> None:
         self.reply([self.store.cell_record(n) for n in self.store.cell_names()])
 
@@ -201,17 +228,20 @@ class CellHandler(NanoHandler):
 
     menu = "compute_pool"
 
+    @contract(data="cell_record", extension=True)
     def get(self, name: str) -> None:
         self.reply(self.store.cell_record(name))
 
+    @contract(data="nothing", body="cell", extension=True)
     def post(self, name: str) -> None:
-        self.store.register_cell(name, self.body("cell"))
+        self.store.register_cell(name, self.body())
         self.ctx.enqueue(Key("cell", name))
         self.audit(f"registered cell {name}")
         self.reply()
 
+    @contract(data="nothing", body="cell_modify", extension=True)
     def put(self, name: str) -> None:
-        body = self.body("cell_modify")
+        body = self.body()
         drain = body.pop("drain", None)
         pinned = self.store.cell_record(name)["spec"].get("ssh", {}).get("host_key", "")
         if body or drain is None:
@@ -233,7 +263,9 @@ class CellHandler(NanoHandler):
             self.audit(f"modified cell {name}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields", extension=True)
     async def delete(self, name: str) -> None:
+        self.body()  # JSON or nothing; nothing in it is used
         record = await self.stored(self.store.cell_record, name)
         if record["pool"]:
             raise Conflict(f"cell {name!r} is in compute pool {record['pool']!r}: remove it "

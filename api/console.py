@@ -21,7 +21,7 @@ import tornado.iostream
 import tornado.websocket
 from tornado.ioloop import IOLoop
 
-from api.base import AppContext, NanoHandler
+from api.base import AppContext, NanoHandler, contract
 from state.errors import NanoError, Unavailable
 
 log = logging.getLogger("nano.api.console")
@@ -67,8 +67,9 @@ def channels(ctx: AppContext) -> Channels:
 class MonitorChannelsHandler(NanoHandler):
     menu = "instance"
 
+    @contract(data="monitor_channel_opened", body="monitor_channel")
     def post(self) -> None:
-        guest = self.body("monitor_channel")["guest"]
+        guest = self.body()["guest"]
         target = self.store.console_target(self.session, guest)
         if "open_console" not in self.ctx.extras:
             raise Unavailable("consoles need the reconciler, which is disabled in this nanod")

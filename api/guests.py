@@ -9,7 +9,7 @@ tag; every route answers "no guest" for guests the caller may not see.
 
 from __future__ import annotations
 
-from api.base import NanoHandler, query_bool
+from api.base import NanoHandler, contract, query_bool
 from reconciler.contract import Key
 from state.identity import SessionInfo
 
@@ -31,6 +31,7 @@ class GuestHandlerBase(NanoHandler):
 class GuestSearchHandler(GuestHandlerBase):
     """GET /guest_search/?pool=&cell=&owner=&group=&status=&created="""
 
+    @contract(data="guest_status_list", query=("pool", "cell", "owner", "group", "status", "created"))
     def get(self) -> None:
         arg = self.get_query_argument
         self.reply(self.store.guest_search(
@@ -44,8 +45,9 @@ class SearchGuestsHandler(GuestHandlerBase):
 
     menu = None
 
+    @contract(data="guest_search_result", body="guest_search")
     def post(self) -> None:
-        body = self.body("guest_search")
+        body = self.body()
         self.quiet()
         self.reply(self.store.search_guests(
             self.caller, limit=body.get("limit", 20), offset=body.get("offset", 0),
@@ -54,20 +56,23 @@ class SearchGuestsHandler(GuestHandlerBase):
 
 
 class GuestsHandler(GuestHandlerBase):
+    @contract(data="created_id", body="guest_create")
     def post(self) -> None:
-        guest = self.store.create_guest(self.caller, self.body("guest_create"))
+        guest = self.store.create_guest(self.caller, self.body())
         self.changed(guest["id"], f"created guest {guest['name']} ({guest['id']}) on cell "
                                   f"{guest['cell']}")
         self.reply({"id": guest["id"]}, status=202)
 
 
 class GuestHandler(GuestHandlerBase):
+    @contract(data="guest_status")
     def get(self, guest_id: str) -> None:
         created, data = self.store.guest_status(self.caller, guest_id)
         self.reply(data, status=200 if created else 201)
 
+    @contract(data="nothing", body="guest_delete")
     def delete(self, guest_id: str) -> None:
-        force = bool(self.body("guest_delete").get("force", False))
+        force = bool(self.body().get("force", False))
         name = self.store.delete_guest(self.caller, guest_id, force=force)
         self.changed(guest_id, f"deleted guest {name} ({guest_id}){' with force' if force else ''}")
         self.reply()
@@ -82,16 +87,18 @@ class PlanHandler(GuestHandlerBase):
 
     menu = None
 
+    @contract(data="guest_plan_report", body="guest_plan", extension=True)
     async def post(self, guest_id: str) -> None:
-        body = self.body("guest_plan")
+        body = self.body()
         await self.stored(self.store.guest_status, self.caller, guest_id)  # unseen: 404
         self.quiet()
         self.reply(await self.blocking(self.ctx.extras["plan_guest"], guest_id, body))
 
 
 class AutoStartHandler(GuestHandlerBase):
+    @contract(data="nothing", body="guest_auto_start")
     def put(self, guest_id: str) -> None:
-        enable = self.body("guest_auto_start")["enable"]
+        enable = self.body()["enable"]
         name = self.store.set_auto_start(self.caller, guest_id, enable)
         self.changed(guest_id, f"{'enabled' if enable else 'disabled'} auto start of guest "
                                f"{name} ({guest_id})")
@@ -99,8 +106,9 @@ class AutoStartHandler(GuestHandlerBase):
 
 
 class CoresHandler(GuestHandlerBase):
+    @contract(data="nothing", body="guest_cores")
     def put(self, guest_id: str) -> None:
-        body = self.body("guest_cores")
+        body = self.body()
         name = self.store.set_cores(self.caller, guest_id, body["cores"],
                                     bool(body.get("immediate", False)))
         self.changed(guest_id, f"set cores of guest {name} ({guest_id}) to {body['cores']}")
@@ -108,8 +116,9 @@ class CoresHandler(GuestHandlerBase):
 
 
 class MemoryHandler(GuestHandlerBase):
+    @contract(data="nothing", body="guest_memory")
     def put(self, guest_id: str) -> None:
-        body = self.body("guest_memory")
+        body = self.body()
         name = self.store.set_memory(self.caller, guest_id, body["memory"],
                                      bool(body.get("immediate", False)))
         self.changed(guest_id, f"set memory of guest {name} ({guest_id}) to {body['memory']} "
@@ -118,8 +127,9 @@ class MemoryHandler(GuestHandlerBase):
 
 
 class DiskResizeHandler(GuestHandlerBase):
+    @contract(data="nothing", body="guest_disk_resize")
     def put(self, guest_id: str, disk: str) -> None:
-        body = self.body("guest_disk_resize")
+        body = self.body()
         name = self.store.resize_disk(self.caller, guest_id, disk, body["size"],
                                       bool(body.get("immediate", False)))
         self.changed(guest_id, f"resized disk {disk} of guest {name} ({guest_id}) to "
@@ -128,16 +138,18 @@ class DiskResizeHandler(GuestHandlerBase):
 
 
 class DiskShrinkHandler(GuestHandlerBase):
+    @contract(data="nothing", body="guest_disk_shrink")
     def put(self, guest_id: str, disk: str) -> None:
-        self.body("guest_disk_shrink")  # `immediate` means nothing: shrinking needs a stop
+        self.body()  # `immediate` means nothing: shrinking needs a stop
         name = self.store.shrink_disk(self.caller, guest_id, disk)
         self.changed(guest_id, f"asked to shrink disk {disk} of guest {name} ({guest_id})")
         self.reply()
 
 
 class SystemHandler(GuestHandlerBase):
+    @contract(data="nothing", body="guest_system")
     def put(self, guest_id: str) -> None:
-        image = self.body("guest_system")["from_image"]
+        image = self.body()["from_image"]
         name = self.store.reset_system(self.caller, guest_id, image)
         self.changed(guest_id, f"reset the system of guest {name} ({guest_id}) from disk "
                                f"image {image}")
@@ -147,11 +159,13 @@ class SystemHandler(GuestHandlerBase):
 class AuthHandler(GuestHandlerBase):
     read_menu = "instance"  # reading a password is managing the guest
 
+    @contract(data="guest_admin_auth")
     def get(self, guest_id: str) -> None:
         self.reply(self.store.guest_auth(self.caller, guest_id))
 
+    @contract(data="guest_admin_auth", body="guest_auth")
     def put(self, guest_id: str) -> None:
-        body = self.body("guest_auth")
+        body = self.body()
         result = self.store.reset_password(self.caller, guest_id, body.get("user") or "",
                                            body.get("password") or "")
         self.changed(guest_id, f"reset the password of {result['user']} on guest "
@@ -160,24 +174,27 @@ class AuthHandler(GuestHandlerBase):
 
 
 class NameHandler(GuestHandlerBase):
+    @contract(data="nothing", body="guest_name")
     def put(self, guest_id: str) -> None:
-        new = self.body("guest_name")["name"]
+        new = self.body()["name"]
         old, _ = self.store.rename_guest(self.caller, guest_id, new)
         self.changed(guest_id, f"renamed guest {old} ({guest_id}) to {new}")
         self.reply()
 
 
 class CpuQosHandler(GuestHandlerBase):
+    @contract(data="nothing", body="guest_qos_cpu")
     def put(self, guest_id: str) -> None:
-        priority = self.body("guest_qos_cpu")["priority"]
+        priority = self.body()["priority"]
         name = self.store.set_qos(self.caller, guest_id, {"cpu_priority": priority})
         self.changed(guest_id, f"set CPU priority of guest {name} ({guest_id}) to {priority}")
         self.reply()
 
 
 class DiskQosHandler(GuestHandlerBase):
+    @contract(data="nothing", body="guest_qos_disk")
     def put(self, guest_id: str) -> None:
-        values = self.body("guest_qos_disk")
+        values = self.body()
         name = self.store.set_qos(self.caller, guest_id, values)
         shown = ", ".join(f"{k} {v}" for k, v in sorted(values.items()))
         self.changed(guest_id, f"set disk QoS of guest {name} ({guest_id}): {shown}")
@@ -185,8 +202,9 @@ class DiskQosHandler(GuestHandlerBase):
 
 
 class NetworkQosHandler(GuestHandlerBase):
+    @contract(data="nothing", body="guest_qos_network")
     def put(self, guest_id: str) -> None:
-        values = self.body("guest_qos_network")
+        values = self.body()
         name = self.store.set_qos(self.caller, guest_id, values)
         shown = ", ".join(f"{k} {v}" for k, v in sorted(values.items()))
         self.changed(guest_id, f"set network QoS of guest {name} ({guest_id}): {shown}")
@@ -194,6 +212,7 @@ class NetworkQosHandler(GuestHandlerBase):
 
 
 class MonitorSecretHandler(GuestHandlerBase):
+    @contract(data="nothing", body="no_fields", extension=True)
     def put(self, guest_id: str) -> None:
         self.body()  # the portal sends an empty body
         name = self.store.reset_monitor_secret(self.caller, guest_id)
@@ -202,12 +221,14 @@ class MonitorSecretHandler(GuestHandlerBase):
 
 
 class InstanceHandler(GuestHandlerBase):
+    @contract(data="guest_status")
     def get(self, guest_id: str) -> None:
         created, data = self.store.guest_status(self.caller, guest_id)
         self.reply(data, status=200 if created else 201)
 
+    @contract(data="nothing", body="instance_start")
     def post(self, guest_id: str) -> None:
-        body = self.body("instance_start")
+        body = self.body()
         name = self.store.start_guest(
             self.caller, guest_id, from_media=bool(body.get("from_media", False)),
             from_network=bool(body.get("from_network", False)), source=body.get("source") or "")
@@ -216,8 +237,9 @@ class InstanceHandler(GuestHandlerBase):
         self.changed(guest_id, f"started guest {name} ({guest_id}){how}")
         self.reply()
 
+    @contract(data="nothing", body="instance_stop")
     def delete(self, guest_id: str) -> None:
-        body = self.body("instance_stop")
+        body = self.body()
         reboot, force = bool(body.get("reboot", False)), bool(body.get("force", False))
         name = self.store.stop_guest(self.caller, guest_id, reboot=reboot, force=force)
         verb = {(False, False): "stopped", (False, True): "force stopped",
@@ -227,12 +249,14 @@ class InstanceHandler(GuestHandlerBase):
 
 
 class MediaHandler(GuestHandlerBase):
+    @contract(data="nothing", body="instance_media")
     def post(self, guest_id: str) -> None:
-        source = self.body("instance_media")["source"]
+        source = self.body()["source"]
         name = self.store.insert_media(self.caller, guest_id, source)
         self.changed(guest_id, f"inserted media {source} into guest {name} ({guest_id})")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, guest_id: str) -> None:
         self.body()
         name = self.store.eject_media(self.caller, guest_id)
@@ -241,27 +265,32 @@ class MediaHandler(GuestHandlerBase):
 
 
 class SnapshotsHandler(GuestHandlerBase):
+    @contract(data="snapshot_tree")
     def get(self, guest_id: str) -> None:
         self.reply(self.store.list_snapshots(self.caller, guest_id))
 
+    @contract(data="nothing", body="snapshot_create")
     def post(self, guest_id: str) -> None:
-        body = self.body("snapshot_create")
+        body = self.body()
         name = self.store.create_snapshot(self.caller, guest_id, body["name"],
                                           body.get("description") or "")
         self.changed(guest_id, f"created snapshot {body['name']} of guest {name} ({guest_id})")
         self.reply()
 
+    @contract(data="nothing", body="snapshot_restore")
     def put(self, guest_id: str) -> None:
-        target = self.body("snapshot_restore")["target"]
+        target = self.body()["target"]
         name = self.store.restore_snapshot(self.caller, guest_id, target)
         self.changed(guest_id, f"restored guest {name} ({guest_id}) to snapshot {target}")
         self.reply()
 
 
 class SnapshotHandler(GuestHandlerBase):
+    @contract(data="snapshot_info")
     def get(self, guest_id: str, snapshot: str) -> None:
         self.reply(self.store.snapshot(self.caller, guest_id, snapshot))
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, guest_id: str, snapshot: str) -> None:
         self.body()
         name = self.store.delete_snapshot(self.caller, guest_id, snapshot)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from api.base import NanoHandler, query_int, sleep
+from api.base import NanoHandler, contract, query_int, sleep
 from api.setup_token import SetupToken
 from state.errors import Forbidden, Invalid, NanoError, NotFound
 from state.identity import ALREADY_INITIALIZED, TIME_FORMAT
@@ -20,6 +20,7 @@ class SystemHandler(NanoHandler):
 
     public = True
 
+    @contract(data="system_status", extension=True)
     def get(self) -> None:
         limits = self.store.limits
         self.reply({
@@ -29,13 +30,14 @@ class SystemHandler(NanoHandler):
             "max_disk": limits["max_disk"],
         })
 
+    @contract(data="nothing", body="system_init", extension=True)
     async def post(self) -> None:
         setup: SetupToken = self.ctx.extras["setup_token"]
         if await self.stored(self.store.system_ready):
             setup.spend()  # e.g. `nanod init` ran while this nanod served
             raise Forbidden(ALREADY_INITIALIZED)
         setup.admit(self.request)
-        spec = self.body("system_init")
+        spec = self.body()
         await self.hashing(
             lambda: self.store.init_system(
                 spec["user"], spec["password"], menu=spec.get("menu"),
@@ -55,8 +57,9 @@ class SessionsHandler(NanoHandler):
     def is_public(cls, method: str) -> bool:
         return method == "POST"  # the login itself needs no session
 
+    @contract(data="session_created", body="login")
     async def post(self) -> None:
-        spec = self.body("login")
+        spec = self.body()
         user, address = spec["user"], self.address
         keys = (f"user:{user}", f"addr:{address}")
         wait = self.ctx.throttle.delay(*keys)
@@ -82,6 +85,7 @@ class SessionsHandler(NanoHandler):
             "address": address,
         })
 
+    @contract(data="names", extension=True)
     def get(self) -> None:
         # As the original: the ids of the live sessions, as strings. Ours are public
         # handles, never the bearer tokens; GET /session_details/ gives who and from where.
@@ -98,6 +102,7 @@ class SessionDetailsHandler(NanoHandler):
 
     read_menu = "user"
 
+    @contract(data="session_details", extension=True)
     def get(self) -> None:
         self.reply(self.store.list_sessions())
 
@@ -106,7 +111,9 @@ class SessionHandler(NanoHandler):
     def log_path(self) -> str:
         return "/api/v1/sessions/***"  # the path carries a bearer token
 
+    @contract(data="nothing", body="no_fields")
     def put(self, token: str) -> None:
+        self.body()  # JSON or nothing; nothing in it is used
         own = token == self.session.token
         if not own and not self.session.allows("user"):
             raise Forbidden("you may keep alive only your own session")
@@ -116,6 +123,7 @@ class SessionHandler(NanoHandler):
         self.quiet()  # keep-alives every minute would flood the log
         self.reply()
 
+    @contract(data="session_info")
     def get(self, token: str) -> None:
         info = self.store.session(token)
         if info is None or (info.token != self.session.token and not self.session.allows("user")):
@@ -133,6 +141,7 @@ class SessionHandler(NanoHandler):
 class RolesHandler(NanoHandler):
     menu = "user"
 
+    @contract(data="names")
     def get(self) -> None:
         self.reply(self.store.list_roles())
 
@@ -140,20 +149,25 @@ class RolesHandler(NanoHandler):
 class RoleHandler(NanoHandler):
     menu = "user"
 
+    @contract(data="role_info")
     def get(self, name: str) -> None:
         self.reply(self.store.role(name))
 
+    @contract(data="nothing", body="role")
     def post(self, name: str) -> None:
-        self.store.create_role(name, self.body("role")["menu"], grantor=self.session.menu)
+        self.store.create_role(name, self.body()["menu"], grantor=self.session.menu)
         self.audit(f"created role {name}")
         self.reply()
 
+    @contract(data="nothing", body="role")
     def put(self, name: str) -> None:
-        self.store.modify_role(name, self.body("role")["menu"], grantor=self.session.menu)
+        self.store.modify_role(name, self.body()["menu"], grantor=self.session.menu)
         self.audit(f"modified role {name}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, name: str) -> None:
+        self.body()  # JSON or nothing; nothing in it is used
         self.store.delete_role(name)
         self.audit(f"removed role {name}")
         self.reply()
@@ -162,6 +176,7 @@ class RoleHandler(NanoHandler):
 class GroupsHandler(NanoHandler):
     menu = "user"
 
+    @contract(data="user_group_list")
     def get(self) -> None:
         self.reply(self.store.list_groups())
 
@@ -169,24 +184,29 @@ class GroupsHandler(NanoHandler):
 class GroupHandler(NanoHandler):
     menu = "user"
 
+    @contract(data="user_group_detail")
     def get(self, name: str) -> None:
         self.reply(self.store.group(name))
 
+    @contract(data="nothing", body="user_group")
     def post(self, name: str) -> None:
-        spec = self.body("user_group")
+        spec = self.body()
         self.store.create_group(name, spec["display"], spec.get("role", []),
                                 grantor=self.session.menu)
         self.audit(f"created user group {name}")
         self.reply()
 
+    @contract(data="nothing", body="user_group_modify")
     def put(self, name: str) -> None:
-        spec = self.body("user_group_modify")
+        spec = self.body()
         self.store.modify_group(name, spec.get("display"), spec.get("role"),
                                 grantor=self.session.menu)
         self.audit(f"modified user group {name}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, name: str) -> None:
+        self.body()  # JSON or nothing; nothing in it is used
         self.store.delete_group(name)
         self.audit(f"removed user group {name}")
         self.reply()
@@ -195,6 +215,7 @@ class GroupHandler(NanoHandler):
 class MembersHandler(NanoHandler):
     menu = "user"
 
+    @contract(data="names")
     def get(self, group: str) -> None:
         self.reply(self.store.group_members(group))
 
@@ -202,12 +223,16 @@ class MembersHandler(NanoHandler):
 class MemberHandler(NanoHandler):
     menu = "user"
 
+    @contract(data="nothing", body="no_fields")
     def post(self, group: str, user: str) -> None:
+        self.body()  # JSON or nothing; nothing in it is used
         self.store.add_member(group, user, grantor=self.session.menu)
         self.audit(f"added {user} to user group {group}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, group: str, user: str) -> None:
+        self.body()  # JSON or nothing; nothing in it is used
         self.store.remove_member(group, user, grantor=self.session.menu)
         self.audit(f"removed {user} from user group {group}")
         self.reply()
@@ -216,6 +241,7 @@ class MemberHandler(NanoHandler):
 class UsersHandler(NanoHandler):
     menu = "user"
 
+    @contract(data="names")
     def get(self) -> None:
         self.reply(self.store.list_users())
 
@@ -230,12 +256,14 @@ class UserHandler(NanoHandler):
             return None
         return super().required_menu()
 
+    @contract(data="user_info")
     def get(self, name: str) -> None:
         data = self.store.user(name)
         self.reply({"nick": data["nick"], "mail": data["mail"]})
 
+    @contract(data="nothing", body="user_create")
     async def post(self, name: str) -> None:
-        spec = self.body("user_create")
+        spec = self.body()
         await self.hashing(
             lambda: self.store.create_user(name, spec["password"], spec.get("nick", ""),
                                            spec.get("mail", ""))
@@ -243,23 +271,27 @@ class UserHandler(NanoHandler):
         self.audit(f"created user {name}")
         self.reply()
 
+    @contract(data="nothing", body="user_modify")
     def put(self, name: str) -> None:
-        spec = self.body("user_modify")
+        spec = self.body()
         self.store.modify_user(name, spec.get("nick"), spec.get("mail"))
         self.audit(f"modified user {name}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, name: str) -> None:
+        self.body()  # JSON or nothing; nothing in it is used
         self.store.delete_user(name, acting_user=self.user, grantor=self.session.menu)
         self.audit(f"deleted user {name}")
         self.reply()
 
 
 class PasswordHandler(NanoHandler):
+    @contract(data="nothing", body="password_change")
     async def put(self, name: str) -> None:
         if name != self.user and not self.session.allows("user"):
             raise Forbidden("you may change only your own password")
-        spec = self.body("password_change")
+        spec = self.body()
         # A wrong old password is a guess like a failed login: slowed down the same way.
         keys = (f"user:{name}", f"addr:{self.address}")
         wait = self.ctx.throttle.delay(*keys)
@@ -273,6 +305,7 @@ class PasswordHandler(NanoHandler):
 
 
 class UserSearchHandler(NanoHandler):
+    @contract(data="names", query=("group",))
     def get(self) -> None:
         self.reply(self.store.list_users(self.get_query_argument("group", None)))
 
@@ -285,11 +318,13 @@ class VisibilityHandler(NanoHandler):
             raise Invalid("your user belongs to no group")
         return self.session.group
 
+    @contract(data="visibility_info")
     def get(self) -> None:
         self.reply(self.store.visibility(self._group()))
 
+    @contract(data="nothing", body="visibility")
     def put(self) -> None:
-        flags = self.body("visibility")
+        flags = self.body()
         self.store.set_visibility(self._group(), flags)
         shown = ", ".join(k for k, v in sorted(flags.items()) if v) or "nothing"
         self.audit(f"set visibility of group {self._group()} to {shown}")
@@ -320,6 +355,7 @@ class LogsHandler(NanoHandler):
             return None
         return super().tag_for(method)
 
+    @contract(data="log_page", query=("limit", "start", "after", "before"))
     def get(self) -> None:
         self.ctx.audit.flush()  # the entries of every change answered so far are listed
         self.reply(
@@ -331,15 +367,17 @@ class LogsHandler(NanoHandler):
             )
         )
 
+    @contract(data="nothing", body="log_add")
     def post(self) -> None:
-        spec = self.body("log_add")
+        spec = self.body()
         self.store.add_log(spec["content"], user=self.user, address=self.address,
                            resource="client")
         self.quiet()  # the entry is the record: no second audit line
         self.reply()
 
+    @contract(data="nothing", body="log_delete")
     def delete(self) -> None:
-        entries = self.body("log_delete")["entries"]
+        entries = self.body()["entries"]
         removed = self.store.delete_logs(entries)
         self.audit(f"deleted {removed} log entries")
         self.reply()

@@ -52,7 +52,7 @@ from tornado import gen
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
-from api.base import AppContext, NanoHandler
+from api.base import DOWNLOAD, UPLOAD, AppContext, Contract, NanoHandler, contract
 from api.multipart import (
     MultipartError,
     MultipartParser,
@@ -213,16 +213,19 @@ class ImageRoute(NanoHandler):
 
 
 class ImageSearchHandler(ImageRoute):
+    @contract(data="image_list", query=("tags",))
     def get(self) -> None:
         self.reply(self.store.list_images(self.kind, self.caller, query_tags(self)))
 
 
 class ImagesHandler(ImageRoute):
+    @contract(data="image_list", query=("tags",))
     def get(self) -> None:
         self.reply(self.store.list_images(self.kind, self.caller, query_tags(self)))
 
+    @contract(data="created_id", body="image_create")
     def post(self) -> None:
-        spec = self.body("disk_image_create" if self.kind is DISK else "image_create")
+        spec = self.body()
         if spec.get("guest"):
             self.store.check_clone_source(spec["guest"], self.caller)
         image_id = self.store.create_image(self.kind, spec, self.caller)
@@ -237,8 +240,9 @@ class ImagesHandler(ImageRoute):
         self.audit(f"created {self.kind.label} {spec['name']} ({image_id})")
         self.reply({"id": image_id})
 
+    @contract(data="image_sync_result", body="image_sync")
     async def patch(self) -> None:
-        spec = self.body("image_sync")
+        spec = self.body()
         state = shared(self)
         result = await self.stored(
             lambda: self.store.sync_images(
@@ -258,6 +262,7 @@ class ImagesHandler(ImageRoute):
 
 
 class ImageHandler(ImageRoute):
+    @contract(data="image_info")
     def get(self, image_id: str) -> None:
         data = self.store.image(self.kind, image_id, self.caller)
         # Contract: a disk image answers 202 while work on its first file is under way (a
@@ -267,12 +272,14 @@ class ImageHandler(ImageRoute):
             self.store.clone_job(image_id) is not None or image_id in shared(self).uploading)
         self.reply(data, status=202 if working else 200)
 
+    @contract(data="nothing", body="image_modify")
     def put(self, image_id: str) -> None:
-        name = self.store.modify_image(self.kind, image_id, self.body("image_modify"),
+        name = self.store.modify_image(self.kind, image_id, self.body(),
                                        self.caller)
         self.audit(f"modified {self.kind.label} {name} ({image_id})")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     async def delete(self, image_id: str) -> None:
         self.body()  # an empty or JSON body; nothing in it is used
         name = await self.stored(self.store.delete_image, self.kind, image_id, self.caller,
@@ -581,6 +588,7 @@ class ImageFileHandler(ImageRoute):
         self._abandon()
         super().on_finish()
 
+    @contract(data="upload_result", body=UPLOAD)
     async def post(self, image_id: str) -> None:
         try:
             await self._receive(image_id)
@@ -646,6 +654,7 @@ class ImageFileHandler(ImageRoute):
 
     # -- download ---------------------------------------------------------------------
 
+    @contract(data=DOWNLOAD)
     async def get(self, image_id: str) -> None:
         await self._download(image_id, send_body=True)
 
@@ -774,6 +783,12 @@ class MediaImageHandler(ImageHandler):
 
 class MediaFileHandler(ImageFileHandler):
     kind, menu = MEDIA, MEDIA.menu
+    # the seed's path is /media_image_files/{id}; /media_images/{id}/file is ours
+    contracts = {
+        "GET": Contract(data=DOWNLOAD, extension=(r"/media_images/([^/]+)/file",)),
+        "POST": Contract(data="upload_result", body=UPLOAD,
+                         extension=(r"/media_images/([^/]+)/file",)),
+    }
 
 
 class DiskSearchHandler(ImageSearchHandler):
@@ -782,6 +797,10 @@ class DiskSearchHandler(ImageSearchHandler):
 
 class DiskImagesHandler(ImagesHandler):
     kind, menu = DISK, DISK.menu
+    contracts = {
+        "GET": Contract(data="image_list", query=("tags",), extension=True),
+        "POST": Contract(data="created_id", body="disk_image_create"),  # may name a guest
+    }
 
 
 class DiskImageHandler(ImageHandler):
@@ -790,6 +809,12 @@ class DiskImageHandler(ImageHandler):
 
 class DiskFileHandler(ImageFileHandler):
     kind, menu = DISK, DISK.menu
+    # the seed has POST /disk_image_files/{id} only
+    contracts = {
+        "GET": Contract(data=DOWNLOAD, extension=True),
+        "POST": Contract(data="upload_result", body=UPLOAD,
+                         extension=(r"/disk_images/([^/]+)/file",)),
+    }
 
 
 ROUTES = [

@@ -12,18 +12,20 @@ between cells is the infrastructure's business: the 'compute_pool' menu tag.
 
 from __future__ import annotations
 
-from api.base import NanoHandler
+from api.base import NanoHandler, contract
 from reconciler.contract import Key
 
 
 class MigrationsHandler(NanoHandler):
     menu = "compute_pool"
 
+    @contract(data="migration_list")
     def get(self) -> None:
         self.reply(self.store.migrations())
 
+    @contract(data="created_id", body="migration")
     def post(self) -> None:
-        body = self.body("migration")
+        body = self.body()
         assert self.session is not None  # prepare() refuses requests without a session
         mid, guests = self.store.start_migration(self.session, body)
         for guest_id in guests:
@@ -37,6 +39,7 @@ class MigrationsHandler(NanoHandler):
 class MigrationHandler(NanoHandler):
     menu = "compute_pool"
 
+    @contract(data="migration_status")
     def get(self, mid: str) -> None:
         status = self.store.migration_status(mid)
         self.reply(status, status=200 if status["finished"] else 201)

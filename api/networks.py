@@ -9,7 +9,7 @@ compute pools that use it) and reply.
 
 from __future__ import annotations
 
-from api.base import NanoHandler
+from api.base import NanoHandler, contract
 from reconciler.contract import Key
 from state.errors import Invalid
 from state.networks import RANGE_TYPES
@@ -24,6 +24,7 @@ def _range_type(kind: str) -> str:
 class AddressPoolsHandler(NanoHandler):
     menu = "address_pool"
 
+    @contract(data="address_pool_list")
     def get(self) -> None:
         self.reply(self.store.list_address_pools())
 
@@ -31,21 +32,25 @@ class AddressPoolsHandler(NanoHandler):
 class AddressPoolHandler(NanoHandler):
     menu = "address_pool"
 
+    @contract(data="address_pool_detail")
     def get(self, name: str) -> None:
         self.reply(self.store.address_pool(name))
 
+    @contract(data="nothing", body="address_pool_create")
     def post(self, name: str) -> None:
-        self.store.create_address_pool(name, self.body("address_pool_create"))
+        self.store.create_address_pool(name, self.body())
         self.ctx.enqueue(Key("address_pool", name))
         self.audit(f"created address pool {name}")
         self.reply()
 
+    @contract(data="nothing", body="address_pool_modify")
     def put(self, name: str) -> None:
-        self.store.modify_address_pool(name, self.body("address_pool_modify"))
+        self.store.modify_address_pool(name, self.body())
         self.ctx.enqueue(Key("address_pool", name))
         self.audit(f"modified address pool {name}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, name: str) -> None:
         self.body()  # clients may send {} on DELETE
         self.store.delete_address_pool(name)
@@ -57,6 +62,7 @@ class AddressPoolHandler(NanoHandler):
 class AddressRangesHandler(NanoHandler):
     menu = "address_pool"
 
+    @contract(data="address_range_list")
     def get(self, name: str, kind: str) -> None:
         self.reply(self.store.address_ranges(name, _range_type(kind)))
 
@@ -64,11 +70,13 @@ class AddressRangesHandler(NanoHandler):
 class AddressRangeHandler(NanoHandler):
     menu = "address_pool"
 
+    @contract(data="address_range_detail")
     def get(self, name: str, kind: str, start: str) -> None:
         self.reply(self.store.address_range(name, _range_type(kind), start))
 
+    @contract(data="nothing", body="address_range")
     def post(self, name: str, kind: str, start: str) -> None:
-        spec = self.body("address_range")
+        spec = self.body()
         if spec.get("start", start) != start:
             raise Invalid(f"start: {spec['start']!r} in the body differs from {start!r} in the "
                           "path: the path names the range")
@@ -77,6 +85,7 @@ class AddressRangeHandler(NanoHandler):
         self.audit(f"added {kind} range {start}-{spec['end']} to address pool {name}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, name: str, kind: str, start: str) -> None:
         self.body()
         self.store.remove_address_range(name, _range_type(kind), start)

@@ -9,7 +9,7 @@ groups are templates copied into guests, so changing one enqueues nothing.
 
 from __future__ import annotations
 
-from api.base import NanoHandler, query_bool
+from api.base import NanoHandler, contract, query_bool
 from reconciler.contract import Key
 from state.errors import Invalid
 
@@ -26,11 +26,13 @@ def _index(raw: str) -> int:
 class PolicyGroupsHandler(NanoHandler):
     menu = "policies"
 
+    @contract(data="policy_group_list", extension=True)
     def get(self) -> None:  # not in the seed: the same as an unfiltered search
         self.reply(self.store.search_security_policy_groups(self.session))
 
+    @contract(data="created_id", body="security_policy_group_create")
     def post(self) -> None:
-        spec = self.body("security_policy_group_create")
+        spec = self.body()
         group_id = self.store.create_security_policy_group(spec, self.session)
         self.audit(f"created security policy group {spec['name']} ({group_id})")
         self.reply({"id": group_id})
@@ -39,15 +41,18 @@ class PolicyGroupsHandler(NanoHandler):
 class PolicyGroupHandler(NanoHandler):
     menu = "policies"
 
+    @contract(data="policy_group")
     def get(self, group_id: str) -> None:
         self.reply(self.store.security_policy_group(group_id, self.session))
 
+    @contract(data="nothing", body="security_policy_group_modify")
     def put(self, group_id: str) -> None:
-        spec = self.body("security_policy_group_modify")
+        spec = self.body()
         self.store.modify_security_policy_group(group_id, spec, self.session)
         self.audit(f"modified security policy group {group_id}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, group_id: str) -> None:
         self.body()
         name = self.store.security_policy_group(group_id, self.session)["name"]
@@ -59,11 +64,13 @@ class PolicyGroupHandler(NanoHandler):
 class PolicyGroupRulesHandler(NanoHandler):
     menu = "policies"
 
+    @contract(data="policy_rule_list")
     def get(self, group_id: str) -> None:
         self.reply(self.store.security_policy_rules(group_id, self.session))
 
+    @contract(data="nothing", body="security_policy_rule")
     def post(self, group_id: str) -> None:
-        rule = self.body("security_policy_rule")
+        rule = self.body()
         self.store.add_security_policy_rule(group_id, rule, self.session)
         self.audit(f"added a rule to security policy group {group_id}")
         self.reply()
@@ -72,12 +79,14 @@ class PolicyGroupRulesHandler(NanoHandler):
 class PolicyGroupRuleHandler(NanoHandler):
     menu = "policies"
 
+    @contract(data="nothing", body="security_policy_rule")
     def put(self, group_id: str, index: str) -> None:
-        rule = self.body("security_policy_rule")
+        rule = self.body()
         self.store.modify_security_policy_rule(group_id, _index(index), rule, self.session)
         self.audit(f"modified rule {index} of security policy group {group_id}")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, group_id: str, index: str) -> None:
         self.body()
         self.store.remove_security_policy_rule(group_id, _index(index), self.session)
@@ -88,14 +97,16 @@ class PolicyGroupRuleHandler(NanoHandler):
 class PolicyGroupRuleOrderHandler(NanoHandler):
     menu = "policies"
 
+    @contract(data="nothing", body="security_policy_rule_order")
     def put(self, group_id: str, index: str) -> None:
-        direction = self.body("security_policy_rule_order")["direction"]
+        direction = self.body()["direction"]
         self.store.move_security_policy_rule(group_id, _index(index), direction, self.session)
         self.audit(f"moved rule {index} of security policy group {group_id} {direction}")
         self.reply()
 
 
 class PolicyGroupSearchHandler(NanoHandler):
+    @contract(data="policy_group_list", query=("enabled_only", "global_only", "owner", "group"))
     def get(self) -> None:
         self.reply(self.store.search_security_policy_groups(
             self.session,
@@ -125,32 +136,37 @@ class GuestPolicyBase(NanoHandler):
 
 
 class GuestPolicyHandler(GuestPolicyBase):
+    @contract(data="guest_policy")
     def get(self, guest_id: str) -> None:
         self.visible_guest(guest_id)
         self.reply(self.store.guest_policy(guest_id))
 
 
 class GuestDefaultActionHandler(GuestPolicyBase):
+    @contract(data="nothing", body="security_policy_default_action")
     def put(self, guest_id: str) -> None:
         guest = self.visible_guest(guest_id)
-        action = self.body("security_policy_default_action")["action"]
+        action = self.body()["action"]
         self.store.set_guest_default_action(guest_id, action)
         self.changed(guest, f"set the default action to {action}")
 
 
 class GuestRulesHandler(GuestPolicyBase):
+    @contract(data="nothing", body="security_policy_rule")
     def post(self, guest_id: str) -> None:
         guest = self.visible_guest(guest_id)
-        self.store.append_guest_rule(guest_id, self.body("security_policy_rule"))
+        self.store.append_guest_rule(guest_id, self.body())
         self.changed(guest, "appended a rule")
 
 
 class GuestRuleHandler(GuestPolicyBase):
+    @contract(data="nothing", body="security_policy_rule")
     def put(self, guest_id: str, index: str) -> None:
         guest = self.visible_guest(guest_id)
-        self.store.modify_guest_rule(guest_id, _index(index), self.body("security_policy_rule"))
+        self.store.modify_guest_rule(guest_id, _index(index), self.body())
         self.changed(guest, f"modified rule {index}")
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, guest_id: str, index: str) -> None:
         guest = self.visible_guest(guest_id)
         self.body()
@@ -159,9 +175,10 @@ class GuestRuleHandler(GuestPolicyBase):
 
 
 class GuestRuleOrderHandler(GuestPolicyBase):
+    @contract(data="nothing", body="security_policy_rule_order")
     def put(self, guest_id: str, index: str) -> None:
         guest = self.visible_guest(guest_id)
-        direction = self.body("security_policy_rule_order")["direction"]
+        direction = self.body()["direction"]
         self.store.move_guest_rule(guest_id, _index(index), direction)
         self.changed(guest, f"moved rule {index} {direction}")
 

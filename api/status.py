@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.base import NanoHandler
+from api.base import NanoHandler, contract
 
 # Manifest kind -> the reconciler key kinds (reconciler.contract.Key.kind) that converge it.
 WATCHED_BY: dict[str, tuple[str, ...]] = {
@@ -44,6 +44,7 @@ def reconciled_kinds(enqueue: Any) -> set[str] | None:
 
 
 class ResourceStatusHandler(NanoHandler):
+    @contract(data="resource_status_list", extension=True)
     def get(self) -> None:
         running = reconciled_kinds(self.ctx.enqueue)
         items = self.store.resource_statuses(self.session)

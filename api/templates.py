@@ -7,17 +7,19 @@ needs the 'templates' menu tag. Guests copy a template's values when they are cr
 
 from __future__ import annotations
 
-from api.base import NanoHandler
+from api.base import NanoHandler, contract
 
 
 class TemplatesHandler(NanoHandler):
     menu = "templates"
 
+    @contract(data="template_list")
     def get(self) -> None:
         self.reply(self.store.list_templates())
 
+    @contract(data="created_id", body="template")
     def post(self) -> None:
-        spec = self.body("template")
+        spec = self.body()
         template_id = self.store.create_template(spec)
         self.audit(f"created system template {spec['name']} ({template_id})")
         self.reply({"id": template_id})
@@ -26,14 +28,17 @@ class TemplatesHandler(NanoHandler):
 class TemplateHandler(NanoHandler):
     menu = "templates"
 
+    @contract(data="template_info")
     def get(self, template_id: str) -> None:
         self.reply(self.store.template(template_id))
 
+    @contract(data="nothing", body="template")
     def put(self, template_id: str) -> None:
-        name = self.store.modify_template(template_id, self.body("template"))
+        name = self.store.modify_template(template_id, self.body())
         self.audit(f"modified system template {name} ({template_id})")
         self.reply()
 
+    @contract(data="nothing", body="no_fields")
     def delete(self, template_id: str) -> None:
         self.body()
         name = self.store.delete_template(template_id)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 HERE = Path(__file__).parent
 
@@ -35,12 +37,27 @@ def schema(name: str) -> dict:
         raise KeyError(f"no schema named {name!r} in specs/api") from None
 
 
+KIND_REF_PREFIX = "urn:nano:api:"
+"""Kind schemas and reply schemas reuse API schemas with
+{"$ref": "urn:nano:api:<name>[#/pointer]"} (api/openapi.py turns these into
+#/components/schemas/<name>)."""
+
+
+@functools.cache
+def _registry() -> Registry:
+    """Every specs/api schema under its urn:nano:api: name, for `$ref`s between them."""
+    return Registry().with_resources(
+        (KIND_REF_PREFIX + name, Resource.from_contents(sch, default_specification=DRAFT202012))
+        for name, sch in _documents().items()
+    )
+
+
 @functools.cache
 def _validator(name: str) -> jsonschema.protocols.Validator:
     sch = schema(name)
     cls = jsonschema.validators.validator_for(sch)
     cls.check_schema(sch)
-    return cls(sch)
+    return cls(sch, registry=_registry())
 
 
 def _where(error: jsonschema.ValidationError) -> str:
@@ -78,8 +95,6 @@ def validate(name: str, body: Any) -> list[str]:
 
 # -- manifest kinds (specs/kinds/*.json) ----------------------------------------------------
 
-KIND_REF_PREFIX = "urn:nano:api:"
-"""Kind schemas reuse API body schemas with {"$ref": "urn:nano:api:<name>[#/pointer]"}."""
 
 
 @functools.cache
@@ -99,21 +114,22 @@ def kinds() -> list[str]:
     return sorted(_kind_documents())
 
 
-def _api_refs(node: Any) -> set[str]:
+def api_refs(node: Any) -> set[str]:
+    """Names of the specs/api schemas `node` refers to (urn:nano:api:<name>)."""
     if isinstance(node, dict):
-        found = set().union(*(_api_refs(v) for v in node.values())) if node else set()
+        found = set().union(*(api_refs(v) for v in node.values())) if node else set()
         ref = node.get("$ref")
         if isinstance(ref, str) and ref.startswith(KIND_REF_PREFIX):
             found.add(ref[len(KIND_REF_PREFIX):].split("#")[0])
         return found
     if isinstance(node, list):
-        return set().union(*(_api_refs(v) for v in node)) if node else set()
+        return set().union(*(api_refs(v) for v in node)) if node else set()
     return set()
 
 
 def kind_api_schemas(kind: str) -> set[str]:
     """Names of the API body schemas that kind's schema refers to."""
-    return _api_refs(_kind_documents()[kind])
+    return api_refs(_kind_documents()[kind])
 
 
 def kind_schema(kind: str) -> dict:
@@ -144,17 +160,10 @@ def kind_schema(kind: str) -> dict:
 
 @functools.cache
 def _kind_validator(kind: str) -> jsonschema.protocols.Validator:
-    from referencing import Registry, Resource
-    from referencing.jsonschema import DRAFT202012
-
-    registry: Registry = Registry().with_resources(
-        (KIND_REF_PREFIX + name, Resource.from_contents(sch, default_specification=DRAFT202012))
-        for name, sch in _documents().items()
-    )
     sch = kind_schema(kind)
     cls = jsonschema.Draft202012Validator
     cls.check_schema(sch)
-    return cls(sch, registry=registry)
+    return cls(sch, registry=_registry())
 
 
 def validate_kind(kind: str, document: Any) -> list[str]:

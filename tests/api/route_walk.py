@@ -17,6 +17,9 @@ phase (each an async function of the walker):
 - `guests`: guests, their changes, snapshots, media, policies, batches;
 - `teardown`: every fixture removed again.
 
+Every success's `data` is checked against the schema the route method's contract names
+(`@contract(data=...)`, what GET /openapi.json documents).
+
 The reconciler is disabled (the `server` fixture): what it would record (a cell probed
 and alive, a guest created, a cell's record removed) is written through the store, as in
 tests/api/guest_helpers.py. No libvirt is needed.
@@ -36,7 +39,9 @@ import tornado.httpclient
 import tornado.web
 import tornado.websocket
 
+import specs
 from api.app import routes
+from api.base import contract_of
 from state.models import Cell
 from tests.api.guest_helpers import GIB, guest_body, mark_created, set_cell
 from tests.api.test_images import BOUNDARY, make_iso, make_qcow2, multipart
@@ -79,6 +84,7 @@ class Walker:
         self.http = tornado.httpclient.AsyncHTTPClient()
         self.session = ""
         self.table = walked_routes(server)
+        self.handlers = dict(self.table)
         self.phase = "script"  # then "sweep", then "anonymous"
         self.current = ""  # "METHOD path" of the request in flight (tests/api/test_store_lane.py)
         self.seen: dict[tuple[str, str], list[tuple[str, int]]] = {}
@@ -109,6 +115,10 @@ class Walker:
         finally:
             self.current = ""
         what = f"{method} {path} -> HTTP {response.code}"
+        if method == "GET" and path.split("?")[0].rstrip("/") == "/openapi.json":
+            # the OpenAPI document is a document of its own, not the envelope
+            assert json.loads(response.body)["openapi"].startswith("3.1"), what
+            return response.code, None
         doc = envelope_of(response, what)
         assert doc is None or doc["error_code"] != 500, f"{what}: internal error {doc}"
         return response.code, doc
@@ -122,7 +132,14 @@ class Walker:
         status, doc = await self.request(method, path, body, session=token, raw=raw,
                                          headers=headers)
         code = 0 if doc is None else doc["error_code"]  # None: a download, a success
-        self.seen.setdefault((self.route_of(path), method), []).append((self.phase, code))
+        pattern = self.route_of(path)
+        self.seen.setdefault((pattern, method), []).append((self.phase, code))
+        if doc is not None and code == 0:
+            # the reply's data is what the route's contract (and so openapi.json) says
+            schema = contract_of(self.handlers[pattern], method).data
+            problems = specs.validate(schema, doc["data"])
+            assert not problems, (f"{method} {path}: data does not match schema {schema}",
+                                  problems[:5])
         return status, doc
 
     async def ok(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:

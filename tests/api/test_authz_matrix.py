@@ -22,7 +22,8 @@ two outsiders that are not refused must not show an id of the administrator's gu
 images or tasks (the audit log aside: it records everyone's changes, for 'log' holders).
 
 The test also pins, from the route table, what needs no session at all (exactly GET and
-POST /system/, POST /sessions/ and the monitor channel websocket, whose one-time channel
+POST /system/, POST /sessions/, GET /openapi.json (the API's description, nothing of its
+content) and the monitor channel websocket, whose one-time channel
 id is its credential) and which changes need no menu tag; a route that becomes public or
 tagless by mistake fails here. It prints how many (route, method, case) triples it tried.
 """
@@ -57,7 +58,7 @@ from tests.conftest import ADMIN
 
 PASSWORD = "Matr1xPassword"
 PUBLIC = {("/api/v1/system/?", "GET"), ("/api/v1/system/?", "POST"),
-          ("/api/v1/sessions/?", "POST")}
+          ("/api/v1/sessions/?", "POST"), ("/api/v1/openapi.json/?", "GET")}
 WEBSOCKETS = {"/api/v1/monitor_channels/([^/]+)/?", "/monitor_channels/([^/]+)/?"}
 # Changes any session may make: its own keep-alive and password (the handlers refuse
 # other users' without 'user'), a log entry of its own, a search and a dry run (reads).
