@@ -57,7 +57,15 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
     sch = schema(name)
     cls = jsonschema.validators.validator_for(sch)
     cls.check_schema(sch)
-    return cls(sch, registry=_registry())
+    return _strict(cls)(sch, registry=_registry())
+
+
+def _strict(cls: Any) -> Any:
+    """`cls` with "integer" meaning a JSON integer: JSON Schema lets 2.0 pass as one, and
+    a float where the code expects an int failed deep inside (LIMIT 282.0: a 500)."""
+    checker = cls.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    return jsonschema.validators.extend(cls, type_checker=checker)
 
 
 def _where(error: jsonschema.ValidationError) -> str:
@@ -163,7 +171,7 @@ def _kind_validator(kind: str) -> jsonschema.protocols.Validator:
     sch = kind_schema(kind)
     cls = jsonschema.Draft202012Validator
     cls.check_schema(sch)
-    return cls(sch, registry=_registry())
+    return _strict(cls)(sch, registry=_registry())
 
 
 def validate_kind(kind: str, document: Any) -> list[str]:

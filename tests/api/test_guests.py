@@ -336,3 +336,15 @@ async def test_changes_write_audit_lines_without_secrets(api, server):
     assert any("reset the password of nano" in c or "reset the password of root" in c
                for c in contents)
     assert not any("S3cret" in c or "An0ther" in c for c in contents)
+
+
+@pytest.mark.gen_test
+async def test_search_refuses_fractional_and_huge_paging(api):
+    """Found by tests/api/test_fuzz.py: `limit: 282.0` passed JSON Schema's "integer" and
+    failed in the database (error_code 500); a huge offset overflowed SQLite's integer."""
+    for body, field in (({"limit": 282.0}, "limit"), ({"offset": 2.5}, "offset"),
+                        ({"offset": 10 ** 15}, "offset"), ({"limit": True}, "limit")):
+        reply = await api.call("POST", "/search/guests/", body)
+        assert reply.code == 400, (body, reply.message)
+        assert reply.message.startswith("invalid request: " + field), reply.message
+    assert (await api.ok("POST", "/search/guests/", {"limit": 5, "offset": 0}))["total"] == 0
