@@ -42,21 +42,15 @@ import tornado.websocket
 import specs
 from api.app import routes
 from api.base import contract_of
+from api.openapi import handled_methods
 from state.models import Cell
 from tests.api.guest_helpers import GIB, guest_body, mark_created, set_cell
 from tests.api.test_images import BOUNDARY, make_iso, make_qcow2, multipart
 from tests.conftest import ADMIN, ADMIN_PASSWORD
 
 KEYS = {"error_code", "message", "data"}
-METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 PASSWORD = "Us3rPassword"
 MISSING = "walk-missing"  # fills every path parameter of the sweep: names nothing
-
-
-def handled_methods(handler: type) -> list[str]:
-    """The HTTP methods `handler` implements (RequestHandler's own answer 405)."""
-    return [m for m in METHODS
-            if getattr(handler, m.lower()) is not getattr(tornado.web.RequestHandler, m.lower())]
 
 
 def walked_routes(server: Any) -> list[tuple[str, type]]:
