@@ -8,6 +8,7 @@ caller's own; starting one needs the 'instance' menu tag.
 
 from __future__ import annotations
 
+from api.base import Resource
 from api.guests import GuestHandlerBase
 from reconciler.contract import Key
 
@@ -15,6 +16,7 @@ from reconciler.contract import Key
 class BatchHandler(GuestHandlerBase):
     menu = "instance"
     kind = ""
+    resource = Resource("batch")
 
     def get(self, task_id: str) -> None:
         finished, entries = self.store.batch_status(self.caller, self.kind, task_id)
@@ -23,6 +25,7 @@ class BatchHandler(GuestHandlerBase):
 
 class BatchCreateHandler(GuestHandlerBase):
     menu = "instance"
+    creates = True
 
     def post(self) -> None:
         body = self.body("batch_create_guest")
@@ -41,6 +44,7 @@ class BatchCreateStatusHandler(BatchHandler):
 
 class BatchDeleteHandler(GuestHandlerBase):
     menu = "instance"
+    creates = True
 
     def post(self) -> None:
         body = self.body("batch_delete_guest")
@@ -58,6 +62,7 @@ class BatchDeleteStatusHandler(BatchHandler):
 
 class BatchStopHandler(GuestHandlerBase):
     menu = "instance"
+    creates = True
 
     def post(self) -> None:
         body = self.body("batch_stop_guest")

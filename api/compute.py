@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from api.base import NanoHandler
+from api.base import NanoHandler, Resource
 from reconciler.contract import Key
 from state.cell_transport import parse_host_key
 from state.errors import Conflict
@@ -42,6 +42,8 @@ class PoolsHandler(NanoHandler):
 
 class PoolHandler(NanoHandler):
     menu = "compute_pool"
+    creates = True
+    resource = Resource("compute_pool")
 
     def get(self, name: str) -> None:
         self.reply(self.store.pool(name))
@@ -81,6 +83,8 @@ class PoolCellsHandler(NanoHandler):
 
 class PoolCellHandler(NanoHandler):
     menu = "compute_pool"
+    creates = True
+    resource = Resource("cell", (1,))
 
     def get(self, pool: str, cell: str) -> None:
         self.reply(self.store.cell_status(pool, cell))
@@ -119,6 +123,8 @@ class StoragePoolsHandler(NanoHandler):
 
 class StoragePoolHandler(NanoHandler):
     menu = "storage_pool"
+    creates = True
+    resource = Resource("storage_pool")
 
     def get(self, name: str) -> None:
         data = self.store.storage(name)
@@ -200,6 +206,8 @@ class CellHandler(NanoHandler):
     """Extension: register a KVM host as a cell, read, change or forget it."""
 
     menu = "compute_pool"
+    creates = True
+    resource = Resource("cell")
 
     def get(self, name: str) -> None:
         self.reply(self.store.cell_record(name))
@@ -238,7 +246,7 @@ class CellHandler(NanoHandler):
         if record["pool"]:
             raise Conflict(f"cell {name!r} is in compute pool {record['pool']!r}: remove it "
                            "from the pool first")
-        await self.stored(self.store.unregister_cell, name)
+        await self.stored_write(self.store.unregister_cell, name)
         self.ctx.enqueue(Key("cell", name))
         self.audit(f"unregistered cell {name}")
         # the reconciler removes what nano made on the cell, then the record: wait a little

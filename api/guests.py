@@ -9,7 +9,7 @@ tag; every route answers "no guest" for guests the caller may not see.
 
 from __future__ import annotations
 
-from api.base import NanoHandler, query_bool
+from api.base import NanoHandler, Resource, query_bool
 from reconciler.contract import Key
 from state.identity import SessionInfo
 
@@ -54,6 +54,8 @@ class SearchGuestsHandler(GuestHandlerBase):
 
 
 class GuestsHandler(GuestHandlerBase):
+    creates = True
+
     def post(self) -> None:
         guest = self.store.create_guest(self.caller, self.body("guest_create"))
         self.changed(guest["id"], f"created guest {guest['name']} ({guest['id']}) on cell "
@@ -62,6 +64,8 @@ class GuestsHandler(GuestHandlerBase):
 
 
 class GuestHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def get(self, guest_id: str) -> None:
         created, data = self.store.guest_status(self.caller, guest_id)
         self.reply(data, status=200 if created else 201)
@@ -90,6 +94,8 @@ class PlanHandler(GuestHandlerBase):
 
 
 class AutoStartHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def put(self, guest_id: str) -> None:
         enable = self.body("guest_auto_start")["enable"]
         name = self.store.set_auto_start(self.caller, guest_id, enable)
@@ -99,6 +105,8 @@ class AutoStartHandler(GuestHandlerBase):
 
 
 class CoresHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def put(self, guest_id: str) -> None:
         body = self.body("guest_cores")
         name = self.store.set_cores(self.caller, guest_id, body["cores"],
@@ -108,6 +116,8 @@ class CoresHandler(GuestHandlerBase):
 
 
 class MemoryHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def put(self, guest_id: str) -> None:
         body = self.body("guest_memory")
         name = self.store.set_memory(self.caller, guest_id, body["memory"],
@@ -118,6 +128,8 @@ class MemoryHandler(GuestHandlerBase):
 
 
 class DiskResizeHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def put(self, guest_id: str, disk: str) -> None:
         body = self.body("guest_disk_resize")
         name = self.store.resize_disk(self.caller, guest_id, disk, body["size"],
@@ -128,6 +140,8 @@ class DiskResizeHandler(GuestHandlerBase):
 
 
 class DiskShrinkHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def put(self, guest_id: str, disk: str) -> None:
         self.body("guest_disk_shrink")  # `immediate` means nothing: shrinking needs a stop
         name = self.store.shrink_disk(self.caller, guest_id, disk)
@@ -136,6 +150,8 @@ class DiskShrinkHandler(GuestHandlerBase):
 
 
 class SystemHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def put(self, guest_id: str) -> None:
         image = self.body("guest_system")["from_image"]
         name = self.store.reset_system(self.caller, guest_id, image)
@@ -146,6 +162,7 @@ class SystemHandler(GuestHandlerBase):
 
 class AuthHandler(GuestHandlerBase):
     read_menu = "instance"  # reading a password is managing the guest
+    resource = Resource("guest")
 
     def get(self, guest_id: str) -> None:
         self.reply(self.store.guest_auth(self.caller, guest_id))
@@ -160,6 +177,8 @@ class AuthHandler(GuestHandlerBase):
 
 
 class NameHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def put(self, guest_id: str) -> None:
         new = self.body("guest_name")["name"]
         old, _ = self.store.rename_guest(self.caller, guest_id, new)
@@ -168,6 +187,8 @@ class NameHandler(GuestHandlerBase):
 
 
 class CpuQosHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def put(self, guest_id: str) -> None:
         priority = self.body("guest_qos_cpu")["priority"]
         name = self.store.set_qos(self.caller, guest_id, {"cpu_priority": priority})
@@ -176,6 +197,8 @@ class CpuQosHandler(GuestHandlerBase):
 
 
 class DiskQosHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def put(self, guest_id: str) -> None:
         values = self.body("guest_qos_disk")
         name = self.store.set_qos(self.caller, guest_id, values)
@@ -185,6 +208,8 @@ class DiskQosHandler(GuestHandlerBase):
 
 
 class NetworkQosHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def put(self, guest_id: str) -> None:
         values = self.body("guest_qos_network")
         name = self.store.set_qos(self.caller, guest_id, values)
@@ -194,6 +219,8 @@ class NetworkQosHandler(GuestHandlerBase):
 
 
 class MonitorSecretHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def put(self, guest_id: str) -> None:
         self.body()  # the portal sends an empty body
         name = self.store.reset_monitor_secret(self.caller, guest_id)
@@ -202,6 +229,8 @@ class MonitorSecretHandler(GuestHandlerBase):
 
 
 class InstanceHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def get(self, guest_id: str) -> None:
         created, data = self.store.guest_status(self.caller, guest_id)
         self.reply(data, status=200 if created else 201)
@@ -227,6 +256,8 @@ class InstanceHandler(GuestHandlerBase):
 
 
 class MediaHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     def post(self, guest_id: str) -> None:
         source = self.body("instance_media")["source"]
         name = self.store.insert_media(self.caller, guest_id, source)
@@ -241,6 +272,9 @@ class MediaHandler(GuestHandlerBase):
 
 
 class SnapshotsHandler(GuestHandlerBase):
+    creates = True
+    resource = Resource("guest")
+
     def get(self, guest_id: str) -> None:
         self.reply(self.store.list_snapshots(self.caller, guest_id))
 
@@ -259,6 +293,8 @@ class SnapshotsHandler(GuestHandlerBase):
 
 
 class SnapshotHandler(GuestHandlerBase):
+    resource = Resource("snapshot", (0, 1))
+
     def get(self, guest_id: str, snapshot: str) -> None:
         self.reply(self.store.snapshot(self.caller, guest_id, snapshot))
 

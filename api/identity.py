@@ -139,6 +139,7 @@ class RolesHandler(NanoHandler):
 
 class RoleHandler(NanoHandler):
     menu = "user"
+    creates = True
 
     def get(self, name: str) -> None:
         self.reply(self.store.role(name))
@@ -168,6 +169,7 @@ class GroupsHandler(NanoHandler):
 
 class GroupHandler(NanoHandler):
     menu = "user"
+    creates = True
 
     def get(self, name: str) -> None:
         self.reply(self.store.group(name))
@@ -201,6 +203,7 @@ class MembersHandler(NanoHandler):
 
 class MemberHandler(NanoHandler):
     menu = "user"
+    creates = True
 
     def post(self, group: str, user: str) -> None:
         self.store.add_member(group, user, grantor=self.session.menu)
@@ -222,6 +225,7 @@ class UsersHandler(NanoHandler):
 
 class UserHandler(NanoHandler):
     menu = "user"
+    creates = True
 
     def required_menu(self) -> str | None:
         # Everyone may read and edit their own profile; other users need the 'user' tag.
@@ -311,6 +315,7 @@ def _query_time(handler: NanoHandler, name: str) -> dt.datetime | None:
 class LogsHandler(NanoHandler):
     menu = "log"
     read_menu = "log"  # the audit log tells who did what to which resource: not for all
+    creates = True
 
     @classmethod
     def tag_for(cls, method: str) -> str | None:

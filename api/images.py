@@ -52,7 +52,7 @@ from tornado import gen
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
-from api.base import AppContext, NanoHandler
+from api.base import AppContext, NanoHandler, Resource
 from api.multipart import (
     MultipartError,
     MultipartParser,
@@ -218,6 +218,8 @@ class ImageSearchHandler(ImageRoute):
 
 
 class ImagesHandler(ImageRoute):
+    creates = True
+
     def get(self) -> None:
         self.reply(self.store.list_images(self.kind, self.caller, query_tags(self)))
 
@@ -258,6 +260,8 @@ class ImagesHandler(ImageRoute):
 
 
 class ImageHandler(ImageRoute):
+    resource = Resource("image")
+
     def get(self, image_id: str) -> None:
         data = self.store.image(self.kind, image_id, self.caller)
         # Contract: a disk image answers 202 while work on its first file is under way (a
@@ -275,8 +279,8 @@ class ImageHandler(ImageRoute):
 
     async def delete(self, image_id: str) -> None:
         self.body()  # an empty or JSON body; nothing in it is used
-        name = await self.stored(self.store.delete_image, self.kind, image_id, self.caller,
-                                 self.files)
+        name = await self.stored_write(self.store.delete_image, self.kind, image_id,
+                                       self.caller, self.files)
         self.ctx.enqueue(Key("image", image_id))
         self.audit(f"deleted {self.kind.label} {name} ({image_id})")
         self.reply()

@@ -12,12 +12,13 @@ between cells is the infrastructure's business: the 'compute_pool' menu tag.
 
 from __future__ import annotations
 
-from api.base import NanoHandler
+from api.base import NanoHandler, Resource
 from reconciler.contract import Key
 
 
 class MigrationsHandler(NanoHandler):
     menu = "compute_pool"
+    creates = True
 
     def get(self) -> None:
         self.reply(self.store.migrations())
@@ -36,6 +37,7 @@ class MigrationsHandler(NanoHandler):
 
 class MigrationHandler(NanoHandler):
     menu = "compute_pool"
+    resource = Resource("migration")
 
     def get(self, mid: str) -> None:
         status = self.store.migration_status(mid)

@@ -9,7 +9,7 @@ compute pools that use it) and reply.
 
 from __future__ import annotations
 
-from api.base import NanoHandler
+from api.base import NanoHandler, Resource
 from reconciler.contract import Key
 from state.errors import Invalid
 from state.networks import RANGE_TYPES
@@ -30,6 +30,8 @@ class AddressPoolsHandler(NanoHandler):
 
 class AddressPoolHandler(NanoHandler):
     menu = "address_pool"
+    creates = True
+    resource = Resource("address_pool")
 
     def get(self, name: str) -> None:
         self.reply(self.store.address_pool(name))
@@ -63,6 +65,8 @@ class AddressRangesHandler(NanoHandler):
 
 class AddressRangeHandler(NanoHandler):
     menu = "address_pool"
+    creates = True
+    resource = Resource("address_pool")
 
     def get(self, name: str, kind: str, start: str) -> None:
         self.reply(self.store.address_range(name, _range_type(kind), start))

@@ -9,7 +9,7 @@ groups are templates copied into guests, so changing one enqueues nothing.
 
 from __future__ import annotations
 
-from api.base import NanoHandler, query_bool
+from api.base import NanoHandler, Resource, query_bool
 from reconciler.contract import Key
 from state.errors import Invalid
 
@@ -25,6 +25,7 @@ def _index(raw: str) -> int:
 
 class PolicyGroupsHandler(NanoHandler):
     menu = "policies"
+    creates = True
 
     def get(self) -> None:  # not in the seed: the same as an unfiltered search
         self.reply(self.store.search_security_policy_groups(self.session))
@@ -38,6 +39,7 @@ class PolicyGroupsHandler(NanoHandler):
 
 class PolicyGroupHandler(NanoHandler):
     menu = "policies"
+    resource = Resource("security_policy_group")
 
     def get(self, group_id: str) -> None:
         self.reply(self.store.security_policy_group(group_id, self.session))
@@ -58,6 +60,8 @@ class PolicyGroupHandler(NanoHandler):
 
 class PolicyGroupRulesHandler(NanoHandler):
     menu = "policies"
+    creates = True
+    resource = Resource("security_policy_group")
 
     def get(self, group_id: str) -> None:
         self.reply(self.store.security_policy_rules(group_id, self.session))
@@ -71,6 +75,7 @@ class PolicyGroupRulesHandler(NanoHandler):
 
 class PolicyGroupRuleHandler(NanoHandler):
     menu = "policies"
+    resource = Resource("security_policy_group")
 
     def put(self, group_id: str, index: str) -> None:
         rule = self.body("security_policy_rule")
@@ -87,6 +92,7 @@ class PolicyGroupRuleHandler(NanoHandler):
 
 class PolicyGroupRuleOrderHandler(NanoHandler):
     menu = "policies"
+    resource = Resource("security_policy_group")
 
     def put(self, group_id: str, index: str) -> None:
         direction = self.body("security_policy_rule_order")["direction"]
@@ -125,12 +131,16 @@ class GuestPolicyBase(NanoHandler):
 
 
 class GuestPolicyHandler(GuestPolicyBase):
+    resource = Resource("guest_security_policy")
+
     def get(self, guest_id: str) -> None:
         self.visible_guest(guest_id)
         self.reply(self.store.guest_policy(guest_id))
 
 
 class GuestDefaultActionHandler(GuestPolicyBase):
+    resource = Resource("guest_security_policy")
+
     def put(self, guest_id: str) -> None:
         guest = self.visible_guest(guest_id)
         action = self.body("security_policy_default_action")["action"]
@@ -139,6 +149,8 @@ class GuestDefaultActionHandler(GuestPolicyBase):
 
 
 class GuestRulesHandler(GuestPolicyBase):
+    creates = True
+
     def post(self, guest_id: str) -> None:
         guest = self.visible_guest(guest_id)
         self.store.append_guest_rule(guest_id, self.body("security_policy_rule"))
@@ -146,6 +158,8 @@ class GuestRulesHandler(GuestPolicyBase):
 
 
 class GuestRuleHandler(GuestPolicyBase):
+    resource = Resource("guest_security_policy")
+
     def put(self, guest_id: str, index: str) -> None:
         guest = self.visible_guest(guest_id)
         self.store.modify_guest_rule(guest_id, _index(index), self.body("security_policy_rule"))
@@ -159,6 +173,8 @@ class GuestRuleHandler(GuestPolicyBase):
 
 
 class GuestRuleOrderHandler(GuestPolicyBase):
+    resource = Resource("guest_security_policy")
+
     def put(self, guest_id: str, index: str) -> None:
         guest = self.visible_guest(guest_id)
         direction = self.body("security_policy_rule_order")["direction"]

@@ -12,6 +12,7 @@ from api.base import NanoHandler
 
 class TemplatesHandler(NanoHandler):
     menu = "templates"
+    creates = True
 
     def get(self) -> None:
         self.reply(self.store.list_templates())

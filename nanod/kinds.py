@@ -32,6 +32,7 @@ class Found:
 
     id: str
     spec: Mapping[str, Any]
+    etag: str = ""  # its generation when read (the ETag), for If-Match on the update
 
 
 @dataclass
@@ -42,6 +43,14 @@ class ApplyContext:
     base_dir: Path = Path(".")
     wait_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    if_match: str = ""  # the ETag the plan read; the first write of an update sends it
+
+    def guard(self) -> dict[str, str]:
+        """Headers of the first write of an update or delete: If-Match with the ETag the
+        plan read, so a change someone made since is refused (409 naming who), never
+        overwritten. Later writes of the same update follow our own first one."""
+        tag, self.if_match = self.if_match, ""
+        return {"If-Match": tag} if tag else {}
 
 
 @dataclass(frozen=True)
@@ -197,8 +206,8 @@ class NamedKind(Kind):
         return _pick(data, self.fields)
 
     def read(self, client: NanoClient, name: str, spec: Mapping[str, Any]) -> Found | None:
-        data = client.get(self.path(name))
-        return None if data is None else Found(name, self.shape(data))
+        data, tag = client.get_tagged(self.path(name))
+        return None if data is None else Found(name, self.shape(data), tag)
 
     def body(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         return _pick(spec, self.fields + tuple(self.write_only))
@@ -209,10 +218,10 @@ class NamedKind(Kind):
 
     def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
                fields: list[str], ctx: ApplyContext) -> None:
-        client.ok("PUT", self.path(name), _pick(spec, tuple(fields)))
+        client.ok("PUT", self.path(name), _pick(spec, tuple(fields)), headers=ctx.guard())
 
     def delete(self, client: NanoClient, name: str, found: Found, ctx: ApplyContext) -> None:
-        client.ok("DELETE", self.path(name), {})
+        client.ok("DELETE", self.path(name), {}, headers=ctx.guard())
 
 
 class IdKind(Kind):
@@ -416,8 +425,9 @@ class CellKind(NamedKind):
     def _join(self, client: NanoClient, name: str, pool: str) -> None:
         client.ok("POST", f"/compute_pool_cells/{p(pool)}/{p(name)}", {})
 
-    def _leave(self, client: NanoClient, name: str, pool: str) -> None:
-        client.ok("DELETE", f"/compute_pool_cells/{p(pool)}/{p(name)}", {})
+    def _leave(self, client: NanoClient, name: str, pool: str, ctx: ApplyContext) -> None:
+        client.ok("DELETE", f"/compute_pool_cells/{p(pool)}/{p(name)}", {},
+                  headers=ctx.guard())
 
     def create(self, client: NanoClient, name: str, spec: Mapping[str, Any],
                ctx: ApplyContext) -> None:
@@ -429,10 +439,10 @@ class CellKind(NamedKind):
                fields: list[str], ctx: ApplyContext) -> None:
         body = _pick(spec, tuple(f for f in fields if f != "pool"))
         if body:
-            client.ok("PUT", self.path(name), body)
+            client.ok("PUT", self.path(name), body, headers=ctx.guard())
         if "pool" in fields:
             if found.spec.get("pool"):
-                self._leave(client, name, found.spec["pool"])
+                self._leave(client, name, found.spec["pool"], ctx)
             if spec.get("pool"):
                 self._join(client, name, spec["pool"])
 
@@ -441,7 +451,7 @@ class CellKind(NamedKind):
         address pool made on the cell (its libvirt network and NAT table), then unregister:
         an unregistered cell is forgotten, and nothing would remove them any more."""
         if found.spec.get("pool"):
-            self._leave(client, name, found.spec["pool"])
+            self._leave(client, name, found.spec["pool"], ctx)
             self._wait_networks_gone(client, name, max(ctx.wait_seconds, CELL_NETWORK_WAIT),
                                      ctx)
         super().delete(client, name, found, ctx)
@@ -499,12 +509,14 @@ class AddressPoolKind(NamedKind):
                     f"{r['start']}-{r['end']}" for r in gone)
         return super().classify(name, before, after)
 
-    def _ranges(self, client: NanoClient, name: str, have: list[dict], want: list[dict]) -> None:
+    def _ranges(self, client: NanoClient, name: str, have: list[dict], want: list[dict],
+                ctx: ApplyContext) -> None:
         wanted = {_range_key(r): r for r in want}
         held = {_range_key(r): r for r in have}
         for key, r in held.items():
             if key not in wanted or not matches(wanted[key], r):
-                client.ok("DELETE", f"/address_pools/{p(name)}/{key[0]}/ranges/{p(key[1])}", {})
+                client.ok("DELETE", f"/address_pools/{p(name)}/{key[0]}/ranges/{p(key[1])}", {},
+                          headers=ctx.guard())
         for key, r in wanted.items():
             if key not in held or not matches(r, held[key]):
                 client.ok("POST", f"/address_pools/{p(name)}/{key[0]}/ranges/{p(key[1])}",
@@ -513,16 +525,16 @@ class AddressPoolKind(NamedKind):
     def create(self, client: NanoClient, name: str, spec: Mapping[str, Any],
                ctx: ApplyContext) -> None:
         client.ok("POST", self.path(name), _pick(spec, self.fields))
-        self._ranges(client, name, [], self.want(spec, ctx).get("ranges", []))
+        self._ranges(client, name, [], self.want(spec, ctx).get("ranges", []), ctx)
 
     def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
                fields: list[str], ctx: ApplyContext) -> None:
         body = _pick(spec, tuple(f for f in fields if f != "ranges"))
         if body:
-            client.ok("PUT", self.path(name), body)
+            client.ok("PUT", self.path(name), body, headers=ctx.guard())
         if "ranges" in fields:
             self._ranges(client, name, list(found.spec["ranges"]),
-                         self.want(spec, ctx)["ranges"])
+                         self.want(spec, ctx)["ranges"], ctx)
 
 
 class SecurityPolicyGroupKind(IdKind):

@@ -82,9 +82,15 @@ def _initial(database: peewee.Database) -> None:
     database.create_tables(models.ALL_MODELS, safe=True)
 
 
+def _idempotency_keys(database: peewee.Database) -> None:
+    from state import models
+
+    database.create_tables([models.IdempotencyKey], safe=True)
+
+
 # Forward migrations, oldest first. Version N is MIGRATIONS[N-1]. Append only: never edit
 # or reorder a released step, so an upgrade from any older version keeps every row.
-MIGRATIONS: list[Migration] = [_initial]
+MIGRATIONS: list[Migration] = [_initial, _idempotency_keys]
 
 
 def migrate(database: peewee.Database, steps: list[Migration] | None = None) -> int:

@@ -330,6 +330,24 @@ class BatchEntry(Base):
         indexes = ((("task", "position"), True),)
 
 
+# -- idempotent writes ------------------------------------------------------------------------
+
+
+class IdempotencyKey(Base):
+    """The first reply to a POST that carried an `Idempotency-Key` (state/idempotency.py):
+    a retry with the same key, caller and route gets it back instead of a second create.
+    `scope` is SHA-256 of (user, route, key), so long keys and paths need no long index;
+    `status` is null while the first request is still being handled."""
+
+    scope = peewee.CharField(primary_key=True, max_length=64)
+    user = peewee.CharField()
+    route = peewee.TextField()
+    body_hash = peewee.CharField(max_length=64)
+    status = peewee.IntegerField(null=True)
+    reply = peewee.TextField(null=True)
+    created = peewee.DoubleField(index=True)  # epoch seconds: trimmed after a day
+
+
 ALL_MODELS: list[type[Base]] = [
     Role,
     UserGroup,
@@ -356,4 +374,5 @@ ALL_MODELS: list[type[Base]] = [
     Migration,
     BatchTask,
     BatchEntry,
+    IdempotencyKey,
 ]
