@@ -20,6 +20,12 @@ The session lookup reads the in-memory cache on the loop and the database in the
 and the audit entry of a change is appended by one writer thread (api/audit.py). A route
 waiting for SQLite's write lock (`busy_timeout`) holds one lane thread, never the loop.
 
+Idempotent and conditional writes are handled here once for every route, by what the
+route declares (`creates`, `resource`): a POST that creates takes an `Idempotency-Key`
+(state/idempotency.py keeps the first reply; a retry gets it back), a resource's GET
+carries its generation as `ETag`, and its PUT and DELETE take `If-Match`, compared and
+written in one transaction (state/conditional.py). README "Retries and concurrent edits".
+
 Password hashing (argon2, a few hundred ms of CPU each) runs in a small pool of its own
 (`AppContext.hasher`, `NanoHandler.hashing`), apart from the pool that reads image files
 and does other blocking work (`AppContext.executor`, `NanoHandler.blocking`): a flood of

@@ -548,40 +548,45 @@ class SecurityPolicyGroupKind(IdKind):
         row = self.find(client, name)
         if row is None:
             return None
+        # the group itself, with its ETag, before its rules: a rule changed in between
+        # makes the update refused (If-Match), never overwritten
+        data, tag = client.get_tagged(self.path(row["id"]))
+        if data is None:
+            return None
         rules = client.ok("GET", self.path(row["id"]) + "/rules/") or []
-        return Found(row["id"], {**_pick(row, self.fields), "rules": list(rules)})
+        return Found(row["id"], {**_pick(data, self.fields), "rules": list(rules)}, tag)
 
     def classify(self, name: str, before: Any, after: Any) -> tuple[Effect, str]:
         if name == "rules":
             return Effect.LIVE, "rules are copied into guests when they are created"
         return super().classify(name, before, after)
 
-    def _rules(self, client: NanoClient, ident: str, have: list[dict], want: list[dict]
-               ) -> None:
+    def _rules(self, client: NanoClient, ident: str, have: list[dict], want: list[dict],
+               ctx: ApplyContext) -> None:
         base = self.path(ident) + "/rules/"
         for index, rule in enumerate(want):
             if index >= len(have):
-                client.ok("POST", base, rule)
+                client.ok("POST", base, rule)  # a POST takes no If-Match
             elif not matches(rule, have[index]):
-                client.ok("PUT", f"{base}{index}", rule)
+                client.ok("PUT", f"{base}{index}", rule, headers=ctx.guard())
         for index in range(len(have) - 1, len(want) - 1, -1):
-            client.ok("DELETE", f"{base}{index}", {})
+            client.ok("DELETE", f"{base}{index}", {}, headers=ctx.guard())
 
     def create(self, client: NanoClient, name: str, spec: Mapping[str, Any],
                ctx: ApplyContext) -> None:
         ident = client.ok("POST", self.collection, {"name": name, **_pick(spec, self.fields)})
-        self._rules(client, ident["id"], [], list(spec.get("rules", [])))
+        self._rules(client, ident["id"], [], list(spec.get("rules", [])), ctx)
 
     def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
                fields: list[str], ctx: ApplyContext) -> None:
         body = _pick(spec, tuple(f for f in fields if f != "rules"))
         if body:
-            client.ok("PUT", self.path(found.id), body)
+            client.ok("PUT", self.path(found.id), body, headers=ctx.guard())
         if "rules" in fields:
-            self._rules(client, found.id, list(found.spec["rules"]), list(spec["rules"]))
+            self._rules(client, found.id, list(found.spec["rules"]), list(spec["rules"]), ctx)
 
     def delete(self, client: NanoClient, name: str, found: Found, ctx: ApplyContext) -> None:
-        client.ok("DELETE", self.path(found.id), {})
+        client.ok("DELETE", self.path(found.id), {}, headers=ctx.guard())
 
 
 # -- templates and images -----------------------------------------------------------------------

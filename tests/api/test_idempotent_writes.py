@@ -19,8 +19,11 @@ from typing import Any
 import pytest
 import tornado.httpclient
 
+from api.app import routes
+from api.base import NanoHandler
 from nanod.client import ClientConfig, NanoClient
 from nanod.manifests import Document, Outcome, Planner, execute
+from state.conditional import RESOURCES
 from state.models import Cell, Guest
 from tests.api.guest_helpers import guest_body, make_pool
 from tests.api.test_images import create as create_image
@@ -28,6 +31,44 @@ from tests.api.test_restart import Nanod, free_port
 from tests.conftest import ADMIN, ADMIN_PASSWORD, Api
 
 POOL = {"storage": "", "network": "", "failover": False}
+
+
+# POST routes that make nothing a retry could duplicate, or whose reply must not be kept
+NOT_CREATING = {
+    "/api/v1/system/?": "claims a fresh nanod once; public (there is no caller yet)",
+    "/api/v1/sessions/?": "a login: public, and its reply is a session token, never stored",
+    "/api/v1/search/guests/?": "a read",
+    "/api/v1/guests/([^/]+)/plan/?": "a dry run",
+    "/api/v1/instances/([^/]+)/?": "start: a desired power state, the same when repeated",
+    "/api/v1/instances/([^/]+)/media/?": "insert media: desired state, the same when repeated",
+    "/api/v1/media_images/([^/]+)/file/?": "an upload replaces the file of an image",
+    "/api/v1/media_image_files/([^/]+)/?": "an upload replaces the file of an image",
+    "/api/v1/disk_images/([^/]+)/file/?": "an upload replaces the file of an image",
+    "/api/v1/disk_image_files/([^/]+)/?": "an upload replaces the file of an image",
+    "/api/v1/monitor_channels/?": "its reply holds a one-time console secret, never stored; "
+                                  "a retry opens another channel, which expires unused",
+}
+
+
+def test_every_creating_post_takes_a_key_and_every_resource_route_is_known():
+    """From the route table: a new POST route must declare `creates` or say here why not;
+    a declared resource is a kind the store can compare, keyed by path arguments."""
+    seen = set()
+    for pattern, handler, _ in routes(None):  # type: ignore[arg-type]
+        if not isinstance(handler, type) or not issubclass(handler, NanoHandler):
+            continue
+        if handler.post is not NanoHandler.post:
+            seen.add(pattern)
+            assert handler.creates != (pattern in NOT_CREATING), pattern
+        else:
+            assert not handler.creates, f"{pattern}: creates without a POST"
+        if handler.resource is not None:
+            assert handler.resource.kind in RESOURCES, pattern
+            groups = pattern.count("([^/]+)")
+            assert all(i < groups for i in handler.resource.args), pattern
+            assert handler.get is not NanoHandler.get or handler.put is not NanoHandler.put \
+                or handler.delete is not NanoHandler.delete, pattern
+    assert set(NOT_CREATING) <= seen
 
 
 def key(value: str) -> dict[str, str]:
