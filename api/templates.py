@@ -7,7 +7,7 @@ needs the 'templates' menu tag. Guests copy a template's values when they are cr
 
 from __future__ import annotations
 
-from api.base import NanoHandler
+from api.base import NanoHandler, Resource
 
 
 class TemplatesHandler(NanoHandler):
@@ -26,6 +26,7 @@ class TemplatesHandler(NanoHandler):
 
 class TemplateHandler(NanoHandler):
     menu = "templates"
+    resource = Resource("template")
 
     def get(self, template_id: str) -> None:
         self.reply(self.store.template(template_id))

@@ -604,8 +604,8 @@ class TemplateKind(IdKind):
         row = self.find(client, name)
         if row is None:
             return None
-        data = client.ok("GET", self.path(row["id"]))
-        return Found(row["id"], _pick(data, TEMPLATE_FIELDS))
+        data, tag = client.get_tagged(self.path(row["id"]))
+        return None if data is None else Found(row["id"], _pick(data, TEMPLATE_FIELDS), tag)
 
     def classify(self, name: str, before: Any, after: Any) -> tuple[Effect, str]:
         return Effect.LIVE, "guests copy a template when created: existing ones keep theirs"
@@ -617,10 +617,11 @@ class TemplateKind(IdKind):
     def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
                fields: list[str], ctx: ApplyContext) -> None:
         client.ok("PUT", self.path(found.id), {"name": name, **found.spec,
-                                               **_pick(spec, TEMPLATE_FIELDS)})
+                                               **_pick(spec, TEMPLATE_FIELDS)},
+                  headers=ctx.guard())
 
     def delete(self, client: NanoClient, name: str, found: Found, ctx: ApplyContext) -> None:
-        client.ok("DELETE", self.path(found.id), {})
+        client.ok("DELETE", self.path(found.id), {}, headers=ctx.guard())
 
 
 class ImageKind(IdKind):

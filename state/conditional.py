@@ -36,6 +36,7 @@ from state.models import (
     SecurityPolicyGroup,
     Snapshot,
     StoragePool,
+    Template,
 )
 from state.policies import locked, write_transaction
 
@@ -54,6 +55,7 @@ RESOURCES: dict[str, tuple[type[peewee.Model], tuple[peewee.Field, ...]]] = {
     "snapshot": (Snapshot, (Snapshot.guest, Snapshot.name)),
     "migration": (Migration, (Migration.id,)),
     "batch": (BatchTask, (BatchTask.id,)),
+    "template": (Template, (Template.id,)),
 }
 
 

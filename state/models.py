@@ -198,6 +198,7 @@ class Template(Base):
     id = peewee.CharField(primary_key=True)
     name = peewee.CharField(unique=True)
     spec = JSONField(default=dict)  # admin, operating_system, disk, network, display, ...
+    generation = peewee.IntegerField(default=1)  # bumped by each modify: the ETag
     created_at = peewee.DateTimeField(default=now)
     modified_at = peewee.DateTimeField(default=now)
 

@@ -24,7 +24,9 @@ from api.base import NanoHandler
 from nanod.client import ClientConfig, NanoClient
 from nanod.manifests import Document, Outcome, Planner, execute
 from state.conditional import RESOURCES
-from state.models import Cell, Guest
+from state.db import MIGRATIONS, close_database, open_database
+from state.models import Cell, Guest, IdempotencyKey, SchemaVersion, Template
+from state.store import Store
 from tests.api.guest_helpers import guest_body, make_pool
 from tests.api.test_images import create as create_image
 from tests.api.test_restart import Nanod, free_port
@@ -212,6 +214,19 @@ async def test_etag_follows_the_generation_and_a_stale_if_match_changes_nothing(
     assert (await api.call("DELETE", "/compute_pools/p1", headers={"If-Match": "*"})).code == 0
     assert await api.ok("GET", "/compute_pools/") == []
 
+    # templates too (their generation came with these headers)
+    tid = (await api.ok("GET", "/templates/"))[0]["id"]
+    template = await api.call("GET", f"/templates/{tid}")
+    assert template.headers["ETag"] == '"1"'
+    body = {k: v for k, v in template.data.items()
+            if k not in ("id", "created_time", "modified_time")}
+    changed = await api.call("PUT", f"/templates/{tid}", {**body, "admin": "ops"},
+                             headers={"If-Match": '"1"'})
+    assert (changed.code, changed.headers["ETag"]) == (0, '"2"')
+    stale = await api.call("PUT", f"/templates/{tid}", body, headers={"If-Match": '"1"'})
+    assert stale.code == 409 and "generation 2" in stale.message
+    assert (await api.ok("GET", f"/templates/{tid}"))["admin"] == "ops"
+
 
 @pytest.mark.gen_test(timeout=60)
 async def test_guests_cells_and_images_refuse_a_stale_if_match(api, server):
@@ -279,6 +294,21 @@ async def test_apply_refuses_to_overwrite_a_change_made_since_it_read(api, serve
     assert "If-Match" in what and "generation 2" in what and f"by {ADMIN}" in what, what
     # the other operator's change stands
     assert (await api.ok("GET", "/address_pools/net"))["dns"] == ["9.9.9.9"]
+
+
+def test_an_older_store_gets_keys_and_template_generations(database):
+    """Schema migration 2 on a store made before it: the idempotency table appears and
+    the templates already there start at generation 1."""
+    handle = open_database(database)
+    Store().ensure_default_templates()
+    handle.execute_sql('ALTER TABLE "template" DROP COLUMN "generation"')
+    handle.drop_tables([IdempotencyKey])
+    SchemaVersion.delete().where(SchemaVersion.version >= 2).execute()
+    close_database()
+    handle = open_database(database)
+    assert [r.version for r in SchemaVersion.select()][-1] == len(MIGRATIONS)
+    assert {t.generation for t in Template.select()} == {1}
+    assert IdempotencyKey.select().count() == 0
 
 
 @pytest.fixture
