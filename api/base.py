@@ -482,6 +482,13 @@ class NanoHandler(tornado.web.RequestHandler):
             return
         self._finish_envelope(status, body)
 
+    def compute_etag(self) -> str | None:
+        """None: an ETag of this API is a resource's generation (`resource`, set by
+        `_finish_envelope`), never Tornado's hash of the body, which clients would take
+        for one and send back as If-Match; and Tornado's If-None-Match check would answer
+        304 for a resource whose status changed while its generation did not."""
+        return None
+
     def _finish_envelope(self, status: int, body: str) -> None:
         if self._etag is not None and not self._error_code:
             self.set_header("ETag", etag(self._etag))

@@ -787,7 +787,14 @@ class GuestKind(IdKind):
         hits = [r for r in self.rows(client, pool) if r["name"] == name]
         if not hits:
             return None
-        return Found(hits[0]["id"], self._shape(client, hits[0]))
+        # the guest's ETag, then the listing again for its spec: the tag is never newer
+        # than what the plan compares, so a change in between fails the update (If-Match)
+        # instead of being overwritten
+        _, tag = client.get_tagged(self.path(hits[0]["id"]))
+        again = [r for r in self.rows(client, pool) if r["id"] == hits[0]["id"]]
+        if not again:
+            return None
+        return Found(again[0]["id"], self._shape(client, again[0]), tag)
 
     def listing(self, client: NanoClient) -> list[tuple[str, Found]]:
         return [(r["name"], Found(r["id"], self._shape(client, r))) for r in self.rows(client)]
@@ -969,7 +976,7 @@ class GuestKind(IdKind):
         classes = self.classify_changes(client, found, self.want(spec, ctx), fields)
         if Effect.REPLACE in {effect for effect, _ in classes.values()}:
             self._creatable(spec)
-            client.ok("DELETE", self.path(found.id), {"force": True})
+            client.ok("DELETE", self.path(found.id), {"force": True}, headers=ctx.guard())
             self._wait_gone(client, found.id, max(ctx.wait_seconds, GUEST_DELETE_WAIT))
             self.create(client, name, spec, ctx)
             return
@@ -982,13 +989,17 @@ class GuestKind(IdKind):
                         f"spec.disks.{index}: cannot shrink disk {index} from {before} to "
                         f"{after} bytes (the API only compacts disk files)")
                 if after > before:
-                    client.ok("PUT", f"/guests/{ident}/disks/resize/{index}", {"size": after})
+                    client.ok("PUT", f"/guests/{ident}/disks/resize/{index}", {"size": after},
+                              headers=ctx.guard())
         if "cores" in fields:
-            client.ok("PUT", f"/guests/{ident}/cores", {"cores": spec["cores"]})
+            client.ok("PUT", f"/guests/{ident}/cores", {"cores": spec["cores"]},
+                      headers=ctx.guard())
         if "memory" in fields:
-            client.ok("PUT", f"/guests/{ident}/memory", {"memory": spec["memory"]})
+            client.ok("PUT", f"/guests/{ident}/memory", {"memory": spec["memory"]},
+                      headers=ctx.guard())
         if "auto_start" in fields:
-            client.ok("PUT", f"/guests/{ident}/auto_start", {"enable": spec["auto_start"]})
+            client.ok("PUT", f"/guests/{ident}/auto_start", {"enable": spec["auto_start"]},
+                      headers=ctx.guard())
         if "qos" in fields:
             groups: dict[str, dict[str, Any]] = {}
             have = found.spec.get("qos") or {}
@@ -997,15 +1008,20 @@ class GuestKind(IdKind):
                     groups.setdefault(QOS_ROUTES[key], {})[key] = value
             if "cpu" in groups:
                 client.ok("PUT", f"/guests/{ident}/qos/cpu",
-                          {"priority": groups["cpu"]["cpu_priority"]})
+                          {"priority": groups["cpu"]["cpu_priority"]}, headers=ctx.guard())
             for route in ("disk", "network"):
                 if route in groups:
-                    client.ok("PUT", f"/guests/{ident}/qos/{route}", groups[route])
+                    client.ok("PUT", f"/guests/{ident}/qos/{route}", groups[route],
+                              headers=ctx.guard())
         if "from_image" in fields:
             image = self._ids(client, "DiskImage").get(spec["from_image"])
             if image is None:
                 raise ManifestError(f"spec.from_image: no DiskImage named {spec['from_image']!r}")
-            client.ok("PUT", f"/guests/{ident}/system", {"from_image": image})
+            client.ok("PUT", f"/guests/{ident}/system", {"from_image": image},
+                      headers=ctx.guard())
+        # moves, power, media and snapshots are operations, not the spec the ETag guards
+        # (their routes are POSTs, or a snapshot's own): they follow unconditionally
+        ctx.if_match = ""
         if "cell" in fields:
             self._migrate(client, name, found, spec["cell"], ctx)
         self._live(client, name, found, spec, [f for f in fields if f in GUEST_LIVE_FIELDS],
@@ -1042,7 +1058,7 @@ class GuestKind(IdKind):
     def delete(self, client: NanoClient, name: str, found: Found, ctx: ApplyContext) -> None:
         """Delete (stopping it first) and wait until the reconciler removed it, so what it
         used (its cell, pool, addresses) can be deleted next."""
-        client.ok("DELETE", self.path(found.id), {"force": True})
+        client.ok("DELETE", self.path(found.id), {"force": True}, headers=ctx.guard())
         try:
             self._wait_gone(client, found.id, max(ctx.wait_seconds, GUEST_DELETE_WAIT))
         except ManifestError as exc:

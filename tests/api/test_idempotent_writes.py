@@ -185,6 +185,9 @@ async def test_an_error_frees_the_key_and_headers_are_refused_where_not_honoured
     assert [r.code for r in refused] == [400] * len(refused), [r.message for r in refused]
     assert "Idempotency-Key" in refused[0].message and "If-Match" in refused[2].message
     assert sorted(p["name"] for p in await api.ok("GET", "/compute_pools/")) == ["p1"]
+    # routes without a generation carry no ETag at all (none a client could send back)
+    roles = await api.call("GET", "/roles/")
+    assert roles.code == 0 and "ETag" not in roles.headers
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -309,6 +312,32 @@ def test_an_older_store_gets_keys_and_template_generations(database):
     assert [r.version for r in SchemaVersion.select()][-1] == len(MIGRATIONS)
     assert {t.generation for t in Template.select()} == {1}
     assert IdempotencyKey.select().count() == 0
+
+
+def _apply_stale_guest(url: str) -> tuple[Outcome, str]:
+    client = NanoClient(ClientConfig(url, ADMIN, ADMIN_PASSWORD))
+    doc = Document("Guest", "g1", "present", {"pool": "pool1", "cores": 4},
+                   "test.yaml#1", Path("."))
+    planner = Planner(client, [doc])
+    planned = planner.plan(doc)
+    assert planned.found is not None and planned.found.etag, planned.error
+    assert [a.after for a in planned.actions] == [{"cores": 4}]
+    other = NanoClient(ClientConfig(url, ADMIN, ADMIN_PASSWORD))
+    other.ok("PUT", f"/guests/{planned.found.id}/memory", {"memory": 4 << 30})
+    return execute(client, planner, planned)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_apply_refuses_a_guest_update_after_another_change(api, server):
+    await make_pool(api)
+    gid = (await api.ok("POST", "/guests/", guest_body("g1")))["id"]
+    loop = asyncio.get_running_loop()
+    outcome, what = await loop.run_in_executor(
+        None, _apply_stale_guest, f"http://127.0.0.1:{server.port}")
+    assert outcome is Outcome.FAILED
+    assert "If-Match" in what and f"by {ADMIN}" in what and "memory" in what, what
+    spec = Guest.get_by_id(gid).spec
+    assert (spec["cores"], spec["memory"]) == (2, 4 << 30)
 
 
 @pytest.fixture
