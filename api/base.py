@@ -47,7 +47,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -477,8 +477,10 @@ class NanoHandler(tornado.web.RequestHandler):
         if self._refused_body:
             self.set_header("Connection", "close")  # the unread body ends the connection
         body = envelope(code, message, data)
-        if threading.get_ident() != self._loop_thread:
-            self._deferred = (status, body)  # a route in the store lane: sent on return
+        if threading.get_ident() != self._loop_thread or self._idempotency is not None:
+            # a route in the store lane, or one whose reply is kept for retries (before it
+            # is sent): sent when the route returns
+            self._deferred = (status, body)
             return
         self._finish_envelope(status, body)
 
@@ -570,6 +572,14 @@ class NanoHandler(tornado.web.RequestHandler):
                               "guards PUT and DELETE of resources that answer GET with an "
                               "ETag; send the request without it")
             self._if_match = entity_tags(match)
+        if key is not None and lane:
+            claim = await self.stored(self._create_once, method, args, key)
+            if claim.outcome is Claimed.NEW:
+                if self._deferred is not None:
+                    self._finish_envelope(*self._deferred)
+                return
+            self._answer(claim, key)
+            return
         if key is not None and await self._replayed(key):
             return
         try:
@@ -609,26 +619,48 @@ class NanoHandler(tornado.web.RequestHandler):
         else:
             method(self, *args)
 
-    def _write_if_match(self, write: Callable[..., T], *args: Any) -> T:
-        """`write(*args)` (in the store lane) in one transaction with the If-Match compare;
-        the reconciler hears of the change only after the commit (an enqueue inside the
-        transaction could read the old spec and call it converged)."""
-        assert self.resource is not None and self._if_match is not None
+    @contextlib.contextmanager
+    def _enqueues_after_commit(self) -> Iterator[None]:
+        """While a route runs inside a transaction of ours, its enqueues wait for the
+        commit: the reconciler could otherwise read the old state and call it converged.
+        Dropped when the transaction fails (nothing changed)."""
         held: list[Any] = []
         shared = self.ctx
         self.ctx = copy.copy(shared)
         self.ctx.enqueue = held.append
         try:
-            result, generation = self.store.write_if_match(
-                self.resource.kind, self.resource.key(self.path_args), self._if_match,
-                write, *args)
+            yield
         finally:
             self.ctx = shared
         for item in held:
             shared.enqueue(item)
+
+    def _write_if_match(self, write: Callable[..., T], *args: Any) -> T:
+        """`write(*args)` (in the store lane) in one transaction with the If-Match
+        compare."""
+        assert self.resource is not None and self._if_match is not None
+        with self._enqueues_after_commit():
+            result, generation = self.store.write_if_match(
+                self.resource.kind, self.resource.key(self.path_args), self._if_match,
+                write, *args)
         self._etag = generation
         self._if_match_done = True
         return result
+
+    def _create_once(self, method: Callable[..., Any], args: tuple[Any, ...],
+                     key: str) -> Claim:
+        """A creating route in the store lane with an Idempotency-Key: claim, create and
+        keep the reply in one transaction (state/idempotency.py `create_once`)."""
+        def create() -> tuple[int, str] | None:
+            method(self, *args)
+            return None if self._deferred is None or self._error_code else self._deferred
+
+        with self._enqueues_after_commit():
+            return self.store.create_once(self.user, self._idempotent_route(), key,
+                                          body_digest(b"".join(self._chunks)), create)
+
+    def _idempotent_route(self) -> str:
+        return f"POST {self.request.path.rstrip('/')}"
 
     async def stored_write(self, fn: Callable[..., T], *args: Any) -> T:
         """The one store write of a coroutine route declaring a `resource` (a DELETE that
@@ -648,10 +680,10 @@ class NanoHandler(tornado.web.RequestHandler):
                           "(e.g. a UUID), one new key per intended create")
 
     async def _replayed(self, key: str) -> bool:
-        """Claim `key` for this request, or answer with the reply of the first request
-        that used it (True: answered). A first request still being handled is waited for
-        up to IDEMPOTENCY_WAIT seconds."""
-        route = f"POST {self.request.path.rstrip('/')}"
+        """A coroutine route's claim of `key`, or the answer of the first request that
+        used it (True: answered). A first request still being handled is waited for up to
+        IDEMPOTENCY_WAIT seconds."""
+        route = self._idempotent_route()
         digest = body_digest(b"".join(self._chunks))
         deadline = time.monotonic() + IDEMPOTENCY_WAIT
         claim: Claim | None = None
@@ -666,18 +698,23 @@ class NanoHandler(tornado.web.RequestHandler):
         if claim.outcome is Claimed.NEW:
             self._idempotency = claim.scope
             return False
+        self._answer(claim, key)
+        return True
+
+    def _answer(self, claim: Claim, key: str) -> None:
+        """Answer a request whose key was used before: its first reply, or why not."""
         if claim.outcome is Claimed.OTHER_BODY:
             raise Conflict(f"{IDEMPOTENCY_HEADER} {key!r} was used on POST "
                            f"{self.request.path} {claim.age:.0f} s ago with another body: a "
                            "retry must send the same body; use a new key for a new request")
         if claim.outcome is Claimed.PENDING:
             raise Conflict(f"{IDEMPOTENCY_HEADER} {key!r}: the first request with this key "
-                           f"(started {claim.age:.0f} s ago) is still in progress; retry "
-                           "later with the same key to get its reply")
+                           f"(started {claim.age:.0f} s ago) is still in progress, or its "
+                           "nanod stopped while handling it; retry later with the same key "
+                           "to get its reply, or check whether it took effect")
         self._quiet = True  # the first request wrote the audit entry
         self.set_header("Idempotent-Replayed", "true")
         self._finish_envelope(claim.status, claim.reply)
-        return True
 
     # -- blocking work --------------------------------------------------------------------
 

@@ -1,9 +1,12 @@
 """Idempotency keys: the first reply to a create kept in the store, so a retry of the same
 POST (same caller, route, key and body) gets it back instead of making a second resource.
 
-Called by `api/base.py` (`NanoHandler`, for routes that declare `creates = True`): `claim`
-before the route runs, `keep` with its reply when it succeeded, `release` when it failed
-(an error reply changed nothing, so the key is free again). Rows live in the database, not
+Called by `api/base.py` (`NanoHandler`, for routes that declare `creates = True`). A route
+that runs in the store lane runs inside `create_once`: claim, create and keep the reply in
+one transaction. A coroutine route (it awaits other work between its store calls) claims
+first, then keeps its reply, or releases the key when it failed (an error reply changed
+nothing, so the key is free again); a crash in between leaves its key "in progress" until
+it is trimmed. Rows live in the database, not
 in memory, so they hold across a restart and across replicas sharing the database; rows
 older than `KEY_LIFETIME` are trimmed by the next claim.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -24,6 +28,7 @@ import peewee
 
 from state.db import db
 from state.models import IdempotencyKey
+from state.policies import write_transaction
 
 KEY_LIFETIME = 24 * 3600.0
 """Seconds a key and its reply are kept (a retry after that is a new request)."""
@@ -75,6 +80,25 @@ class IdempotencyStore:
                 return Claim(Claimed.PENDING, scope, age=age)
             return Claim(Claimed.DONE, scope, row.status, row.reply or "", age)
         raise RuntimeError(f"idempotency key of {route}: the row vanished three times")
+
+    def create_once(self, user: str, route: str, key: str, body_hash: str,
+                    create: Callable[[], tuple[int, str] | None]) -> Claim:
+        """Claim `key`, run `create` (store calls; it returns the reply to keep, or None
+        for an error reply, which is not kept) and keep its reply, all in one transaction:
+        a crash in between leaves neither the resource nor the key. A concurrent request
+        with the same key waits for this transaction (SQLite's write lock; PostgreSQL's
+        wait on the key's primary key) and then reads the reply kept here. Returns the
+        claim: NEW when `create` ran, else what the first request left."""
+        with write_transaction():
+            claim = self.claim_idempotency(user, route, key, body_hash)
+            if claim.outcome is not Claimed.NEW:
+                return claim
+            reply = create()
+            if reply is None:
+                self.release_idempotency(claim.scope)
+            else:
+                self.keep_idempotent_reply(claim.scope, *reply)
+            return claim
 
     def idempotent_reply(self, scope: str) -> Claim | None:
         """What a claimed key holds now (None when its request failed and released it)."""

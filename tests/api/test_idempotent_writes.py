@@ -150,6 +150,25 @@ async def test_concurrent_creates_with_one_key_make_one_guest(api, server):
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_a_coroutine_create_claims_first_and_keeps_its_reply(api):
+    """POST /users/{name} awaits its password hash between store calls: its key is claimed
+    before and its reply kept after; retries sent meanwhile wait for it."""
+    body = {"password": "Us3rPassword", "nick": "Bob"}
+    replies = await asyncio.gather(*(api.call("POST", "/users/bob", body, headers=key("u1"))
+                                     for _ in range(3)))
+    assert [r.code for r in replies] == [0, 0, 0], [r.message for r in replies]
+    assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in replies) == 2
+    other = await api.call("POST", "/users/bob", {**body, "nick": "Robert"}, headers=key("u1"))
+    assert other.code == 409 and "Idempotency-Key" in other.message
+    assert await api.ok("GET", "/users/") == [ADMIN, "bob"]
+    assert (await api.ok("GET", "/users/bob"))["nick"] == "Bob"
+    # a failed first request frees its key here too
+    weak = await api.call("POST", "/users/carol", {"password": "x"}, headers=key("u2"))
+    assert weak.code == 400
+    assert (await api.call("POST", "/users/carol", body, headers=key("u2"))).code == 0
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_same_key_other_body_is_refused_and_keys_are_per_caller_and_route(api):
     assert (await api.call("POST", "/compute_pools/p1", POOL, headers=key("k1"))).code == 0
     other = await api.call("POST", "/compute_pools/p1", {**POOL, "enabled": False},
