@@ -59,6 +59,24 @@ RESOURCES: dict[str, tuple[type[peewee.Model], tuple[peewee.Field, ...]]] = {
 }
 
 
+# kind -> the path segments of the API routes that change it (where its audit entries are)
+ROUTE_SEGMENTS: dict[str, frozenset[str]] = {
+    "guest": frozenset({"guests", "instances"}),
+    "compute_pool": frozenset({"compute_pools"}),
+    "cell": frozenset({"cells", "compute_pool_cells"}),
+    "storage_pool": frozenset({"storage_pools"}),
+    "address_pool": frozenset({"address_pools"}),
+    "image": frozenset({"media_images", "disk_images", "media_image_files",
+                        "disk_image_files"}),
+    "security_policy_group": frozenset({"security_policy_groups"}),
+    "guest_security_policy": frozenset({"security_policy"}),
+    "snapshot": frozenset({"snapshots"}),
+    "migration": frozenset({"migrations"}),
+    "batch": frozenset({"create_guest", "delete_guest", "stop_guest"}),
+    "template": frozenset({"templates"}),
+}
+
+
 class PreconditionFailed(Conflict):
     """`If-Match` named another generation than the resource has: nothing was changed.
     error_code 409; HTTP 412 for clients that ask for strict HTTP (api/base.py)."""
@@ -79,14 +97,14 @@ def _query(kind: str, key: Sequence[str]) -> peewee.Select:
     return query
 
 
-def _last_change(key: Sequence[str]) -> str:
-    """The newest audit entry about the resource (its path names each part of its key):
-    who changed it, when and how; "" when none is recorded yet."""
+def _last_change(kind: str, key: Sequence[str]) -> str:
+    """The newest audit entry about the resource (its path names the kind's route and
+    each part of its key): who changed it, when and how; "" when none is recorded yet."""
     rows = (LogEntry.select().where(LogEntry.resource.contains(f"/{key[-1]}"))
-            .order_by(LogEntry.time.desc(), LogEntry.id.desc()).limit(20))
+            .order_by(LogEntry.time.desc(), LogEntry.id.desc()).limit(50))
     for row in rows:
         segments = row.resource.strip("/").split("/")
-        if all(part in segments for part in key):
+        if ROUTE_SEGMENTS[kind] & set(segments) and all(part in segments for part in key):
             return f"{format_time(row.time)} by {row.user or 'nanod'}: {row.content}"
     return ""
 
@@ -119,7 +137,7 @@ class ConditionalStore:
         if generation is None:
             return (f"If-Match: there is no {kind} {name!r} any more (you sent {sent}); "
                     "nothing was changed")
-        last = _last_change(key)
+        last = _last_change(kind, key)
         changed = f" (last change {last})" if last else ""
         return (f"If-Match: {kind} {name!r} is at generation {generation}, not {sent}: it "
                 f"was changed since you read it{changed}; nothing was changed: read it "

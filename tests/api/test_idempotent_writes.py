@@ -23,7 +23,7 @@ from api.app import routes
 from api.base import NanoHandler
 from nanod.client import ClientConfig, NanoClient
 from nanod.manifests import Document, Outcome, Planner, execute
-from state.conditional import RESOURCES
+from state.conditional import RESOURCES, ROUTE_SEGMENTS
 from state.db import MIGRATIONS, close_database, open_database
 from state.models import Cell, Guest, IdempotencyKey, SchemaVersion, Template
 from state.store import Store
@@ -71,6 +71,7 @@ def test_every_creating_post_takes_a_key_and_every_resource_route_is_known():
             assert handler.get is not NanoHandler.get or handler.put is not NanoHandler.put \
                 or handler.delete is not NanoHandler.delete, pattern
     assert set(NOT_CREATING) <= seen
+    assert set(ROUTE_SEGMENTS) == set(RESOURCES)  # where each kind's changes are audited
 
 
 def key(value: str) -> dict[str, str]:
