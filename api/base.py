@@ -20,6 +20,12 @@ The session lookup reads the in-memory cache on the loop and the database in the
 and the audit entry of a change is appended by one writer thread (api/audit.py). A route
 waiting for SQLite's write lock (`busy_timeout`) holds one lane thread, never the loop.
 
+Idempotent and conditional writes are handled here once for every route, by what the
+route declares (`creates`, `resource`): a POST that creates takes an `Idempotency-Key`
+(state/idempotency.py keeps the first reply; a retry gets it back), a resource's GET
+carries its generation as `ETag`, and its PUT and DELETE take `If-Match`, compared and
+written in one transaction (state/conditional.py). README "Retries and concurrent edits".
+
 Password hashing (argon2, a few hundred ms of CPU each) runs in a small pool of its own
 (`AppContext.hasher`, `NanoHandler.hashing`), apart from the pool that reads image files
 and does other blocking work (`AppContext.executor`, `NanoHandler.blocking`): a flood of
@@ -31,7 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -39,7 +47,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -50,7 +58,9 @@ from tornado.ioloop import IOLoop
 
 import specs
 from api.audit import AuditWriter
-from state.errors import Forbidden, Invalid, NanoError, Unauthorized
+from state.conditional import PreconditionFailed, etag
+from state.errors import Conflict, Forbidden, Internal, Invalid, NanoError, Unauthorized
+from state.idempotency import Claim, Claimed
 from state.identity import SessionInfo
 from state.store import Store
 
@@ -59,6 +69,12 @@ log = logging.getLogger("nano.api")
 T = TypeVar("T")
 Enqueue = Callable[[Any], None]
 SESSION_HEADER = "Nano-Session"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+STRICT_HTTP = "return=strict-http"
+"""The `Prefer` token that asks for HTTP 412 (not 200) when an If-Match fails."""
+IDEMPOTENCY_WAIT = 30.0
+"""Seconds a retry waits for the first request with its key to finish before it is
+refused as "in progress" (the routes that create finish well within it)."""
 UNCOUNTED = 1 << 62
 """Tornado's maximum for a chunked body: none it would reach; `data_received` counts."""
 
@@ -254,18 +270,62 @@ def contract_of(handler: type, method: str) -> Contract:
     raise KeyError(f"{handler.__name__}.{method.lower()} declares no @contract")
 
 
-def in_store_lane(method: Callable[..., None]) -> Callable[..., Any]:
-    """`method`, a route method that is not a coroutine, as a coroutine that runs it whole
-    in the store lane; the reply it made there is sent from the IOLoop once it returns
-    (Tornado's output is not thread-safe), and what it raised reaches Tornado as usual."""
+def route_method(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method`, a route method, as the coroutine Tornado calls: one that checks the
+    request's Idempotency-Key and If-Match headers and runs it (`NanoHandler._run_route`).
+    A method that is not a coroutine runs whole in the store lane; the reply it made there
+    is sent from the IOLoop once it returns (Tornado's output is not thread-safe), and what
+    it raised reaches Tornado as usual."""
+    lane = not inspect.iscoroutinefunction(method)
+
     @functools.wraps(method)
     async def route(self: NanoHandler, *args: Any) -> None:
-        await self.stored(method, self, *args)
-        if self._deferred is not None:
-            status, body = self._deferred
-            self._finish_envelope(status, body)
+        await self._run_route(method, lane, args)
 
+    route.__nano_route__ = True  # type: ignore[attr-defined]  # wrapped once only
     return route
+
+
+@dataclass(frozen=True)
+class Resource:
+    """What a route reads and changes that has a generation: its kind (state/conditional.py
+    RESOURCES) and which path arguments, in order, are its key. A route that declares one
+    answers GET with an `ETag` and honours `If-Match` on PUT and DELETE."""
+
+    kind: str
+    args: tuple[int, ...] = (0,)
+
+    def key(self, path_args: tuple[Any, ...]) -> tuple[str, ...]:
+        return tuple(str(path_args[i]) for i in self.args)
+
+
+def entity_tags(header: str) -> list[str]:
+    """The generations an If-Match header names ("*" for any), as strings. Refuses what is
+    not a list of quoted generations, naming the header and the form it wants."""
+    tags = []
+    for part in (p.strip() for p in header.split(",")):
+        if part == "*":
+            tags.append("*")
+        elif part.startswith("W/"):
+            raise Invalid(f"If-Match: {part} is a weak entity tag, which never matches a "
+                          'write (RFC 9110): send the ETag as given, e.g. If-Match: "3"')
+        elif len(part) >= 3 and part[0] == part[-1] == '"' and part[1:-1].isdigit():
+            tags.append(str(int(part[1:-1])))
+        else:
+            raise Invalid(f"If-Match: {part!r} is not an ETag of this API: send the quoted "
+                          'generation from the ETag header of a GET, e.g. If-Match: "3", '
+                          "or * for any")
+    return tags
+
+
+def body_digest(raw: bytes) -> str:
+    """What makes two request bodies "the same" for an idempotency key: equal JSON (key
+    order and spacing aside), else equal bytes."""
+    try:
+        canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"))
+    except (ValueError, UnicodeDecodeError):
+        return hashlib.sha256(raw).hexdigest()
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @tornado.web.stream_request_body
@@ -276,23 +336,33 @@ class NanoHandler(tornado.web.RequestHandler):
       public  -- no session needed (system init, login);
       menu    -- the menu tag a session must hold to change (non-GET) this route group;
       read_menu -- a tag needed even to read (admin-only listings);
+      creates -- POST makes something: it honours an Idempotency-Key (a retry with the
+                 same key and body gets the first reply and makes nothing new);
+      resource -- the resource with a generation the route reads and changes: its GET
+                 replies carry an ETag and its PUT and DELETE honour If-Match;
       contracts -- per HTTP method, a `Contract` replacing the one of an inherited method.
+    A request with either header (Idempotency-Key, If-Match) on a route that does not
+    declare it is refused (400): a header we would ignore would promise what nothing keeps.
     Every route method declares its `Contract` (`@contract`).
     """
 
     public = False
     menu: str | None = None
     read_menu: str | None = None
+    creates = False
+    resource: Resource | None = None
     contracts: dict[str, Contract] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Every route method a handler defines that is not a coroutine runs in the store
-        lane (`in_store_lane`): no route reads or writes the database on the IOLoop."""
+        """Every route method a handler defines runs through `route_method`: the headers of
+        idempotent and conditional writes are handled once, here, for every route; and a
+        method that is not a coroutine runs in the store lane: no route reads or writes the
+        database on the IOLoop."""
         super().__init_subclass__(**kwargs)
         for name in ROUTE_METHODS:
             method = cls.__dict__.get(name)
-            if method is not None and not inspect.iscoroutinefunction(method):
-                setattr(cls, name, in_store_lane(method))
+            if method is not None and not getattr(method, "__nano_route__", False):
+                setattr(cls, name, route_method(method))
 
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
@@ -308,6 +378,10 @@ class NanoHandler(tornado.web.RequestHandler):
         self._error_code = 0
         self._quiet = False
         self._counted = False
+        self._idempotency: str | None = None  # the claimed key's row while this request runs
+        self._if_match: list[str] | None = None
+        self._if_match_done = False
+        self._etag: int | None = None
 
     def _count(self, delta: int) -> None:
         # In-flight requests, so a shutdown can let them finish first.
@@ -470,12 +544,23 @@ class NanoHandler(tornado.web.RequestHandler):
         if self._refused_body:
             self.set_header("Connection", "close")  # the unread body ends the connection
         body = envelope(code, message, data)
-        if threading.get_ident() != self._loop_thread:
-            self._deferred = (status, body)  # a route in the store lane: sent on return
+        if threading.get_ident() != self._loop_thread or self._idempotency is not None:
+            # a route in the store lane, or one whose reply is kept for retries (before it
+            # is sent): sent when the route returns
+            self._deferred = (status, body)
             return
         self._finish_envelope(status, body)
 
+    def compute_etag(self) -> str | None:
+        """None: an ETag of this API is a resource's generation (`resource`, set by
+        `_finish_envelope`), never Tornado's hash of the body, which clients would take
+        for one and send back as If-Match; and Tornado's If-None-Match check would answer
+        304 for a resource whose status changed while its generation did not."""
+        return None
+
     def _finish_envelope(self, status: int, body: str) -> None:
+        if self._etag is not None and not self._error_code:
+            self.set_header("ETag", etag(self._etag))
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(body)
@@ -501,8 +586,17 @@ class NanoHandler(tornado.web.RequestHandler):
                 message = exc.log_message or exc.reason or "bad request"
         else:
             code, message = 500, "internal error: see the nanod log"
-        # The original answers HTTP 200 for errors; its portal switches on error_code.
-        self.send_envelope(code, message, None)
+        # The original answers HTTP 200 for errors; its portal switches on error_code. A
+        # failed If-Match is HTTP 412 for a client that asks for it (`Prefer`, STRICT_HTTP).
+        status = 200
+        if isinstance(exc, PreconditionFailed) and self.prefers_strict_http():
+            status = 412
+            self.set_header("Preference-Applied", STRICT_HTTP)
+        self.send_envelope(code, message, None, status=status)
+
+    def prefers_strict_http(self) -> bool:
+        prefer = ",".join(self.request.headers.get_list("Prefer"))
+        return STRICT_HTTP in (p.strip() for p in prefer.replace(";", ",").split(","))
 
     def log_path(self) -> str:
         """The request path as logs may show it; routes whose path carries a secret (a
@@ -529,6 +623,165 @@ class NanoHandler(tornado.web.RequestHandler):
         what = self._audit or f"{self.request.method} {self.request.path}"
         self.ctx.audit.add(f"{who} {what}", user=who, address=self.address,
                            resource=self.log_path())
+
+    # -- running a route: idempotent and conditional writes --------------------------------
+
+    async def _run_route(self, method: Callable[..., Any], lane: bool,
+                         args: tuple[Any, ...]) -> None:
+        verb = self.request.method or ""
+        key = self.request.headers.get(IDEMPOTENCY_HEADER)
+        if key is not None:
+            self._check_idempotency_key(key, verb)
+        match = self.request.headers.get("If-Match")
+        if match is not None:
+            if verb not in ("PUT", "DELETE") or self.resource is None:
+                raise Invalid(f"If-Match is not supported on {verb} {self.request.path}: it "
+                              "guards PUT and DELETE of resources that answer GET with an "
+                              "ETag; send the request without it")
+            self._if_match = entity_tags(match)
+        if key is not None and lane:
+            claim = await self.stored(self._create_once, method, args, key)
+            if claim.outcome is Claimed.NEW:
+                if self._deferred is not None:
+                    self._finish_envelope(*self._deferred)
+                return
+            self._answer(claim, key)
+            return
+        if key is not None and await self._replayed(key):
+            return
+        try:
+            if lane:
+                await self.stored(self._in_lane, method, args)
+            else:
+                await method(self, *args)
+                if self._if_match is not None and not self._if_match_done:
+                    raise Internal(f"{verb} {self.request.path} did not apply If-Match")
+        except Exception:
+            if self._idempotency is not None:
+                scope, self._idempotency = self._idempotency, None
+                await self.stored(self.store.release_idempotency, scope)
+            raise
+        if self._deferred is not None:
+            status, body = self._deferred
+            if self._idempotency is not None:
+                scope, self._idempotency = self._idempotency, None
+                if self._error_code:  # an error made nothing: the key is free again
+                    await self.stored(self.store.release_idempotency, scope)
+                else:
+                    await self.stored(self.store.keep_idempotent_reply, scope, status, body)
+            self._finish_envelope(status, body)
+        elif self._idempotency is not None:  # finished without an envelope: nothing to keep
+            await self.stored(self.store.release_idempotency, self._idempotency)
+
+    def _in_lane(self, method: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """A route method in the store lane: a GET of a resource gets its ETag (read
+        before the reply's data, so it is never newer than what the client got); a PUT or
+        DELETE with If-Match runs in one transaction with the compare."""
+        if self.resource is not None and self.request.method in ("GET", "HEAD"):
+            generation = self.store.generation_of(self.resource.kind, self.resource.key(args))
+            method(self, *args)
+            self._etag = generation
+        elif self._if_match is not None:
+            self._write_if_match(method, self, *args)
+        else:
+            method(self, *args)
+
+    @contextlib.contextmanager
+    def _enqueues_after_commit(self) -> Iterator[None]:
+        """While a route runs inside a transaction of ours, its enqueues wait for the
+        commit: the reconciler could otherwise read the old state and call it converged.
+        Dropped when the transaction fails (nothing changed)."""
+        held: list[Any] = []
+        shared = self.ctx
+        self.ctx = copy.copy(shared)
+        self.ctx.enqueue = held.append
+        try:
+            yield
+        finally:
+            self.ctx = shared
+        for item in held:
+            shared.enqueue(item)
+
+    def _write_if_match(self, write: Callable[..., T], *args: Any) -> T:
+        """`write(*args)` (in the store lane) in one transaction with the If-Match
+        compare."""
+        assert self.resource is not None and self._if_match is not None
+        with self._enqueues_after_commit():
+            result, generation = self.store.write_if_match(
+                self.resource.kind, self.resource.key(self.path_args), self._if_match,
+                write, *args)
+        self._etag = generation
+        self._if_match_done = True
+        return result
+
+    def _create_once(self, method: Callable[..., Any], args: tuple[Any, ...],
+                     key: str) -> Claim:
+        """A creating route in the store lane with an Idempotency-Key: claim, create and
+        keep the reply in one transaction (state/idempotency.py `create_once`)."""
+        def create() -> tuple[int, str] | None:
+            method(self, *args)
+            return None if self._deferred is None or self._error_code else self._deferred
+
+        with self._enqueues_after_commit():
+            return self.store.create_once(self.user, self._idempotent_route(), key,
+                                          body_digest(b"".join(self._chunks)), create)
+
+    def _idempotent_route(self) -> str:
+        return f"POST {self.request.path.rstrip('/')}"
+
+    async def stored_write(self, fn: Callable[..., T], *args: Any) -> T:
+        """The one store write of a coroutine route declaring a `resource` (a DELETE that
+        then waits for the reconciler): with If-Match, in one transaction with the
+        compare; without, as `stored`."""
+        if self._if_match is None:
+            return await self.stored(fn, *args)
+        return await self.stored(self._write_if_match, fn, *args)
+
+    def _check_idempotency_key(self, key: str, verb: str) -> None:
+        if verb != "POST" or not self.creates:
+            raise Invalid(f"{IDEMPOTENCY_HEADER} is not supported on {verb} "
+                          f"{self.request.path}: only POST routes that create something "
+                          "take it; send the request without it")
+        if not 1 <= len(key) <= 255 or not all("!" <= c <= "~" for c in key):
+            raise Invalid(f"{IDEMPOTENCY_HEADER}: want 1 to 255 visible ASCII characters "
+                          "(e.g. a UUID), one new key per intended create")
+
+    async def _replayed(self, key: str) -> bool:
+        """A coroutine route's claim of `key`, or the answer of the first request that
+        used it (True: answered). A first request still being handled is waited for up to
+        IDEMPOTENCY_WAIT seconds."""
+        route = self._idempotent_route()
+        digest = body_digest(b"".join(self._chunks))
+        deadline = time.monotonic() + IDEMPOTENCY_WAIT
+        claim: Claim | None = None
+        while True:
+            if claim is None:  # first, or the first request failed and freed the key
+                claim = await self.stored(self.store.claim_idempotency, self.user, route,
+                                          key, digest)
+            if claim.outcome is not Claimed.PENDING or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
+            claim = await self.stored(self.store.idempotent_reply, claim.scope)
+        if claim.outcome is Claimed.NEW:
+            self._idempotency = claim.scope
+            return False
+        self._answer(claim, key)
+        return True
+
+    def _answer(self, claim: Claim, key: str) -> None:
+        """Answer a request whose key was used before: its first reply, or why not."""
+        if claim.outcome is Claimed.OTHER_BODY:
+            raise Conflict(f"{IDEMPOTENCY_HEADER} {key!r} was used on POST "
+                           f"{self.request.path} {claim.age:.0f} s ago with another body: a "
+                           "retry must send the same body; use a new key for a new request")
+        if claim.outcome is Claimed.PENDING:
+            raise Conflict(f"{IDEMPOTENCY_HEADER} {key!r}: the first request with this key "
+                           f"(started {claim.age:.0f} s ago) is still in progress, or its "
+                           "nanod stopped while handling it; retry later with the same key "
+                           "to get its reply, or check whether it took effect")
+        self._quiet = True  # the first request wrote the audit entry
+        self.set_header("Idempotent-Replayed", "true")
+        self._finish_envelope(claim.status, claim.reply)
 
     # -- blocking work --------------------------------------------------------------------
 
@@ -582,7 +835,11 @@ class NanoHandler(tornado.web.RequestHandler):
         if origin and ("*" in origins or origin in origins):
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Vary", "Origin")
-            self.set_header("Access-Control-Allow-Headers", f"Content-Type, {SESSION_HEADER}")
+            self.set_header("Access-Control-Allow-Headers",
+                            f"Content-Type, {SESSION_HEADER}, {IDEMPOTENCY_HEADER}, If-Match, "
+                            "Prefer")
+            self.set_header("Access-Control-Expose-Headers",
+                            "ETag, Idempotent-Replayed, Preference-Applied")
             self.set_header("Access-Control-Allow-Methods",
                             "GET, POST, PUT, DELETE, PATCH, OPTIONS")
 

@@ -8,7 +8,7 @@ caller's own; starting one needs the 'instance' menu tag.
 
 from __future__ import annotations
 
-from api.base import Contract, contract
+from api.base import Contract, Resource, contract
 from api.guests import GuestHandlerBase
 from reconciler.contract import Key
 
@@ -16,6 +16,7 @@ from reconciler.contract import Key
 class BatchHandler(GuestHandlerBase):
     menu = "instance"
     kind = ""
+    resource = Resource("batch")
 
     @contract(data="batch_guest_status")
     def get(self, task_id: str) -> None:
@@ -25,6 +26,7 @@ class BatchHandler(GuestHandlerBase):
 
 class BatchCreateHandler(GuestHandlerBase):
     menu = "instance"
+    creates = True
 
     @contract(data="created_id", body="batch_create_guest")
     def post(self) -> None:
@@ -45,6 +47,7 @@ class BatchCreateStatusHandler(BatchHandler):
 
 class BatchDeleteHandler(GuestHandlerBase):
     menu = "instance"
+    creates = True
 
     @contract(data="created_id", body="batch_delete_guest")
     def post(self) -> None:
@@ -63,6 +66,7 @@ class BatchDeleteStatusHandler(BatchHandler):
 
 class BatchStopHandler(GuestHandlerBase):
     menu = "instance"
+    creates = True
 
     @contract(data="created_id", body="batch_stop_guest")
     def post(self) -> None:

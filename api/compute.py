@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from api.base import NanoHandler, contract
+from api.base import NanoHandler, Resource, contract
 from reconciler.contract import Key
 from state.cell_transport import parse_host_key
 from state.errors import Conflict
@@ -43,6 +43,8 @@ class PoolsHandler(NanoHandler):
 
 class PoolHandler(NanoHandler):
     menu = "compute_pool"
+    creates = True
+    resource = Resource("compute_pool")
 
     @contract(data="compute_pool_info")
     def get(self, name: str) -> None:
@@ -89,6 +91,8 @@ class PoolCellsHandler(NanoHandler):
 
 class PoolCellHandler(NanoHandler):
     menu = "compute_pool"
+    creates = True
+    resource = Resource("cell", (1,))
 
     @contract(data="pool_cell_detail")
     def get(self, pool: str, cell: str) -> None:
@@ -132,6 +136,8 @@ class StoragePoolsHandler(NanoHandler):
 
 class StoragePoolHandler(NanoHandler):
     menu = "storage_pool"
+    creates = True
+    resource = Resource("storage_pool")
 
     @contract(data="storage_pool_info")
     def get(self, name: str) -> None:
@@ -227,6 +233,8 @@ class CellHandler(NanoHandler):
     """Extension: register a KVM host as a cell, read, change or forget it."""
 
     menu = "compute_pool"
+    creates = True
+    resource = Resource("cell")
 
     @contract(data="cell_record", extension=True)
     def get(self, name: str) -> None:
@@ -270,7 +278,7 @@ class CellHandler(NanoHandler):
         if record["pool"]:
             raise Conflict(f"cell {name!r} is in compute pool {record['pool']!r}: remove it "
                            "from the pool first")
-        await self.stored(self.store.unregister_cell, name)
+        await self.stored_write(self.store.unregister_cell, name)
         self.ctx.enqueue(Key("cell", name))
         self.audit(f"unregistered cell {name}")
         # the reconciler removes what nano made on the cell, then the record: wait a little

@@ -9,7 +9,7 @@ tag; every route answers "no guest" for guests the caller may not see.
 
 from __future__ import annotations
 
-from api.base import NanoHandler, contract, query_bool
+from api.base import NanoHandler, Resource, contract, query_bool
 from reconciler.contract import Key
 from state.identity import SessionInfo
 
@@ -56,6 +56,8 @@ class SearchGuestsHandler(GuestHandlerBase):
 
 
 class GuestsHandler(GuestHandlerBase):
+    creates = True
+
     @contract(data="created_id", body="guest_create")
     def post(self) -> None:
         guest = self.store.create_guest(self.caller, self.body())
@@ -65,6 +67,8 @@ class GuestsHandler(GuestHandlerBase):
 
 
 class GuestHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="guest_status")
     def get(self, guest_id: str) -> None:
         created, data = self.store.guest_status(self.caller, guest_id)
@@ -96,6 +100,8 @@ class PlanHandler(GuestHandlerBase):
 
 
 class AutoStartHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="guest_auto_start")
     def put(self, guest_id: str) -> None:
         enable = self.body()["enable"]
@@ -106,6 +112,8 @@ class AutoStartHandler(GuestHandlerBase):
 
 
 class CoresHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="guest_cores")
     def put(self, guest_id: str) -> None:
         body = self.body()
@@ -116,6 +124,8 @@ class CoresHandler(GuestHandlerBase):
 
 
 class MemoryHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="guest_memory")
     def put(self, guest_id: str) -> None:
         body = self.body()
@@ -127,6 +137,8 @@ class MemoryHandler(GuestHandlerBase):
 
 
 class DiskResizeHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="guest_disk_resize")
     def put(self, guest_id: str, disk: str) -> None:
         body = self.body()
@@ -138,6 +150,8 @@ class DiskResizeHandler(GuestHandlerBase):
 
 
 class DiskShrinkHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="guest_disk_shrink")
     def put(self, guest_id: str, disk: str) -> None:
         self.body()  # `immediate` means nothing: shrinking needs a stop
@@ -147,6 +161,8 @@ class DiskShrinkHandler(GuestHandlerBase):
 
 
 class SystemHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="guest_system")
     def put(self, guest_id: str) -> None:
         image = self.body()["from_image"]
@@ -158,6 +174,7 @@ class SystemHandler(GuestHandlerBase):
 
 class AuthHandler(GuestHandlerBase):
     read_menu = "instance"  # reading a password is managing the guest
+    resource = Resource("guest")
 
     @contract(data="guest_admin_auth")
     def get(self, guest_id: str) -> None:
@@ -174,6 +191,8 @@ class AuthHandler(GuestHandlerBase):
 
 
 class NameHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="guest_name")
     def put(self, guest_id: str) -> None:
         new = self.body()["name"]
@@ -183,6 +202,8 @@ class NameHandler(GuestHandlerBase):
 
 
 class CpuQosHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="guest_qos_cpu")
     def put(self, guest_id: str) -> None:
         priority = self.body()["priority"]
@@ -192,6 +213,8 @@ class CpuQosHandler(GuestHandlerBase):
 
 
 class DiskQosHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="guest_qos_disk")
     def put(self, guest_id: str) -> None:
         values = self.body()
@@ -202,6 +225,8 @@ class DiskQosHandler(GuestHandlerBase):
 
 
 class NetworkQosHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="guest_qos_network")
     def put(self, guest_id: str) -> None:
         values = self.body()
@@ -212,6 +237,8 @@ class NetworkQosHandler(GuestHandlerBase):
 
 
 class MonitorSecretHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="no_fields", extension=True)
     def put(self, guest_id: str) -> None:
         self.body()  # the portal sends an empty body
@@ -221,6 +248,8 @@ class MonitorSecretHandler(GuestHandlerBase):
 
 
 class InstanceHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="guest_status")
     def get(self, guest_id: str) -> None:
         created, data = self.store.guest_status(self.caller, guest_id)
@@ -249,6 +278,8 @@ class InstanceHandler(GuestHandlerBase):
 
 
 class MediaHandler(GuestHandlerBase):
+    resource = Resource("guest")
+
     @contract(data="nothing", body="instance_media")
     def post(self, guest_id: str) -> None:
         source = self.body()["source"]
@@ -265,6 +296,9 @@ class MediaHandler(GuestHandlerBase):
 
 
 class SnapshotsHandler(GuestHandlerBase):
+    creates = True
+    resource = Resource("guest")
+
     @contract(data="snapshot_tree")
     def get(self, guest_id: str) -> None:
         self.reply(self.store.list_snapshots(self.caller, guest_id))
@@ -286,6 +320,8 @@ class SnapshotsHandler(GuestHandlerBase):
 
 
 class SnapshotHandler(GuestHandlerBase):
+    resource = Resource("snapshot", (0, 1))
+
     @contract(data="snapshot_info")
     def get(self, guest_id: str, snapshot: str) -> None:
         self.reply(self.store.snapshot(self.caller, guest_id, snapshot))

@@ -148,6 +148,7 @@ class RolesHandler(NanoHandler):
 
 class RoleHandler(NanoHandler):
     menu = "user"
+    creates = True
 
     @contract(data="role_info")
     def get(self, name: str) -> None:
@@ -183,6 +184,7 @@ class GroupsHandler(NanoHandler):
 
 class GroupHandler(NanoHandler):
     menu = "user"
+    creates = True
 
     @contract(data="user_group_detail")
     def get(self, name: str) -> None:
@@ -222,6 +224,7 @@ class MembersHandler(NanoHandler):
 
 class MemberHandler(NanoHandler):
     menu = "user"
+    creates = True
 
     @contract(data="nothing", body="no_fields")
     def post(self, group: str, user: str) -> None:
@@ -248,6 +251,7 @@ class UsersHandler(NanoHandler):
 
 class UserHandler(NanoHandler):
     menu = "user"
+    creates = True
 
     def required_menu(self) -> str | None:
         # Everyone may read and edit their own profile; other users need the 'user' tag.
@@ -346,6 +350,7 @@ def _query_time(handler: NanoHandler, name: str) -> dt.datetime | None:
 class LogsHandler(NanoHandler):
     menu = "log"
     read_menu = "log"  # the audit log tells who did what to which resource: not for all
+    creates = True
 
     @classmethod
     def tag_for(cls, method: str) -> str | None:

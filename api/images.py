@@ -52,7 +52,7 @@ from tornado import gen
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
-from api.base import DOWNLOAD, UPLOAD, AppContext, Contract, NanoHandler, contract
+from api.base import DOWNLOAD, UPLOAD, AppContext, Contract, NanoHandler, Resource, contract
 from api.multipart import (
     MultipartError,
     MultipartParser,
@@ -219,6 +219,8 @@ class ImageSearchHandler(ImageRoute):
 
 
 class ImagesHandler(ImageRoute):
+    creates = True
+
     @contract(data="image_list", query=("tags",))
     def get(self) -> None:
         self.reply(self.store.list_images(self.kind, self.caller, query_tags(self)))
@@ -262,6 +264,8 @@ class ImagesHandler(ImageRoute):
 
 
 class ImageHandler(ImageRoute):
+    resource = Resource("image")
+
     @contract(data="image_info")
     def get(self, image_id: str) -> None:
         data = self.store.image(self.kind, image_id, self.caller)
@@ -282,8 +286,8 @@ class ImageHandler(ImageRoute):
     @contract(data="nothing", body="no_fields")
     async def delete(self, image_id: str) -> None:
         self.body()  # an empty or JSON body; nothing in it is used
-        name = await self.stored(self.store.delete_image, self.kind, image_id, self.caller,
-                                 self.files)
+        name = await self.stored_write(self.store.delete_image, self.kind, image_id,
+                                       self.caller, self.files)
         self.ctx.enqueue(Key("image", image_id))
         self.audit(f"deleted {self.kind.label} {name} ({image_id})")
         self.reply()

@@ -12,12 +12,13 @@ between cells is the infrastructure's business: the 'compute_pool' menu tag.
 
 from __future__ import annotations
 
-from api.base import NanoHandler, contract
+from api.base import NanoHandler, Resource, contract
 from reconciler.contract import Key
 
 
 class MigrationsHandler(NanoHandler):
     menu = "compute_pool"
+    creates = True
 
     @contract(data="migration_list")
     def get(self) -> None:
@@ -38,6 +39,7 @@ class MigrationsHandler(NanoHandler):
 
 class MigrationHandler(NanoHandler):
     menu = "compute_pool"
+    resource = Resource("migration")
 
     @contract(data="migration_status")
     def get(self, mid: str) -> None:

@@ -9,7 +9,7 @@ compute pools that use it) and reply.
 
 from __future__ import annotations
 
-from api.base import NanoHandler, contract
+from api.base import NanoHandler, Resource, contract
 from reconciler.contract import Key
 from state.errors import Invalid
 from state.networks import RANGE_TYPES
@@ -31,6 +31,8 @@ class AddressPoolsHandler(NanoHandler):
 
 class AddressPoolHandler(NanoHandler):
     menu = "address_pool"
+    creates = True
+    resource = Resource("address_pool")
 
     @contract(data="address_pool_detail")
     def get(self, name: str) -> None:
@@ -69,6 +71,8 @@ class AddressRangesHandler(NanoHandler):
 
 class AddressRangeHandler(NanoHandler):
     menu = "address_pool"
+    creates = True
+    resource = Resource("address_pool")
 
     @contract(data="address_range_detail")
     def get(self, name: str, kind: str, start: str) -> None:

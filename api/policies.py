@@ -9,7 +9,7 @@ groups are templates copied into guests, so changing one enqueues nothing.
 
 from __future__ import annotations
 
-from api.base import NanoHandler, contract, query_bool
+from api.base import NanoHandler, Resource, contract, query_bool
 from reconciler.contract import Key
 from state.errors import Invalid
 
@@ -25,6 +25,7 @@ def _index(raw: str) -> int:
 
 class PolicyGroupsHandler(NanoHandler):
     menu = "policies"
+    creates = True
 
     @contract(data="policy_group_list", extension=True)
     def get(self) -> None:  # not in the seed: the same as an unfiltered search
@@ -40,6 +41,7 @@ class PolicyGroupsHandler(NanoHandler):
 
 class PolicyGroupHandler(NanoHandler):
     menu = "policies"
+    resource = Resource("security_policy_group")
 
     @contract(data="policy_group")
     def get(self, group_id: str) -> None:
@@ -63,6 +65,8 @@ class PolicyGroupHandler(NanoHandler):
 
 class PolicyGroupRulesHandler(NanoHandler):
     menu = "policies"
+    creates = True
+    resource = Resource("security_policy_group")
 
     @contract(data="policy_rule_list")
     def get(self, group_id: str) -> None:
@@ -78,6 +82,7 @@ class PolicyGroupRulesHandler(NanoHandler):
 
 class PolicyGroupRuleHandler(NanoHandler):
     menu = "policies"
+    resource = Resource("security_policy_group")
 
     @contract(data="nothing", body="security_policy_rule")
     def put(self, group_id: str, index: str) -> None:
@@ -96,6 +101,7 @@ class PolicyGroupRuleHandler(NanoHandler):
 
 class PolicyGroupRuleOrderHandler(NanoHandler):
     menu = "policies"
+    resource = Resource("security_policy_group")
 
     @contract(data="nothing", body="security_policy_rule_order")
     def put(self, group_id: str, index: str) -> None:
@@ -136,6 +142,8 @@ class GuestPolicyBase(NanoHandler):
 
 
 class GuestPolicyHandler(GuestPolicyBase):
+    resource = Resource("guest_security_policy")
+
     @contract(data="guest_policy")
     def get(self, guest_id: str) -> None:
         self.visible_guest(guest_id)
@@ -143,6 +151,8 @@ class GuestPolicyHandler(GuestPolicyBase):
 
 
 class GuestDefaultActionHandler(GuestPolicyBase):
+    resource = Resource("guest_security_policy")
+
     @contract(data="nothing", body="security_policy_default_action")
     def put(self, guest_id: str) -> None:
         guest = self.visible_guest(guest_id)
@@ -152,6 +162,8 @@ class GuestDefaultActionHandler(GuestPolicyBase):
 
 
 class GuestRulesHandler(GuestPolicyBase):
+    creates = True
+
     @contract(data="nothing", body="security_policy_rule")
     def post(self, guest_id: str) -> None:
         guest = self.visible_guest(guest_id)
@@ -160,6 +172,8 @@ class GuestRulesHandler(GuestPolicyBase):
 
 
 class GuestRuleHandler(GuestPolicyBase):
+    resource = Resource("guest_security_policy")
+
     @contract(data="nothing", body="security_policy_rule")
     def put(self, guest_id: str, index: str) -> None:
         guest = self.visible_guest(guest_id)
@@ -175,6 +189,8 @@ class GuestRuleHandler(GuestPolicyBase):
 
 
 class GuestRuleOrderHandler(GuestPolicyBase):
+    resource = Resource("guest_security_policy")
+
     @contract(data="nothing", body="security_policy_rule_order")
     def put(self, guest_id: str, index: str) -> None:
         guest = self.visible_guest(guest_id)

@@ -7,11 +7,12 @@ needs the 'templates' menu tag. Guests copy a template's values when they are cr
 
 from __future__ import annotations
 
-from api.base import NanoHandler, contract
+from api.base import NanoHandler, Resource, contract
 
 
 class TemplatesHandler(NanoHandler):
     menu = "templates"
+    creates = True
 
     @contract(data="template_list")
     def get(self) -> None:
@@ -27,6 +28,7 @@ class TemplatesHandler(NanoHandler):
 
 class TemplateHandler(NanoHandler):
     menu = "templates"
+    resource = Resource("template")
 
     @contract(data="template_info")
     def get(self, template_id: str) -> None:

@@ -89,6 +89,7 @@ class Reply:
     code: int
     message: str
     data: Any
+    etag: str = ""  # the resource's generation, quoted, on a GET of one that has one
 
 
 class NanoClient:
@@ -110,8 +111,9 @@ class NanoClient:
         try:
             with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
                 status, raw = response.status, response.read()
+                tag = response.headers.get("ETag", "")
         except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read()
+            status, raw, tag = exc.code, exc.read(), ""
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ClientError(f"cannot reach nanod at {self.config.url}: {reason} (set --url, "
@@ -124,7 +126,7 @@ class NanoClient:
         if not isinstance(doc, dict) or "error_code" not in doc:
             raise ClientError(f"{method} {path}: HTTP {status}, not a Nano envelope")
         return Reply(status, int(doc["error_code"]), str(doc.get("message", "")),
-                     doc.get("data"))
+                     doc.get("data"), tag)
 
     def login(self) -> None:
         if not self.config.user or not self.config.password:
@@ -166,12 +168,18 @@ class NanoClient:
 
     def get(self, path: str) -> Any:
         """GET `path`; None when the API answers 404 (no such resource)."""
+        return self.get_tagged(path)[0]
+
+    def get_tagged(self, path: str) -> tuple[Any, str]:
+        """GET `path` and the ETag of what it read ("" when the resource has none); None
+        when the API answers 404. The ETag goes back as If-Match on the update, so a
+        change made by someone else in between is refused, not overwritten."""
         reply = self.call("GET", path)
         if reply.code == 404:
-            return None
+            return None, ""
         if reply.code != 0:
             raise ApiError(reply.code, reply.message, "GET", path)
-        return reply.data
+        return reply.data, reply.etag
 
     def has_route(self, path: str) -> bool:
         """Whether this nanod serves `path` (a 404 "no route" means it is not built yet)."""

@@ -32,6 +32,7 @@ class Found:
 
     id: str
     spec: Mapping[str, Any]
+    etag: str = ""  # its generation when read (the ETag), for If-Match on the update
 
 
 @dataclass
@@ -42,6 +43,14 @@ class ApplyContext:
     base_dir: Path = Path(".")
     wait_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    if_match: str = ""  # the ETag the plan read; the first write of an update sends it
+
+    def guard(self) -> dict[str, str]:
+        """Headers of the first write of an update or delete: If-Match with the ETag the
+        plan read, so a change someone made since is refused (409 naming who), never
+        overwritten. Later writes of the same update follow our own first one."""
+        tag, self.if_match = self.if_match, ""
+        return {"If-Match": tag} if tag else {}
 
 
 @dataclass(frozen=True)
@@ -197,8 +206,8 @@ class NamedKind(Kind):
         return _pick(data, self.fields)
 
     def read(self, client: NanoClient, name: str, spec: Mapping[str, Any]) -> Found | None:
-        data = client.get(self.path(name))
-        return None if data is None else Found(name, self.shape(data))
+        data, tag = client.get_tagged(self.path(name))
+        return None if data is None else Found(name, self.shape(data), tag)
 
     def body(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         return _pick(spec, self.fields + tuple(self.write_only))
@@ -209,10 +218,10 @@ class NamedKind(Kind):
 
     def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
                fields: list[str], ctx: ApplyContext) -> None:
-        client.ok("PUT", self.path(name), _pick(spec, tuple(fields)))
+        client.ok("PUT", self.path(name), _pick(spec, tuple(fields)), headers=ctx.guard())
 
     def delete(self, client: NanoClient, name: str, found: Found, ctx: ApplyContext) -> None:
-        client.ok("DELETE", self.path(name), {})
+        client.ok("DELETE", self.path(name), {}, headers=ctx.guard())
 
 
 class IdKind(Kind):
@@ -416,8 +425,9 @@ class CellKind(NamedKind):
     def _join(self, client: NanoClient, name: str, pool: str) -> None:
         client.ok("POST", f"/compute_pool_cells/{p(pool)}/{p(name)}", {})
 
-    def _leave(self, client: NanoClient, name: str, pool: str) -> None:
-        client.ok("DELETE", f"/compute_pool_cells/{p(pool)}/{p(name)}", {})
+    def _leave(self, client: NanoClient, name: str, pool: str, ctx: ApplyContext) -> None:
+        client.ok("DELETE", f"/compute_pool_cells/{p(pool)}/{p(name)}", {},
+                  headers=ctx.guard())
 
     def create(self, client: NanoClient, name: str, spec: Mapping[str, Any],
                ctx: ApplyContext) -> None:
@@ -429,10 +439,10 @@ class CellKind(NamedKind):
                fields: list[str], ctx: ApplyContext) -> None:
         body = _pick(spec, tuple(f for f in fields if f != "pool"))
         if body:
-            client.ok("PUT", self.path(name), body)
+            client.ok("PUT", self.path(name), body, headers=ctx.guard())
         if "pool" in fields:
             if found.spec.get("pool"):
-                self._leave(client, name, found.spec["pool"])
+                self._leave(client, name, found.spec["pool"], ctx)
             if spec.get("pool"):
                 self._join(client, name, spec["pool"])
 
@@ -441,7 +451,7 @@ class CellKind(NamedKind):
         address pool made on the cell (its libvirt network and NAT table), then unregister:
         an unregistered cell is forgotten, and nothing would remove them any more."""
         if found.spec.get("pool"):
-            self._leave(client, name, found.spec["pool"])
+            self._leave(client, name, found.spec["pool"], ctx)
             self._wait_networks_gone(client, name, max(ctx.wait_seconds, CELL_NETWORK_WAIT),
                                      ctx)
         super().delete(client, name, found, ctx)
@@ -499,12 +509,14 @@ class AddressPoolKind(NamedKind):
                     f"{r['start']}-{r['end']}" for r in gone)
         return super().classify(name, before, after)
 
-    def _ranges(self, client: NanoClient, name: str, have: list[dict], want: list[dict]) -> None:
+    def _ranges(self, client: NanoClient, name: str, have: list[dict], want: list[dict],
+                ctx: ApplyContext) -> None:
         wanted = {_range_key(r): r for r in want}
         held = {_range_key(r): r for r in have}
         for key, r in held.items():
             if key not in wanted or not matches(wanted[key], r):
-                client.ok("DELETE", f"/address_pools/{p(name)}/{key[0]}/ranges/{p(key[1])}", {})
+                client.ok("DELETE", f"/address_pools/{p(name)}/{key[0]}/ranges/{p(key[1])}", {},
+                          headers=ctx.guard())
         for key, r in wanted.items():
             if key not in held or not matches(r, held[key]):
                 client.ok("POST", f"/address_pools/{p(name)}/{key[0]}/ranges/{p(key[1])}",
@@ -513,16 +525,16 @@ class AddressPoolKind(NamedKind):
     def create(self, client: NanoClient, name: str, spec: Mapping[str, Any],
                ctx: ApplyContext) -> None:
         client.ok("POST", self.path(name), _pick(spec, self.fields))
-        self._ranges(client, name, [], self.want(spec, ctx).get("ranges", []))
+        self._ranges(client, name, [], self.want(spec, ctx).get("ranges", []), ctx)
 
     def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
                fields: list[str], ctx: ApplyContext) -> None:
         body = _pick(spec, tuple(f for f in fields if f != "ranges"))
         if body:
-            client.ok("PUT", self.path(name), body)
+            client.ok("PUT", self.path(name), body, headers=ctx.guard())
         if "ranges" in fields:
             self._ranges(client, name, list(found.spec["ranges"]),
-                         self.want(spec, ctx)["ranges"])
+                         self.want(spec, ctx)["ranges"], ctx)
 
 
 class SecurityPolicyGroupKind(IdKind):
@@ -536,40 +548,45 @@ class SecurityPolicyGroupKind(IdKind):
         row = self.find(client, name)
         if row is None:
             return None
+        # the group itself, with its ETag, before its rules: a rule changed in between
+        # makes the update refused (If-Match), never overwritten
+        data, tag = client.get_tagged(self.path(row["id"]))
+        if data is None:
+            return None
         rules = client.ok("GET", self.path(row["id"]) + "/rules/") or []
-        return Found(row["id"], {**_pick(row, self.fields), "rules": list(rules)})
+        return Found(row["id"], {**_pick(data, self.fields), "rules": list(rules)}, tag)
 
     def classify(self, name: str, before: Any, after: Any) -> tuple[Effect, str]:
         if name == "rules":
             return Effect.LIVE, "rules are copied into guests when they are created"
         return super().classify(name, before, after)
 
-    def _rules(self, client: NanoClient, ident: str, have: list[dict], want: list[dict]
-               ) -> None:
+    def _rules(self, client: NanoClient, ident: str, have: list[dict], want: list[dict],
+               ctx: ApplyContext) -> None:
         base = self.path(ident) + "/rules/"
         for index, rule in enumerate(want):
             if index >= len(have):
-                client.ok("POST", base, rule)
+                client.ok("POST", base, rule)  # a POST takes no If-Match
             elif not matches(rule, have[index]):
-                client.ok("PUT", f"{base}{index}", rule)
+                client.ok("PUT", f"{base}{index}", rule, headers=ctx.guard())
         for index in range(len(have) - 1, len(want) - 1, -1):
-            client.ok("DELETE", f"{base}{index}", {})
+            client.ok("DELETE", f"{base}{index}", {}, headers=ctx.guard())
 
     def create(self, client: NanoClient, name: str, spec: Mapping[str, Any],
                ctx: ApplyContext) -> None:
         ident = client.ok("POST", self.collection, {"name": name, **_pick(spec, self.fields)})
-        self._rules(client, ident["id"], [], list(spec.get("rules", [])))
+        self._rules(client, ident["id"], [], list(spec.get("rules", [])), ctx)
 
     def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
                fields: list[str], ctx: ApplyContext) -> None:
         body = _pick(spec, tuple(f for f in fields if f != "rules"))
         if body:
-            client.ok("PUT", self.path(found.id), body)
+            client.ok("PUT", self.path(found.id), body, headers=ctx.guard())
         if "rules" in fields:
-            self._rules(client, found.id, list(found.spec["rules"]), list(spec["rules"]))
+            self._rules(client, found.id, list(found.spec["rules"]), list(spec["rules"]), ctx)
 
     def delete(self, client: NanoClient, name: str, found: Found, ctx: ApplyContext) -> None:
-        client.ok("DELETE", self.path(found.id), {})
+        client.ok("DELETE", self.path(found.id), {}, headers=ctx.guard())
 
 
 # -- templates and images -----------------------------------------------------------------------
@@ -587,8 +604,8 @@ class TemplateKind(IdKind):
         row = self.find(client, name)
         if row is None:
             return None
-        data = client.ok("GET", self.path(row["id"]))
-        return Found(row["id"], _pick(data, TEMPLATE_FIELDS))
+        data, tag = client.get_tagged(self.path(row["id"]))
+        return None if data is None else Found(row["id"], _pick(data, TEMPLATE_FIELDS), tag)
 
     def classify(self, name: str, before: Any, after: Any) -> tuple[Effect, str]:
         return Effect.LIVE, "guests copy a template when created: existing ones keep theirs"
@@ -600,10 +617,11 @@ class TemplateKind(IdKind):
     def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
                fields: list[str], ctx: ApplyContext) -> None:
         client.ok("PUT", self.path(found.id), {"name": name, **found.spec,
-                                               **_pick(spec, TEMPLATE_FIELDS)})
+                                               **_pick(spec, TEMPLATE_FIELDS)},
+                  headers=ctx.guard())
 
     def delete(self, client: NanoClient, name: str, found: Found, ctx: ApplyContext) -> None:
-        client.ok("DELETE", self.path(found.id), {})
+        client.ok("DELETE", self.path(found.id), {}, headers=ctx.guard())
 
 
 class ImageKind(IdKind):
@@ -769,7 +787,14 @@ class GuestKind(IdKind):
         hits = [r for r in self.rows(client, pool) if r["name"] == name]
         if not hits:
             return None
-        return Found(hits[0]["id"], self._shape(client, hits[0]))
+        # the guest's ETag, then the listing again for its spec: the tag is never newer
+        # than what the plan compares, so a change in between fails the update (If-Match)
+        # instead of being overwritten
+        _, tag = client.get_tagged(self.path(hits[0]["id"]))
+        again = [r for r in self.rows(client, pool) if r["id"] == hits[0]["id"]]
+        if not again:
+            return None
+        return Found(again[0]["id"], self._shape(client, again[0]), tag)
 
     def listing(self, client: NanoClient) -> list[tuple[str, Found]]:
         return [(r["name"], Found(r["id"], self._shape(client, r))) for r in self.rows(client)]
@@ -951,7 +976,7 @@ class GuestKind(IdKind):
         classes = self.classify_changes(client, found, self.want(spec, ctx), fields)
         if Effect.REPLACE in {effect for effect, _ in classes.values()}:
             self._creatable(spec)
-            client.ok("DELETE", self.path(found.id), {"force": True})
+            client.ok("DELETE", self.path(found.id), {"force": True}, headers=ctx.guard())
             self._wait_gone(client, found.id, max(ctx.wait_seconds, GUEST_DELETE_WAIT))
             self.create(client, name, spec, ctx)
             return
@@ -964,13 +989,17 @@ class GuestKind(IdKind):
                         f"spec.disks.{index}: cannot shrink disk {index} from {before} to "
                         f"{after} bytes (the API only compacts disk files)")
                 if after > before:
-                    client.ok("PUT", f"/guests/{ident}/disks/resize/{index}", {"size": after})
+                    client.ok("PUT", f"/guests/{ident}/disks/resize/{index}", {"size": after},
+                              headers=ctx.guard())
         if "cores" in fields:
-            client.ok("PUT", f"/guests/{ident}/cores", {"cores": spec["cores"]})
+            client.ok("PUT", f"/guests/{ident}/cores", {"cores": spec["cores"]},
+                      headers=ctx.guard())
         if "memory" in fields:
-            client.ok("PUT", f"/guests/{ident}/memory", {"memory": spec["memory"]})
+            client.ok("PUT", f"/guests/{ident}/memory", {"memory": spec["memory"]},
+                      headers=ctx.guard())
         if "auto_start" in fields:
-            client.ok("PUT", f"/guests/{ident}/auto_start", {"enable": spec["auto_start"]})
+            client.ok("PUT", f"/guests/{ident}/auto_start", {"enable": spec["auto_start"]},
+                      headers=ctx.guard())
         if "qos" in fields:
             groups: dict[str, dict[str, Any]] = {}
             have = found.spec.get("qos") or {}
@@ -979,15 +1008,20 @@ class GuestKind(IdKind):
                     groups.setdefault(QOS_ROUTES[key], {})[key] = value
             if "cpu" in groups:
                 client.ok("PUT", f"/guests/{ident}/qos/cpu",
-                          {"priority": groups["cpu"]["cpu_priority"]})
+                          {"priority": groups["cpu"]["cpu_priority"]}, headers=ctx.guard())
             for route in ("disk", "network"):
                 if route in groups:
-                    client.ok("PUT", f"/guests/{ident}/qos/{route}", groups[route])
+                    client.ok("PUT", f"/guests/{ident}/qos/{route}", groups[route],
+                              headers=ctx.guard())
         if "from_image" in fields:
             image = self._ids(client, "DiskImage").get(spec["from_image"])
             if image is None:
                 raise ManifestError(f"spec.from_image: no DiskImage named {spec['from_image']!r}")
-            client.ok("PUT", f"/guests/{ident}/system", {"from_image": image})
+            client.ok("PUT", f"/guests/{ident}/system", {"from_image": image},
+                      headers=ctx.guard())
+        # moves, power, media and snapshots are operations, not the spec the ETag guards
+        # (their routes are POSTs, or a snapshot's own): they follow unconditionally
+        ctx.if_match = ""
         if "cell" in fields:
             self._migrate(client, name, found, spec["cell"], ctx)
         self._live(client, name, found, spec, [f for f in fields if f in GUEST_LIVE_FIELDS],
@@ -1024,7 +1058,7 @@ class GuestKind(IdKind):
     def delete(self, client: NanoClient, name: str, found: Found, ctx: ApplyContext) -> None:
         """Delete (stopping it first) and wait until the reconciler removed it, so what it
         used (its cell, pool, addresses) can be deleted next."""
-        client.ok("DELETE", self.path(found.id), {"force": True})
+        client.ok("DELETE", self.path(found.id), {"force": True}, headers=ctx.guard())
         try:
             self._wait_gone(client, found.id, max(ctx.wait_seconds, GUEST_DELETE_WAIT))
         except ManifestError as exc:

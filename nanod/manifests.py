@@ -296,6 +296,8 @@ def execute(client: NanoClient, planner: Planner, planned: Planned) -> tuple[Out
     doc, kind = planned.doc, adapter(planned.doc.kind)
     ctx = planner.context(doc)
     verbs = {a.verb for a in planned.actions}
+    # the generation the plan read: the update or delete is refused if it changed since
+    ctx.if_match = planned.found.etag if planned.found is not None else ""
     try:
         if Verb.DELETE in verbs:
             assert planned.found is not None
@@ -319,6 +321,8 @@ def execute(client: NanoClient, planner: Planner, planned: Planned) -> tuple[Out
             if again.error or not again.actions:
                 return again.outcome, again.error or "created concurrently"
             planned = again
+            assert again.found is not None
+            ctx.if_match = again.found.etag
         fields = [name for a in planned.actions for name in (a.after or {})]
         assert planned.found is not None
         kind.update(client, doc.name, planned.found, doc.spec, fields, ctx)

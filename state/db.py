@@ -82,9 +82,21 @@ def _initial(database: peewee.Database) -> None:
     database.create_tables(models.ALL_MODELS, safe=True)
 
 
+def _idempotent_and_conditional_writes(database: peewee.Database) -> None:
+    """Idempotency keys (state/idempotency.py), and a generation for templates, the one
+    resource with a GET and a PUT that had none (its ETag, state/conditional.py). A store
+    made by this version has both from `_initial` already."""
+    from state import models
+
+    database.create_tables([models.IdempotencyKey], safe=True)
+    if "generation" not in {c.name for c in database.get_columns("template")}:
+        database.execute_sql(
+            'ALTER TABLE "template" ADD COLUMN "generation" INTEGER NOT NULL DEFAULT 1')
+
+
 # Forward migrations, oldest first. Version N is MIGRATIONS[N-1]. Append only: never edit
 # or reorder a released step, so an upgrade from any older version keeps every row.
-MIGRATIONS: list[Migration] = [_initial]
+MIGRATIONS: list[Migration] = [_initial, _idempotent_and_conditional_writes]
 
 
 def migrate(database: peewee.Database, steps: list[Migration] | None = None) -> int:

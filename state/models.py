@@ -198,6 +198,7 @@ class Template(Base):
     id = peewee.CharField(primary_key=True)
     name = peewee.CharField(unique=True)
     spec = JSONField(default=dict)  # admin, operating_system, disk, network, display, ...
+    generation = peewee.IntegerField(default=1)  # bumped by each modify: the ETag
     created_at = peewee.DateTimeField(default=now)
     modified_at = peewee.DateTimeField(default=now)
 
@@ -330,6 +331,24 @@ class BatchEntry(Base):
         indexes = ((("task", "position"), True),)
 
 
+# -- idempotent writes ------------------------------------------------------------------------
+
+
+class IdempotencyKey(Base):
+    """The first reply to a POST that carried an `Idempotency-Key` (state/idempotency.py):
+    a retry with the same key, caller and route gets it back instead of a second create.
+    `scope` is SHA-256 of (user, route, key), so long keys and paths need no long index;
+    `status` is null while the first request is still being handled."""
+
+    scope = peewee.CharField(primary_key=True, max_length=64)
+    user = peewee.CharField()
+    route = peewee.TextField()
+    body_hash = peewee.CharField(max_length=64)
+    status = peewee.IntegerField(null=True)
+    reply = peewee.TextField(null=True)
+    created = peewee.DoubleField(index=True)  # epoch seconds: trimmed after a day
+
+
 ALL_MODELS: list[type[Base]] = [
     Role,
     UserGroup,
@@ -356,4 +375,5 @@ ALL_MODELS: list[type[Base]] = [
     Migration,
     BatchTask,
     BatchEntry,
+    IdempotencyKey,
 ]

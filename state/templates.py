@@ -142,7 +142,8 @@ class TemplateStore:
         with db.atomic():
             row = self._template(template_id)
             self._check_unique_template(name, but=template_id)
-            Template.update(name=name, spec=values, modified_at=now()).where(
+            Template.update(name=name, spec=values, modified_at=now(),
+                            generation=Template.generation + 1).where(
                 Template.id == row.id).execute()
         return name
 

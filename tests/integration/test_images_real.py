@@ -12,8 +12,8 @@ import subprocess
 import libvirt
 import pytest
 
-from tests.api.test_compute import until
 from tests.api.identity_helpers import logs
+from tests.api.test_compute import until
 from tests.api.test_images import create, make_iso, sha1, upload
 from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 from tests.conftest import reconciling
