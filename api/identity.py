@@ -67,8 +67,10 @@ class SessionsHandler(NanoHandler):
         try:
             await self.hashing(self.store.authenticate, user, spec["password"])
         except NanoError as exc:
+            self.ctx.metrics.login_failed()
             self.ctx.audit.add(f"failed login for {user!r} from {address}: {exc.message}",
-                               user=user, address=address, resource="/sessions/")
+                               user=user, address=address, resource="/sessions/",
+                               request_id=self.request_id)
             raise
         self.ctx.throttle.succeeded(*keys)
         info = await self.stored(self.store.open_session, user, address)
