@@ -336,7 +336,7 @@ class LogsHandler(NanoHandler):
     def post(self) -> None:
         spec = self.body("log_add")
         self.store.add_log(spec["content"], user=self.user, address=self.address,
-                           resource="client")
+                           resource="client", request_id=self.request_id)
         self.quiet()  # the entry is the record: no second audit line
         self.reply()
 

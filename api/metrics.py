@@ -83,7 +83,8 @@ class Metrics:
     reconciler's threads."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        # no auto_describe: it would run the collectors (a store read) when they register
+        self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
             "nano_api_requests", "API requests answered, by route template, method and the "

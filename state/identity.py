@@ -585,9 +585,10 @@ class IdentityStore:
     _log_lock = threading.Lock()
     _last_log_id = ""  # the newest id this store gave out (set per instance)
 
-    def add_log(self, content: str, *, user: str = "", address: str = "", resource: str = "") -> str:
+    def add_log(self, content: str, *, user: str = "", address: str = "", resource: str = "",
+                request_id: str = "") -> str:
         """Append an entry; returns its id (see `add_logs`)."""
-        return self.add_logs([LogLine(content, user, address, resource)])[0]
+        return self.add_logs([LogLine(content, user, address, resource, request_id)])[0]
 
     def add_logs(self, lines: list[LogLine]) -> list[str]:
         """Append entries in one transaction, in order; ids are YYYYMMDDHHMMSS + a 3-digit

@@ -138,11 +138,20 @@ async def test_a_write_names_its_request_id_in_reply_audit_and_reconcile(api, ca
                            headers={"X-Request-Id": "it-req-42"})
     assert reply.code == 0 and reply.headers["X-Request-Id"] == "it-req-42"
 
+    await api.ok("POST", "/logs/", {"content": "a note of mine"},
+                 headers={"X-Request-Id": "it-note-1"})
+    assert (await api.call("POST", "/sessions/", {"user": ADMIN, "password": "Wr0ngGuess",
+                                                  "nonce": "n"}, session="",
+                           headers={"X-Request-Id": "it-guess-1"})).code == 401
+
     logs = (await api.ok("GET", "/logs/?limit=50"))["logs"]
     mine = [e for e in logs if e["request_id"] == "it-req-42"]
     assert len(mine) == 1 and "rq-pool" in mine[0]["content"], logs
     assert set(mine[0]) == {"id", "time", "content", "user", "address", "resource",
                             "request_id"}
+    by_id = {e["request_id"]: e["content"] for e in logs if e["request_id"]}
+    assert by_id["it-note-1"] == "a note of mine"
+    assert by_id["it-guess-1"].startswith(f"failed login for {ADMIN!r}")
 
     async def reconciled() -> list[str]:
         return [r.getMessage() for r in caplog.records
