@@ -3,6 +3,8 @@
 Called by `nanod serve` (nanod/server.py) and by the API tests. Each module of `api/`
 exports ROUTES as (pattern, handler) pairs relative to /api/v1; here every pattern gets the
 prefix and an optional trailing slash. A path without a route gets a 404 envelope.
+`GET /metrics` (api/metrics.py) is served beside the API, not in its route table: it is no
+envelope route, and it has its own access rule (the `metrics_token` setting).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from api import (
     status,
     templates,
 )
-from api.base import AppContext, NotFoundHandler
+from api.base import AppContext, NanoHandler, NotFoundHandler
+from api.metrics import MetricsHandler
 
 PREFIX = "/api/v1"
 MODULES = [identity, compute, images, networks, policies, guests, templates, batches, status,
@@ -36,10 +39,24 @@ def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
     table = []
     for module in MODULES:
         for pattern, handler in module.ROUTES:
-            table.append((PREFIX + pattern.rstrip("/") + "/?", handler, {"ctx": ctx}))
+            table.append((PREFIX + pattern.rstrip("/") + "/?", handler,
+                          _args(ctx, handler, PREFIX + pattern)))
         for pattern, handler in getattr(module, "ROOT_ROUTES", []):
-            table.append((pattern, handler, {"ctx": ctx}))
+            table.append((pattern, handler, _args(ctx, handler, pattern)))
     return table
+
+
+def template(pattern: str) -> str:
+    """A route's pattern as metrics name it: every id group shown as `{}`, never a real
+    id (one series per route, not per guest)."""
+    return pattern.replace("([^/]+)", "{}").removesuffix("/?").rstrip("/") or "/"
+
+
+def _args(ctx: AppContext, handler: type, pattern: str) -> dict[str, Any]:
+    # only our handlers take the route's template (the console websocket does not)
+    if issubclass(handler, NanoHandler):
+        return {"ctx": ctx, "route": template(pattern)}
+    return {"ctx": ctx}
 
 
 def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
@@ -47,7 +64,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
     # the OpenAPI document of this very table, made once (GET /api/v1/openapi.json)
     ctx.extras["openapi"] = openapi.document_text(table)
     return tornado.web.Application(
-        table,
+        [*table, (r"/metrics", MetricsHandler, {"ctx": ctx})],
         default_handler_class=NotFoundHandler,
         default_handler_args={"ctx": ctx},
         compress_response=False,

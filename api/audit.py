@@ -36,9 +36,11 @@ class AuditWriter:
         self._start_lock = threading.Lock()
         self._closed = False
 
-    def add(self, content: str, *, user: str, address: str, resource: str) -> None:
-        """Append an entry soon (never waits; never a secret in `content`)."""
-        line = LogLine(content, user, address, resource)
+    def add(self, content: str, *, user: str, address: str, resource: str,
+            request_id: str = "") -> None:
+        """Append an entry soon (never waits; never a secret in `content`); `request_id`
+        is the X-Request-Id of the request that made the change."""
+        line = LogLine(content, user, address, resource, request_id)
         if self._closed:  # a request that ends while nanod stops: written at once
             try:
                 self._sink.add_logs([line])

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import functools
 import hashlib
@@ -57,7 +58,9 @@ from tornado.http1connection import HTTP1Connection
 from tornado.ioloop import IOLoop
 
 import specs
+from api import request_ids
 from api.audit import AuditWriter
+from api.metrics import Metrics
 from state.conditional import PreconditionFailed, etag
 from state.errors import Conflict, Forbidden, Internal, Invalid, NanoError, Unauthorized
 from state.idempotency import Claim, Claimed
@@ -173,7 +176,8 @@ class AppContext:
     """What handlers share: the store, the reconciler's enqueue, settings, the store lane
     (threads every database call of a route runs in), a thread pool for other blocking
     work (file reads, file hashing), a small one of its own for password hashing (argon2),
-    the audit writer, the login throttle, and process-wide facts."""
+    the audit writer, the login throttle, the process's metrics (api/metrics.py), and
+    process-wide facts."""
 
     store: Store
     enqueue: Enqueue = lambda key: None
@@ -187,6 +191,7 @@ class AppContext:
     throttle: LoginThrottle = field(init=False)
     max_json_bytes: int = field(init=False)
     started_at: float = field(default_factory=time.time)
+    metrics: Metrics = field(default_factory=Metrics)
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -349,6 +354,7 @@ class NanoHandler(tornado.web.RequestHandler):
     public = False
     menu: str | None = None
     read_menu: str | None = None
+    request_id = ""  # X-Request-Id of this request, set first thing in `prepare`
     creates = False
     resource: Resource | None = None
     contracts: dict[str, Contract] = {}
@@ -364,8 +370,9 @@ class NanoHandler(tornado.web.RequestHandler):
             if method is not None and not getattr(method, "__nano_route__", False):
                 setattr(cls, name, route_method(method))
 
-    def initialize(self, ctx: AppContext) -> None:
+    def initialize(self, ctx: AppContext, route: str = "unmatched") -> None:
         self.ctx = ctx
+        self.route = route  # the route's template (api/app.py): what metrics are labelled by
         self.store = ctx.store
         self._loop_thread = threading.get_ident()
         self._deferred: tuple[int, str] | None = None
@@ -477,6 +484,8 @@ class NanoHandler(tornado.web.RequestHandler):
 
     async def prepare(self) -> None:
         self._count(+1)
+        self.request_id = request_ids.adopt(self.request.headers.get(request_ids.HEADER))
+        self.set_header(request_ids.HEADER, self.request_id)
         self._cors()
         self._admit_body()
         if self.request.method == "OPTIONS":
@@ -551,6 +560,11 @@ class NanoHandler(tornado.web.RequestHandler):
             return
         self._finish_envelope(status, body)
 
+    def clear(self) -> None:
+        # Tornado clears the headers before an error reply: the request id stays.
+        super().clear()
+        if self.request_id:
+            self.set_header(request_ids.HEADER, self.request_id)
     def compute_etag(self) -> str | None:
         """None: an ETag of this API is a resource's generation (`resource`, set by
         `_finish_envelope`), never Tornado's hash of the body, which clients would take
@@ -615,6 +629,8 @@ class NanoHandler(tornado.web.RequestHandler):
 
     def on_finish(self) -> None:
         self._count(-1)
+        self.ctx.metrics.request(self.route, self.request.method or "", self._error_code,
+                                 self.request.request_time())
         if self.request.method in ("GET", "HEAD", "OPTIONS") or self._error_code or self._quiet:
             return
         if self.get_status() >= 300 or self.session is None and not self._audit:
@@ -622,7 +638,7 @@ class NanoHandler(tornado.web.RequestHandler):
         who = self.user or "anonymous"
         what = self._audit or f"{self.request.method} {self.request.path}"
         self.ctx.audit.add(f"{who} {what}", user=who, address=self.address,
-                           resource=self.log_path())
+                           resource=self.log_path(), request_id=self.request_id)
 
     # -- running a route: idempotent and conditional writes --------------------------------
 
@@ -787,8 +803,10 @@ class NanoHandler(tornado.web.RequestHandler):
 
     async def stored(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn`, which reads or writes the store, in the store lane: never on the
-        IOLoop, so a wait for SQLite's write lock holds a lane thread, not every request."""
-        return await IOLoop.current().run_in_executor(self.ctx.store_lane, fn, *args)
+        IOLoop, so a wait for SQLite's write lock holds a lane thread, not every request.
+        `fn` runs in a copy of this request's context: it knows the request id."""
+        return await IOLoop.current().run_in_executor(
+            self.ctx.store_lane, contextvars.copy_context().run, fn, *args)
 
     def in_background(self, fn: Callable[..., Any], *args: Any, quiet: bool = False) -> None:
         """Run `fn`, a store write the request does not wait for (upload progress, an
@@ -808,7 +826,7 @@ class NanoHandler(tornado.web.RequestHandler):
             if exc is not None:
                 (log.debug if quiet else log.warning)("%s failed: %s", fn.__name__, exc)
 
-        self._background = self.ctx.store_lane.submit(run)
+        self._background = self.ctx.store_lane.submit(contextvars.copy_context().run, run)
         self._background.add_done_callback(done)
 
     async def background_settled(self) -> None:
@@ -819,8 +837,10 @@ class NanoHandler(tornado.web.RequestHandler):
                 await asyncio.wrap_future(self._background)
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` in the API thread pool, never on the IOLoop."""
-        return await IOLoop.current().run_in_executor(self.ctx.executor, fn, *args)
+        """Run `fn` in the API thread pool, never on the IOLoop (in a copy of this
+        request's context, like `stored`)."""
+        return await IOLoop.current().run_in_executor(
+            self.ctx.executor, contextvars.copy_context().run, fn, *args)
 
     async def hashing(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn`, which hashes or verifies a password (argon2), in the password pool:

@@ -70,8 +70,10 @@ class SessionsHandler(NanoHandler):
         try:
             await self.hashing(self.store.authenticate, user, spec["password"])
         except NanoError as exc:
+            self.ctx.metrics.login_failed()
             self.ctx.audit.add(f"failed login for {user!r} from {address}: {exc.message}",
-                               user=user, address=address, resource="/sessions/")
+                               user=user, address=address, resource="/sessions/",
+                               request_id=self.request_id)
             raise
         self.ctx.throttle.succeeded(*keys)
         info = await self.stored(self.store.open_session, user, address)
@@ -376,7 +378,7 @@ class LogsHandler(NanoHandler):
     def post(self) -> None:
         spec = self.body()
         self.store.add_log(spec["content"], user=self.user, address=self.address,
-                           resource="client")
+                           resource="client", request_id=self.request_id)
         self.quiet()  # the entry is the record: no second audit line
         self.reply()
 

@@ -299,8 +299,8 @@ class ImageHandler(ImageRoute):
 class ImageFileHandler(ImageRoute):
     """GET/HEAD download and POST upload of an image's file."""
 
-    def initialize(self, ctx: AppContext) -> None:
-        super().initialize(ctx)
+    def initialize(self, ctx: AppContext, route: str = "unmatched") -> None:
+        super().initialize(ctx, route)
         self._upload: UploadFile | None = None
         self._parser: MultipartParser | None = None
         self._target: dict[str, Any] = {}
@@ -649,6 +649,7 @@ class ImageFileHandler(ImageRoute):
         state.uploading.discard(self._target["id"])
         state.temps.discard(upload.path)
         self.ctx.enqueue(Key("image", self._target["id"]))
+        self.ctx.metrics.transferred("upload", upload.size)
         self.audit(f"uploaded version {version} of {self.kind.label} {self._target['name']} "
                    f"({upload.size} bytes, SHA-1 {sha1})")
         self.reply({"version": version, "size": upload.size, "checksum": sha1})
@@ -746,6 +747,7 @@ class ImageFileHandler(ImageRoute):
                 # one write at a time: the connection resolves only its latest write
                 # (a view is fine: the IOStream sends it without a copy)
                 await self.http_connection.write(cast(bytes, memoryview(buf)[:got]))
+                self.ctx.metrics.transferred("download", got)
                 if ahead < end:
                     read_into(buf)
         except StreamClosedError:  # the client went away

@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
     # per cell name, or `default` for the others; nothing starts a lost cell's guests
     # elsewhere until its fence succeeded
     "fencing": {"commands": {}, "default": [], "timeout_seconds": 60},
+    # GET /metrics (Prometheus text, api/metrics.py): when set, a scrape must send
+    # `Authorization: Bearer <metrics_token>`; "" = anyone who reaches `listen` reads them
+    "metrics_token": "",
 }
 
 
@@ -106,6 +109,9 @@ def load(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     problem = check_fencing(settings["fencing"])
     if problem:
         raise SystemExit(f"nanod: {problem}")
+    if not isinstance(settings["metrics_token"], str):
+        raise SystemExit("nanod: metrics_token must be a string (quote it in the YAML), not "
+                         f"{settings['metrics_token']!r}")
     names = settings["names"]
     if not isinstance(names, dict) or set(names) != {"prefix"}:
         raise SystemExit(f"nanod: names must be {{prefix: PREFIX}}, not {names!r}")

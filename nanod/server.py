@@ -3,6 +3,12 @@ Tornado application, serves until SIGTERM/SIGINT, then shuts down cleanly (in-fl
 requests finish, workers stop, the database closes).
 
 Called by nanod/cli.py; tests start the same `Server` on a free port.
+
+The process's metrics (api/metrics.py) are made here and handed to both sides: the API
+through its AppContext, the reconciler as its `Meter`; the store's counts and the work
+queue are read at each scrape. The reconciler's enqueue is given the current request's
+X-Request-Id (api/request_ids.py) as the cause of each key an API write enqueues, and every
+log line says the request it was written for (`RequestIdFilter`).
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
+from api import request_ids
 from api.app import make_app
 from api.base import AppContext
+from api.metrics import Metrics
 from api.setup_token import SetupToken
+from reconciler.contract import Key
 from reconciler.guests import dry_run as guest_dry_run
+from reconciler.loop import CAUSES
 from state.cell_transport import CellRules
 from state.db import close_database, database_url, open_database
 from state.images import ImageFiles
@@ -45,25 +55,39 @@ def access_log(handler: tornado.web.RequestHandler) -> None:
     status = handler.get_status()
     code = getattr(handler, "_error_code", 0)
     logging.getLogger("nano.access").info(
-        "%d %s %s %s (%s) %.1fms", status, code, request.method, redact(request.uri or ""),
-        request.remote_ip, 1000.0 * request.request_time(),
+        "%d %s %s %s (%s) %.1fms request %s", status, code, request.method,
+        redact(request.uri or ""), request.remote_ip, 1000.0 * request.request_time(),
+        getattr(handler, "request_id", "") or "-",  # /metrics and the websocket have none
     )
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives every record `request`: " [request ID]" while it is written for an API
+    request, or for a reconcile that requests caused (reconciler/loop.py), else ""."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ids = request_ids.current() or ",".join(CAUSES.get())
+        record.request = f" [request {ids}]" if ids else ""
+        return True
 
 
 def setup_logging(settings: dict[str, Any], *, to_file: bool = True) -> None:
     level = getattr(logging, str(settings.get("log_level", "info")).upper(), logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(request)s")
+    ids = RequestIdFilter()
     root = logging.getLogger()
     root.setLevel(level)
     for handler in list(root.handlers):
         root.removeHandler(handler)
     stream = logging.StreamHandler()
     stream.setFormatter(fmt)
+    stream.addFilter(ids)
     root.addHandler(stream)
     if to_file:
         os.makedirs(settings["data_dir"], exist_ok=True)
         file_handler = logging.FileHandler(os.path.join(settings["data_dir"], "nanod.log"))
         file_handler.setFormatter(fmt)
+        file_handler.addFilter(ids)
         root.addHandler(file_handler)
 
 
@@ -114,9 +138,19 @@ class Server:
         if left:
             log.warning("removed %d file(s) of unfinished or replaced uploads left by the last "
                         "stop", len(left))
-        self.controller = build_controller(self.store, settings)
-        enqueue = self.controller.enqueue if self.controller else (lambda key: None)
-        self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings)
+        self.metrics = Metrics()
+        self.metrics.watch_store(self.store.metrics_counts)
+        self.controller = build_controller(self.store, settings, meter=self.metrics)
+        controller = self.controller
+
+        def enqueue(key: Key) -> None:  # the request whose write asks is the cause
+            if controller is not None:
+                controller.enqueue(key, cause=request_ids.current())
+
+        if controller is not None:
+            self.metrics.watch_queue(controller.queue.stats)
+        self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings,
+                              metrics=self.metrics)
         # who may claim a fresh nanod from another host (api/setup_token.py)
         self.ctx.extras["setup_token"] = SetupToken.issue(
             settings["data_dir"], ready=self.store.system_ready())
@@ -176,8 +210,9 @@ class Server:
             self._lock = -1
 
 
-def build_controller(store: Store, settings: dict[str, Any]) -> Any:
-    """The reconciler for this store, or None when disabled in settings."""
+def build_controller(store: Store, settings: dict[str, Any], *, meter: Any = None) -> Any:
+    """The reconciler for this store, or None when disabled in settings; `meter` is told
+    of reconciles and image bytes (api/metrics.py's Metrics)."""
     conf = settings.get("reconciler", {})
     if not conf.get("enabled", True):
         return None
@@ -185,4 +220,4 @@ def build_controller(store: Store, settings: dict[str, Any]) -> Any:
     # ImportError propagates: nanod never serves without the reconcilers it was built with.
     from reconciler.kinds import build
 
-    return build(store, settings)
+    return build(store, settings, meter=meter)

@@ -272,3 +272,28 @@ class Reconciler(Protocol):
         """Every key of this kind that may need reconciling (including records marked
         deleting), for the periodic resync and `nanod reconcile --once`."""
         ...
+
+
+class Meter(Protocol):
+    """What the reconciler tells the process's metrics (api/metrics.py's `Metrics`, handed
+    in by nanod/server.py; the reconciler never imports the API). Called from worker and
+    long-work threads; quick, never raises."""
+
+    def reconciled(self, kind: str, key_id: str, ok: bool, seconds: float) -> None:
+        """One reconcile ended (`ok`: it returned a result, did not raise)."""
+        ...
+
+    def transferred(self, direction: str, nbytes: int) -> None:
+        """`nbytes` of an image moved: "to_cell" (sent to a cell), "from_cell" (read back)."""
+        ...
+
+
+class NoMeter:
+    """A `Meter` that keeps nothing: `nanod reconcile --once` and reconcilers built in
+    tests without a nanod."""
+
+    def reconciled(self, kind: str, key_id: str, ok: bool, seconds: float) -> None:
+        return None
+
+    def transferred(self, direction: str, nbytes: int) -> None:
+        return None

@@ -29,6 +29,8 @@ from reconciler.contract import (
     READY,
     Action,
     Key,
+    Meter,
+    NoMeter,
     Result,
     Verb,
     format_time,
@@ -275,10 +277,11 @@ class GuestReconciler:
                  enqueue: Callable[[Key], None], *, poll_seconds: float = 15.0,
                  agent_retry_seconds: float = 10.0, stop_grace_seconds: float = 60.0,
                  sign_of_life_seconds: float = 120.0, long_work: LongWork | None = None,
-                 migration_bandwidth_mib: int = 0) -> None:
+                 migration_bandwidth_mib: int = 0, meter: Meter | None = None) -> None:
         self.store = store
         # image streams, volume copies and disk compaction (reconciler/longwork.py)
         self.long = long_work or LongWork(enqueue)
+        self.meter = meter or NoMeter()  # image bytes sent to cells
         self.connections = connections
         self.enqueue = enqueue
         self.poll_seconds = poll_seconds
@@ -690,6 +693,7 @@ class GuestReconciler:
             size, sha1 = upload_volume(link.hypervisor, place.pool, name, source["path"],
                                        fmt="qcow2" if kind == "disk" else "raw",
                                        progress=report)
+            self.meter.transferred("to_cell", size)
             if size != source["size"] or (source["checksum"] and sha1 != source["checksum"]):
                 drv.delete_volume(place.pool, name)
                 raise Permanent(f"{kind} image {image_id} arrived on {cell.name} as {size} "

@@ -16,7 +16,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from reconciler.cells import CellConnections
-from reconciler.contract import READY, Action, Key, Result, Verb, get_condition, set_condition
+from reconciler.contract import (
+    READY,
+    Action,
+    Key,
+    Meter,
+    NoMeter,
+    Result,
+    Verb,
+    get_condition,
+    set_condition,
+)
 from reconciler.guests import now_text, placement_of, volume_name
 from reconciler.longwork import InProgress, LongWork, Report
 from state.errors import NanoError, Unavailable
@@ -28,8 +38,10 @@ class ImageReconciler:
     kind = "image"
 
     def __init__(self, store: Any, connections: CellConnections,
-                 enqueue: Callable[[Key], None], *, long_work: LongWork | None = None) -> None:
+                 enqueue: Callable[[Key], None], *, long_work: LongWork | None = None,
+                 meter: Meter | None = None) -> None:
         self.store = store
+        self.meter = meter or NoMeter()  # bytes read back from cells
         self.connections = connections
         self.enqueue = enqueue
         # the download runs in the long-work lane (reconciler/longwork.py)
@@ -84,7 +96,9 @@ class ImageReconciler:
                 key.id, os.path.dirname(final), info.allocation, done))
             watcher.start()
             try:
-                return download_volume(link.hypervisor, pool, volume, final)
+                size, sha1 = download_volume(link.hypervisor, pool, volume, final)
+                self.meter.transferred("from_cell", size)
+                return size, sha1
             finally:
                 done.set()
                 watcher.join(timeout=5)

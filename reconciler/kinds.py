@@ -7,7 +7,7 @@ from typing import Any
 
 from reconciler import naming
 from reconciler.cells import CellConnections, CellReconciler
-from reconciler.contract import Key
+from reconciler.contract import Key, Meter
 from reconciler.drivers import libvirt_hv
 from reconciler.failover import Fencing
 from reconciler.firewalls import FirewallReconciler
@@ -19,7 +19,9 @@ from reconciler.networking import AddressPoolReconciler, NetworkReconciler
 from reconciler.pools import ComputePoolReconciler, StoragePoolReconciler
 
 
-def build(store: Any, settings: dict[str, Any]) -> Controller:
+def build(store: Any, settings: dict[str, Any], *, meter: Meter | None = None) -> Controller:
+    """`meter`: the process's metrics (nanod/server.py), told of reconciles and image bytes
+    moved; None keeps nothing."""
     naming.use(settings["names"]["prefix"])  # before any reconciler names anything
     conf = settings.get("reconciler", {})
     # how long a reconciler worker waits for one libvirt call (reconciler/drivers/libvirt_hv.py)
@@ -50,16 +52,17 @@ def build(store: Any, settings: dict[str, Any]) -> Controller:
                         stop_grace_seconds=float(conf.get("stop_grace_seconds", 60)),
                         sign_of_life_seconds=float(conf.get("sign_of_life_seconds", 120)),
                         long_work=long_work,
-                        migration_bandwidth_mib=int(conf.get("migration_bandwidth_mib", 0))),
+                        migration_bandwidth_mib=int(conf.get("migration_bandwidth_mib", 0)),
+                        meter=meter),
         NetworkReconciler(store, connections, enqueue),
         FirewallReconciler(store, connections, enqueue),
         AddressPoolReconciler(store, enqueue),
-        ImageReconciler(store, connections, enqueue, long_work=long_work),
+        ImageReconciler(store, connections, enqueue, long_work=long_work, meter=meter),
         ComputePoolReconciler(store),
         StoragePoolReconciler(store),
     ]
     controller = Controller(reconcilers, workers=int(conf.get("workers", 4)),
-                            resync_seconds=float(conf.get("resync_seconds", 30)))
+                            resync_seconds=float(conf.get("resync_seconds", 30)), meter=meter)
     controller.connections = connections  # type: ignore[attr-defined]
     pending.append(controller)
     return controller

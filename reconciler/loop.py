@@ -8,16 +8,23 @@ so drift and missed triggers are corrected without any event.
 
 Errors raised by a reconcile are logged and retried with per-key exponential backoff; a
 success resets the backoff and honours `Result.requeue_after`.
+
+Each reconcile's duration and result go to the `Meter` (the process's metrics). A key
+enqueued with a `cause` (the X-Request-Id of the API request whose write asked for it,
+passed by nanod/server.py) remembers it until a worker takes the key: that reconcile's log
+records carry it (`CAUSES`, which nanod's log format shows), and its outcome is logged at
+INFO naming the request(s) and what the reconcile did.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 
-from reconciler.contract import Key, Reconciler, Result
+from reconciler.contract import Key, Meter, NoMeter, Reconciler, Result
 from reconciler.queue import WorkQueue
 from state.errors import NanoError
 
@@ -28,6 +35,15 @@ Outcome = Result | Exception
 
 Observer = Callable[[Key, Outcome], None]
 """Called after each reconcile, on the thread that ran it; must be quick and not raise."""
+
+CAUSES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "nano_reconcile_causes", default=())
+"""The request ids that caused the reconcile this thread runs now (none for a resync or a
+reconciler's own requeue)."""
+
+MAX_CAUSES = 8
+"""Request ids remembered per waiting key; older ones go first (a key written by many
+requests before a worker takes it is reconciled once, for the latest of them)."""
 
 
 class Controller:
@@ -41,6 +57,7 @@ class Controller:
         resync_seconds: float = 30.0,
         max_backoff: float = 60.0,
         base_backoff: float = 0.5,
+        meter: Meter | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -51,6 +68,9 @@ class Controller:
             self._reconcilers[reconciler.kind] = reconciler
         self._queue = WorkQueue(base_delay=base_backoff, max_delay=max_backoff)
         self._workers = workers
+        self._meter: Meter = meter or NoMeter()
+        # key -> ids of the requests that enqueued it since a worker last took it
+        self._causes: dict[Key, tuple[str, ...]] = {}
         self._resync_seconds = resync_seconds
         self._lock = threading.Lock()
         # Replaced, never mutated, so workers iterate a snapshot without taking the lock.
@@ -76,9 +96,10 @@ class Controller:
 
     # -- triggers ----------------------------------------------------------------------------
 
-    def enqueue(self, key: Key) -> None:
-        """Ask for `key` to be reconciled. Safe from any thread, the Tornado IOLoop's
-        included: it takes one lock briefly and never waits for work.
+    def enqueue(self, key: Key, cause: str = "") -> None:
+        """Ask for `key` to be reconciled; `cause` is the id of the API request that
+        asks, if any. Safe from any thread, the Tornado IOLoop's included: it takes one
+        lock briefly and never waits for work.
 
         A key of a kind with no reconciler is dropped with a warning (once per kind) rather
         than raised: a trigger for a kind not wired yet must not fail an API request.
@@ -90,6 +111,11 @@ class Controller:
             if first:
                 log.warning("no reconciler for kind %r: dropping keys of that kind", key.kind)
             return
+        if cause:
+            with self._lock:
+                known = self._causes.get(key, ())
+                if cause not in known:
+                    self._causes[key] = (*known, cause)[-MAX_CAUSES:]
         self._queue.add(key)
 
     def resync(self) -> int:
@@ -193,8 +219,24 @@ class Controller:
             if key is None:
                 return
             try:
-                outcome = self._reconcile(key)
-                self._settle(key, outcome)
+                with self._lock:  # taken before the reconcile: a later write is a new cause
+                    causes = self._causes.pop(key, ())
+                token = CAUSES.set(causes)
+                try:
+                    started = time.monotonic()
+                    outcome = self._reconcile(key)
+                    self._meter.reconciled(key.kind, key.id, not isinstance(outcome, Exception),
+                                           time.monotonic() - started)
+                    if causes and not isinstance(outcome, Exception):
+                        log.info("reconcile %s for request %s: %s", key, ",".join(causes),
+                                 outcome.summary())
+                    elif causes:  # the retry is still for these requests
+                        with self._lock:
+                            later = self._causes.get(key, ())
+                            self._causes[key] = (*causes, *later)[-MAX_CAUSES:]
+                    self._settle(key, outcome)
+                finally:
+                    CAUSES.reset(token)
                 # Before done(): wait_idle then also means every observer has been told.
                 self._emit(key, outcome)
             except Exception:

@@ -36,6 +36,8 @@ class WorkQueue:
     ) -> None:
         self._cond = threading.Condition()
         self._ready: deque[Key] = deque()
+        # when each ready key joined `_ready` (for the oldest item's age in metrics)
+        self._ready_since: dict[Key, float] = {}
         # Keys that need processing: in `_ready`, or in `_processing` and to be re-queued
         # by done(). A key is in `_ready` at most once because of this set.
         self._dirty: set[Key] = set()
@@ -117,6 +119,7 @@ class WorkQueue:
         if key in self._processing:
             return  # done() re-queues it: one worker per key
         self._ready.append(key)
+        self._ready_since[key] = time.monotonic()
         # notify_all, not notify: wait_idle callers share the condition, and waking one of
         # them instead of a worker would leave the key sitting in the queue.
         self._cond.notify_all()
@@ -152,6 +155,7 @@ class WorkQueue:
                 next_due = self._promote_due_locked(now)
                 if self._ready:
                     key = self._ready.popleft()
+                    self._ready_since.pop(key, None)
                     self._dirty.discard(key)
                     self._processing.add(key)
                     return key
@@ -168,6 +172,7 @@ class WorkQueue:
             self._processing.discard(key)
             if key in self._dirty and not self._shutdown:
                 self._ready.append(key)
+                self._ready_since[key] = time.monotonic()
             # Wakes a worker for the re-queued key and anyone in wait_idle.
             self._cond.notify_all()
 
@@ -188,6 +193,15 @@ class WorkQueue:
         """Keys ready to be taken now (not those being processed or waiting on a delay)."""
         with self._cond:
             return len(self._ready)
+
+    def stats(self) -> tuple[int, float]:
+        """(keys ready to be taken, seconds the oldest of them has waited; 0 when none
+        waits): what GET /metrics shows of the queue."""
+        with self._cond:
+            if not self._ready_since:
+                return 0, 0.0
+            # `_ready` is in arrival order: its first key waited longest
+            return len(self._ready), time.monotonic() - self._ready_since[self._ready[0]]
 
     def processing(self) -> int:
         """Keys taken by workers and not yet done."""

@@ -96,7 +96,23 @@ def _idempotent_and_conditional_writes(database: peewee.Database) -> None:
 
 # Forward migrations, oldest first. Version N is MIGRATIONS[N-1]. Append only: never edit
 # or reorder a released step, so an upgrade from any older version keeps every row.
-MIGRATIONS: list[Migration] = [_initial, _idempotent_and_conditional_writes]
+def _log_request_ids(database: peewee.Database) -> None:
+    # audit entries name the API request that wrote them (X-Request-Id); a store made by
+    # _initial from today's models has the column already
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    from state.models import LogEntry
+
+    # the columns as this connection sees them (get_columns would read PostgreSQL's
+    # `public` schema, not the one on the search path)
+    columns = {c[0] for c in database.execute_sql("SELECT * FROM log_entry LIMIT 0").description}
+    if "request_id" not in columns:
+        alter(SchemaMigrator.from_database(database).add_column(
+            "log_entry", "request_id", LogEntry.request_id))
+
+
+MIGRATIONS: list[Migration] = [_initial, _idempotent_and_conditional_writes, _log_request_ids]
 
 
 def migrate(database: peewee.Database, steps: list[Migration] | None = None) -> int:

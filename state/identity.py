@@ -117,12 +117,14 @@ def token_digest(token: str) -> str:
 
 
 class LogLine(NamedTuple):
-    """An entry to append to the log (`add_logs`): what happened, who, from where, on what."""
+    """An entry to append to the log (`add_logs`): what happened, who, from where, on what,
+    and the X-Request-Id of the API request that did it (api/request_ids.py)."""
 
     content: str
     user: str = ""
     address: str = ""
     resource: str = ""
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -583,9 +585,10 @@ class IdentityStore:
     _log_lock = threading.Lock()
     _last_log_id = ""  # the newest id this store gave out (set per instance)
 
-    def add_log(self, content: str, *, user: str = "", address: str = "", resource: str = "") -> str:
+    def add_log(self, content: str, *, user: str = "", address: str = "", resource: str = "",
+                request_id: str = "") -> str:
         """Append an entry; returns its id (see `add_logs`)."""
-        return self.add_logs([LogLine(content, user, address, resource)])[0]
+        return self.add_logs([LogLine(content, user, address, resource, request_id)])[0]
 
     def add_logs(self, lines: list[LogLine]) -> list[str]:
         """Append entries in one transaction, in order; ids are YYYYMMDDHHMMSS + a 3-digit
@@ -615,7 +618,8 @@ class IdentityStore:
                     stamp += dt.timedelta(seconds=1)  # a full second: borrow the next one
                 entry_id = f"{prefix}{counter:03d}"
                 LogEntry.create(id=entry_id, time=stamp, content=line.content, user=line.user,
-                                address=line.address, resource=line.resource)
+                                address=line.address, resource=line.resource,
+                                request_id=line.request_id)
                 self._last_log_id = entry_id
                 ids.append(entry_id)
         return ids
@@ -637,12 +641,14 @@ class IdentityStore:
             query = query.where(LogEntry.time <= before)
         total = query.count()
         rows = query.order_by(LogEntry.id.desc()).offset(start).limit(limit)
-        # id, time and content are the contract; who, from where and on which resource
-        # ride along for clients that want them (the portal ignores extra fields).
+        # id, time and content are the contract; who, from where, on which resource and
+        # by which request (X-Request-Id) ride along for clients that want them (the
+        # portal ignores extra fields).
         return {
             "logs": [
                 {"id": r.id, "time": format_time(r.time), "content": r.content,
-                 "user": r.user, "address": r.address, "resource": r.resource}
+                 "user": r.user, "address": r.address, "resource": r.resource,
+                 "request_id": r.request_id}
                 for r in rows
             ],
             "total": total,

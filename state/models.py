@@ -120,6 +120,7 @@ class LogEntry(Base):
     user = peewee.CharField(default="")
     address = peewee.CharField(default="")
     resource = peewee.CharField(default="")
+    request_id = peewee.CharField(default="")  # X-Request-Id of the request that wrote it
 
 
 # -- compute ------------------------------------------------------------------------------

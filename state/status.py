@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import peewee
+
 from state.guests import visible
 from state.identity import SessionInfo
 from state.images import DISK, MEDIA, visible_images
@@ -91,3 +93,12 @@ class StatusStore:
             if viewer is None or row.owner == viewer.user:
                 out.append(_status("BatchTask", row.id, row.id, row, task=row.kind))
         return out
+
+    def metrics_counts(self) -> dict[str, Any]:
+        """What GET /metrics shows of the store (api/metrics.py), read at each scrape:
+        guests per (pool, phase) in one GROUP BY, and each cell's phase (online/offline).
+        Reads only; called in the store lane, never on the IOLoop."""
+        guests = list(Guest.select(Guest.pool, Guest.phase, peewee.fn.COUNT(Guest.id))
+                      .group_by(Guest.pool, Guest.phase).tuples())
+        cells = list(Cell.select(Cell.name, Cell.phase).tuples())
+        return {"guests": guests, "cells": cells}
