@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import tornado.httputil
+import tornado.routing
 import tornado.web
 
 from api import (
     batches,
     compute,
     console,
+    events,
     guests,
     identity,
     images,
@@ -28,7 +31,7 @@ from api.base import AppContext, NotFoundHandler
 
 PREFIX = "/api/v1"
 MODULES = [identity, compute, images, networks, policies, guests, templates, batches, status,
-           console, migrations]
+           console, migrations, events]
 
 
 def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
@@ -41,9 +44,26 @@ def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
     return table
 
 
+class UpgradeMatches(tornado.routing.PathMatches):
+    """A path that also answers as a websocket: matched only by an upgrade request."""
+
+    def match(self, request: tornado.httputil.HTTPServerRequest) -> dict[str, Any] | None:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return None
+        return super().match(request)
+
+
+def upgrade_routes(ctx: AppContext) -> list[tornado.routing.Rule]:
+    """The websocket ends that share a path with a route of `routes` (UPGRADE_ROUTES):
+    tried first, for upgrade requests only."""
+    return [tornado.routing.Rule(UpgradeMatches(PREFIX + pattern.rstrip("/") + "/?$"),
+                                 handler, {"ctx": ctx})
+            for module in MODULES for pattern, handler in getattr(module, "UPGRADE_ROUTES", [])]
+
+
 def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
     return tornado.web.Application(
-        routes(ctx),
+        [*upgrade_routes(ctx), *routes(ctx)],
         default_handler_class=NotFoundHandler,
         default_handler_args={"ctx": ctx},
         compress_response=False,

@@ -51,6 +51,7 @@ from tornado.ioloop import IOLoop
 import specs
 from api.audit import AuditWriter
 from state.errors import Forbidden, Invalid, NanoError, Unauthorized
+from state.events import as_actor
 from state.identity import SessionInfo
 from state.store import Store
 
@@ -468,7 +469,9 @@ class NanoHandler(tornado.web.RequestHandler):
     async def stored(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn`, which reads or writes the store, in the store lane: never on the
         IOLoop, so a wait for SQLite's write lock holds a lane thread, not every request."""
-        return await IOLoop.current().run_in_executor(self.ctx.store_lane, fn, *args)
+        # events the store writes meanwhile name the session's user (state/events.py)
+        return await IOLoop.current().run_in_executor(self.ctx.store_lane,
+                                                      as_actor(self.user, fn), *args)
 
     def in_background(self, fn: Callable[..., Any], *args: Any, quiet: bool = False) -> None:
         """Run `fn`, a store write the request does not wait for (upload progress, an
@@ -488,7 +491,7 @@ class NanoHandler(tornado.web.RequestHandler):
             if exc is not None:
                 (log.debug if quiet else log.warning)("%s failed: %s", fn.__name__, exc)
 
-        self._background = self.ctx.store_lane.submit(run)
+        self._background = self.ctx.store_lane.submit(as_actor(self.user, run))
         self._background.add_done_callback(done)
 
     async def background_settled(self) -> None:

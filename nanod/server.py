@@ -20,6 +20,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
+from api import events
 from api.app import make_app
 from api.base import AppContext
 from api.setup_token import SetupToken
@@ -34,10 +35,11 @@ log = logging.getLogger("nano")
 
 # Bearer tokens and channel ids appear in some paths: never write them to a log.
 _SECRET_PATHS = re.compile(r"(/(?:sessions|monitor_channels)/)[^/?]+")
+_SECRET_QUERY = re.compile(r"([?&]session=)[^&]*")  # GET /events from a browser
 
 
 def redact(path: str) -> str:
-    return _SECRET_PATHS.sub(r"\1***", path)
+    return _SECRET_QUERY.sub(r"\1***", _SECRET_PATHS.sub(r"\1***", path))
 
 
 def access_log(handler: tornado.web.RequestHandler) -> None:
@@ -129,6 +131,7 @@ class Server:
 
             self.ctx.extras["open_console"] = make_console_opener(
                 self.store, self.controller.connections)
+        events.hub(self.ctx)  # checks the `events` settings now, not at the first client
         self.app = make_app(self.ctx, log_function=access_log)
         self.http: tornado.httpserver.HTTPServer | None = None
         self.port = 0
@@ -159,6 +162,7 @@ class Server:
     async def shutdown(self, grace: float = 10.0) -> None:
         if self.http:
             self.http.stop()  # no new connections
+            events.hub(self.ctx).close()  # event streams end; clients resume by cursor
             deadline = asyncio.get_running_loop().time() + grace
             while self.ctx.extras.get("inflight", 0) > 0:
                 if asyncio.get_running_loop().time() > deadline:

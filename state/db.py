@@ -82,9 +82,16 @@ def _initial(database: peewee.Database) -> None:
     database.create_tables(models.ALL_MODELS, safe=True)
 
 
+def _events(database: peewee.Database) -> None:
+    """The event stream's table (state/events.py); a new store has it from `_initial`."""
+    from state import models
+
+    database.create_tables([models.Event], safe=True)
+
+
 # Forward migrations, oldest first. Version N is MIGRATIONS[N-1]. Append only: never edit
 # or reorder a released step, so an upgrade from any older version keeps every row.
-MIGRATIONS: list[Migration] = [_initial]
+MIGRATIONS: list[Migration] = [_initial, _events]
 
 
 def migrate(database: peewee.Database, steps: list[Migration] | None = None) -> int:

@@ -11,6 +11,7 @@ from state.cell_transport import CellRules
 from state.clones import CloneStore
 from state.compute import ComputeStore
 from state.console import ConsoleStore
+from state.events import EventStore
 from state.guest_changes import GuestChangeStore
 from state.identity import IdentityStore
 from state.images import ImageStore
@@ -29,7 +30,7 @@ from state.templates import TemplateStore
 # NetStatusStore first: its record_cell wraps ComputeStore's (see state/netstatus.py)
 class Store(CloneStore, PoolStatusStore, NetStatusStore, IdentityStore, ComputeStore, ImageStore, NetworkStore,
             GuestChangeStore, SnapshotStore, TemplateStore, BatchStore, StatusStore, ReplicaStore,
-            ConsoleStore, NetConfigStore, MigrationStore):
+            ConsoleStore, NetConfigStore, MigrationStore, EventStore):
     """Facade over the database opened by `state.db.open_database`."""
 
     def __init__(self, *, session_timeout: int = 180, limits: dict | None = None,
