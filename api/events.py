@@ -292,9 +292,11 @@ class EventsHandler(NanoHandler):
         self._closed = asyncio.Event()
         events = hub(self.ctx)
         try:
+            # subscribed before the head goes out: a client that reads state once the
+            # stream answers misses no event written after that read
+            await open_stream(self.ctx, sub, since)
             self.write("retry: 2000\n\n")
             await self.flush()
-            await open_stream(self.ctx, sub, since)
             while not self._closed.is_set() and not events.closing.is_set():
                 getter = asyncio.ensure_future(queue.get())
                 closed = asyncio.ensure_future(self._closed.wait())
