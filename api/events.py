@@ -113,7 +113,7 @@ class EventHub:
         self._timer: PeriodicCallback | None = None
         self._busy = False
         self._gap_since: float | None = None
-        self._trimmed = 0.0
+        self._trimmer: PeriodicCallback | None = None
         self.closing = asyncio.Event()
 
     async def lane(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -159,21 +159,33 @@ class EventHub:
                 self.cursor = event["id"]
                 for sub in list(self.subscribers):
                     sub.offer(event)
-            if now - self._trimmed > TRIM_EVERY:
-                self._trimmed = now
-                await self.lane(lambda: self.ctx.store.trim_events(
-                    max_age=self.max_age, max_count=self.max_count))
         except Exception:  # a failed tick is retried by the next one
             log.exception("reading the event stream failed")
         finally:
             self._busy = False
 
+    def keep_trimmed(self) -> None:
+        """Trim the table to the retention settings now and every TRIM_EVERY seconds
+        (started by nanod/server.py once it listens)."""
+        if self._trimmer is None:
+            self._trimmer = PeriodicCallback(self.trim, TRIM_EVERY * 1000)
+            self._trimmer.start()
+            IOLoop.current().spawn_callback(self.trim)
+
+    async def trim(self) -> None:
+        try:
+            await self.lane(lambda: self.ctx.store.trim_events(
+                max_age=self.max_age, max_count=self.max_count))
+        except Exception:  # the next round tries again
+            log.exception("trimming the event stream failed")
+
     def close(self) -> None:
         """nanod stops: every stream ends (clients resume from their cursor)."""
         self.closing.set()
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer = None
+        for timer in (self._timer, self._trimmer):
+            if timer is not None:
+                timer.stop()
+        self._timer = self._trimmer = None
 
 
 def hub(ctx: AppContext) -> EventHub:

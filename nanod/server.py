@@ -146,6 +146,7 @@ class Server:
         sockets = tornado.netutil.bind_sockets(port, address=host)
         self.http.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
+        events.hub(self.ctx).keep_trimmed()  # whether or not anyone follows the stream
         if self.controller:
             self.controller.start()
         return self.port

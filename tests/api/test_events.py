@@ -17,6 +17,7 @@ import pytest
 import tornado.httpclient
 import tornado.websocket
 
+from api.events import event_settings, hub
 from tests.api.guest_helpers import (
     create_guest,
     guest_body,
@@ -254,3 +255,29 @@ async def test_websocket_frames(api, server):
     assert await refused.read_message() is None
     assert refused.close_code == 4401
 
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_retention_trims_by_count_and_keeps_the_newest(api, server):
+    await make_pool(api)
+    await create_guest(api, "kept")
+    newest = (await page(api, since=0))["events"][-1]["id"]
+    events = hub(server.ctx)
+    assert (events.max_count, events.max_age) == (100000, 86400)  # the defaults
+    events.max_count = 2
+    await events.trim()
+    left = await page(api, since=0)
+    assert left["oldest"] == newest - 1
+    assert left["events"][0]["type"] == "expired"
+    assert [e["id"] for e in left["events"][1:]] == [newest - 1, newest]
+    events.max_age, events.max_count = 0.0, 100000  # everything old: the newest stays
+    await events.trim()
+    assert (await page(api, since=0))["oldest"] == newest
+
+
+def test_event_settings_are_checked():
+    good = {"max_age_seconds": 60, "max_count": 10, "poll_seconds": 0.5}
+    assert event_settings({"events": good}) == good
+    for field, bad in (("max_count", 0), ("poll_seconds", "fast"), ("max_age_seconds", None)):
+        with pytest.raises(ValueError, match=f"events.{field}"):
+            event_settings({"events": {**good, field: bad}})
