@@ -95,6 +95,9 @@ def describe(event: dict[str, Any]) -> str:
     """One plain line for an event: when, what, who and the gist of its payload."""
     payload = event.get("payload") or {}
     bits = []
+    if event.get("type") == "progress":  # one guest's step: its own phase and percent
+        bits.append(f"{payload.get('name')}: {payload.get('phase')} {payload.get('percent')}%")
+        payload = {}
     if "phase" in payload:
         bits.append(f"phase {payload['phase']}")
     if "observed_generation" in payload:
@@ -106,8 +109,6 @@ def describe(event: dict[str, Any]) -> str:
             bits.append(f"{cond['type']}=False ({cond.get('reason') or cond.get('message')})")
     if payload.get("last_error"):
         bits.append(f"error: {payload['last_error']}")
-    if event.get("type") == "progress":
-        bits.append(f"{payload.get('name')}: {payload.get('phase')} {payload.get('percent')}%")
     if event.get("type") == "lifecycle":
         bits.append(f"{payload.get('event')} on {payload.get('cell')}")
     if event.get("type") == "expired":

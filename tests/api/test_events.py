@@ -281,3 +281,24 @@ def test_event_settings_are_checked():
     for field, bad in (("max_count", 0), ("poll_seconds", "fast"), ("max_age_seconds", None)):
         with pytest.raises(ValueError, match=f"events.{field}"):
             event_settings({"events": {**good, field: bad}})
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_migration_steps_are_events(api, server):
+    from tests.api.test_migrations import body, two_cells
+
+    g1, _ = await two_cells(api, server)
+    start = (await page(api))["cursor"]
+    mid = (await api.ok("POST", "/migrations/", body()))["id"]
+    move = server.store.guest_move(g1)
+    server.store.record_move(g1, move, phase="migrating", percent=50, mode="live")
+    server.store.record_move(g1, move, phase="migrating", percent=50, mode="live")  # again
+    server.store.record_move(g1, move, phase="done", percent=100, mode="live", done=True)
+    events = (await page(api, since=start, kind="Migration"))["events"]
+    assert (events[0]["type"], events[0]["name"], events[0]["actor"]) == ("created", mid, ADMIN)
+    steps = [(e["payload"]["guest"], e["payload"]["phase"], e["payload"]["percent"])
+             for e in events if e["type"] == "progress"]
+    assert steps == [(g1, "migrating", 50), (g1, "done", 100)]
+    # the guest's move shows in its own stream too: it counts as migrating meanwhile
+    guest = (await page(api, since=start, name=g1))["events"]
+    assert "migrating" in [e["payload"].get("phase") for e in guest if e["type"] == "status"]
