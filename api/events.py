@@ -353,13 +353,17 @@ class EventsSocket(tornado.websocket.WebSocketHandler):
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.sub: Subscriber | None = None
+        self._early: list[dict[str, Any]] | None = []  # events before the handshake ends
+        self._refusal: tuple[int, str] | None = None
 
     def check_origin(self, origin: str) -> bool:
         # no cookie is a credential here: the session token must be sent explicitly, so
         # another site's page cannot ride on a logged-in browser
         return True
 
-    async def open(self) -> None:
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        """Subscribe before the handshake is answered, so a client that reads the state
+        once connected misses no event written after that read; then upgrade."""
         token = (self.request.headers.get(SESSION_HEADER)
                  or self.get_query_argument("session", ""))
         session = self.ctx.store.cached_session(token) if token else None
@@ -374,10 +378,21 @@ class EventsSocket(tornado.websocket.WebSocketHandler):
             names = _listed(self.get_query_arguments("name"), "name")
             since = _cursor(self.get_query_argument("since", None), "query parameter since")
         except (Invalid, Unauthorized) as exc:
-            self.close(4000 + exc.code, exc.message[:120])
+            self._refusal = (4000 + exc.code, exc.message[:120])  # said once it is open
+        else:
+            self.sub = Subscriber(session, kinds, names, self._send)
+            await open_stream(self.ctx, self.sub, since)
+        await super().get(*args, **kwargs)
+        if self.ws_connection is None and self.sub is not None:  # the upgrade failed
+            hub(self.ctx).unsubscribe(self.sub)
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        if self._refusal is not None:
+            self.close(*self._refusal)
             return
-        self.sub = Subscriber(session, kinds, names, self._send)
-        await open_stream(self.ctx, self.sub, since)
+        early, self._early = self._early or [], None
+        for event in early:
+            self.write_message(json.dumps(event))
         IOLoop.current().spawn_callback(self._until_stopping)
 
     async def _until_stopping(self) -> None:
@@ -386,6 +401,9 @@ class EventsSocket(tornado.websocket.WebSocketHandler):
             self.close(1001, "nanod is stopping: reconnect with since=<last id>")
 
     def _send(self, event: dict[str, Any]) -> None:
+        if self._early is not None:
+            self._early.append(event)
+            return
         if self.ws_connection is None or self.ws_connection.is_closing():
             return
         self.write_message(json.dumps(event))
