@@ -119,19 +119,20 @@ class EventHub:
     async def lane(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await IOLoop.current().run_in_executor(self.ctx.store_lane, fn, *args)
 
-    async def start(self) -> int:
-        """The hub's cursor (the newest event when it first started)."""
-        if self.cursor is None:
-            _, newest = await self.lane(self.ctx.store.event_bounds)
-            if self.cursor is None:
-                self.cursor = newest
-        return self.cursor
-
-    def subscribe(self, sub: Subscriber) -> None:
+    async def join(self, sub: Subscriber) -> int:
+        """Add `sub` (its events wait while it catches up); returns the newest event id.
+        A hub nobody followed starts again at the newest event: the rows written while
+        idle are nobody's backlog (a client with a cursor reads its own)."""
+        if self._timer is None and not self.subscribers:
+            self.cursor = None
         self.subscribers.add(sub)
         if self._timer is None:
             self._timer = PeriodicCallback(self.tick, self.poll * 1000)
             self._timer.start()
+        _, newest = await self.lane(self.ctx.store.event_bounds)
+        if self.cursor is None:  # ticks wait for this
+            self.cursor = newest
+        return newest
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
@@ -215,10 +216,9 @@ def _cursor(raw: str | None, field: str) -> int | None:
 async def open_stream(ctx: AppContext, sub: Subscriber, since: int | None) -> None:
     """Subscribe `sub` and send what it missed after `since` (None: from now), then live."""
     events = hub(ctx)
-    newest = await events.start()
-    events.subscribe(sub)
+    newest = await events.join(sub)
     if since is None:
-        sub.cursor = events.cursor or newest
+        sub.cursor = newest  # what the tail delivers up to it was written before
         sub.caught_up()
         return
     sub.cursor = since

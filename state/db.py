@@ -63,6 +63,9 @@ def open_database(url: str) -> peewee.Database:
     db.initialize(database)
     database.connect(reuse_if_open=True)
     migrate(database)
+    from state.events import LAST_STATUS  # late: state.events imports the models
+
+    LAST_STATUS.clear()  # the statuses seen were another database's
     return database
 
 

@@ -164,6 +164,11 @@ class _LastStatus:
             self._seen[key] = digest
             return previous
 
+    def clear(self) -> None:
+        """Another database was opened (state/db.py): what was seen is of no row of it."""
+        with self._lock:
+            self._seen.clear()
+
     def forget(self, key: tuple[str, str]) -> None:
         with self._lock:
             self._seen.pop(key, None)
