@@ -96,7 +96,8 @@ def describe(event: dict[str, Any]) -> str:
     payload = event.get("payload") or {}
     bits = []
     if event.get("type") == "progress":  # one guest's step: its own phase and percent
-        bits.append(f"{payload.get('name')}: {payload.get('phase')} {payload.get('percent')}%")
+        percent = payload.get("percent", payload.get("progress"))
+        bits.append(f"{payload.get('name')}: {payload.get('phase')} {percent}%")
         payload = {}
     if "phase" in payload:
         bits.append(f"phase {payload['phase']}")

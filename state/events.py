@@ -15,6 +15,7 @@ for all of them, no call site of its own. An UPDATE that touches a spec column
 An INSERT through `create` leaves `created`, a DELETE `removed`. Writes of other columns
 only (observed facts, the most frequent) take the plain path. Events are written in the
 transaction of the change they describe, so a rolled-back change leaves none.
+A status transition of a guest made by a batch task also leaves the task's `progress`.
 Others call `record_event` directly: libvirt lifecycle events of guests (reconciler/kinds.py)
 and the per-guest progress of a migration (state/migrations.py `record_move`).
 
@@ -37,7 +38,7 @@ from typing import Any, TypeVar
 import peewee
 
 from state.identity import SessionInfo
-from state.models import Event, Guest, Reconciled
+from state.models import BatchTask, Event, Guest, Reconciled
 from state.policies import ADMIN_TAG
 
 T = TypeVar("T")
@@ -208,6 +209,21 @@ def _row_events(model: type[Reconciled], rows: Iterable[dict[str, Any]],
                     and (previous is None or previous[1] != phase)):
                 kind_type = phase
             record_event(*args, kind_type, _status(ident["kind"], row), **who)
+            if ident["kind"] == "Guest" and row.get("batch"):
+                _batch_step(row)
+
+
+def _batch_step(row: dict[str, Any]) -> None:
+    """A guest of a batch task moved: the task's progress, seen by the task's owner (one
+    read, of the task, on a transition of one of its guests only)."""
+    task = BatchTask.get_or_none(BatchTask.id == row["batch"])
+    if task is None:
+        return
+    record_event("BatchTask", task.id, task.id, "progress",
+                 {"task": task.kind, "guest": row["id"], "name": row.get("name", ""),
+                  "phase": row.get("phase"), "progress": row.get("progress"),
+                  "last_error": str(row.get("last_error") or "")[:MESSAGE_CHARS]},
+                 owner=task.owner)
 
 
 class EventedUpdate(peewee.ModelUpdate):

@@ -18,6 +18,7 @@ import tornado.httpclient
 import tornado.websocket
 
 from api.events import event_settings, hub
+from state.models import Guest
 from tests.api.guest_helpers import (
     create_guest,
     guest_body,
@@ -302,3 +303,25 @@ async def test_migration_steps_are_events(api, server):
     # the guest's move shows in its own stream too: it counts as migrating meanwhile
     guest = (await page(api, since=start, name=g1))["events"]
     assert "migrating" in [e["payload"].get("phase") for e in guest if e["type"] == "status"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_batch_progress_is_the_tasks_event(api, server):
+    from tests.api.test_batches import batch_body
+
+    await make_pool(api)
+    start = (await page(api))["cursor"]
+    task = (await api.ok("POST", "/batch/create_guest/", batch_body(count=2)))["id"]
+    guests = {g.id: g.name for g in Guest.select().where(Guest.batch == task)}
+    for guest_id in guests:
+        mark_created(server, guest_id)
+    events = (await page(api, since=start, kind="BatchTask"))["events"]
+    assert (events[0]["type"], events[0]["name"]) == ("created", task)
+    steps = {e["payload"]["guest"]: e["payload"]["phase"] for e in events
+             if e["type"] == "progress"}
+    assert steps == dict.fromkeys(guests, "stopped")
+    # the guests' own status events say which batch they belong to
+    statuses = (await page(api, since=start, kind="Guest"))["events"]
+    assert {e["payload"].get("batch") for e in statuses if e["type"] == "status"} == {task}
+    bob = await user_session(api, "bob")
+    assert (await page(api, bob, since=start, kind="BatchTask"))["events"] == []
