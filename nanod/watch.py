@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import queue
+import shutil
 import threading
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -61,8 +62,11 @@ class EventStream:
                 elif not line and data:
                     self._queue.put(json.loads("\n".join(data)))
                     data = []
-        except (OSError, ValueError):
-            pass  # the connection ended: the caller sees None
+        except Exception:  # noqa: BLE001
+            # the connection ended: by `close` (http.client then fails in several ways
+            # half way through a read), by nanod, or with a line that is no event; the
+            # caller sees None and falls back to reading the status
+            pass
         finally:
             self.closed = True
             self._queue.put(None)
@@ -134,7 +138,9 @@ class Display:
             return
         if self._drawn:
             self.out.write(f"\x1b[{self._drawn}F\x1b[J")
-        self.out.write("".join(line + "\n" for line in lines))
+        # one screen line each (a wrapped line would throw the redraw's count off)
+        width = max(shutil.get_terminal_size().columns - 1, 20)
+        self.out.write("".join(line[:width] + "\n" for line in lines))
         self.out.flush()
         self._drawn = len(lines)
 
