@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import tornado.httputil
+import tornado.routing
 import tornado.web
 
 from api import (
     batches,
     compute,
     console,
+    events,
     guests,
     identity,
     images,
@@ -32,7 +35,7 @@ from api.metrics import MetricsHandler
 
 PREFIX = "/api/v1"
 MODULES = [identity, compute, images, networks, policies, guests, templates, batches, status,
-           console, migrations, openapi]
+           console, migrations, openapi, events]
 
 
 def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
@@ -46,6 +49,21 @@ def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
     return table
 
 
+class UpgradeMatches(tornado.routing.PathMatches):
+    """A path that also answers as a websocket: matched only by an upgrade request."""
+
+    def match(self, request: tornado.httputil.HTTPServerRequest) -> dict[str, Any] | None:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return None
+        return super().match(request)
+
+
+def upgrade_routes(ctx: AppContext) -> list[tornado.routing.Rule]:
+    """The websocket ends that share a path with a route of `routes` (UPGRADE_ROUTES):
+    tried first, for upgrade requests only."""
+    return [tornado.routing.Rule(UpgradeMatches(PREFIX + pattern.rstrip("/") + "/?$"),
+                                 handler, {"ctx": ctx})
+            for module in MODULES for pattern, handler in getattr(module, "UPGRADE_ROUTES", [])]
 def template(pattern: str) -> str:
     """A route's pattern as metrics name it: every id group shown as `{}`, never a real
     id (one series per route, not per guest)."""
@@ -64,7 +82,7 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
     # the OpenAPI document of this very table, made once (GET /api/v1/openapi.json)
     ctx.extras["openapi"] = openapi.document_text(table)
     return tornado.web.Application(
-        [*table, (r"/metrics", MetricsHandler, {"ctx": ctx})],
+        [*upgrade_routes(ctx), *table, (r"/metrics", MetricsHandler, {"ctx": ctx})],
         default_handler_class=NotFoundHandler,
         default_handler_args={"ctx": ctx},
         compress_response=False,

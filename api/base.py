@@ -63,6 +63,7 @@ from api.audit import AuditWriter
 from api.metrics import Metrics
 from state.conditional import PreconditionFailed, etag
 from state.errors import Conflict, Forbidden, Internal, Invalid, NanoError, Unauthorized
+from state.events import as_actor
 from state.idempotency import Claim, Claimed
 from state.identity import SessionInfo
 from state.store import Store
@@ -804,9 +805,10 @@ class NanoHandler(tornado.web.RequestHandler):
     async def stored(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn`, which reads or writes the store, in the store lane: never on the
         IOLoop, so a wait for SQLite's write lock holds a lane thread, not every request.
-        `fn` runs in a copy of this request's context: it knows the request id."""
+        `fn` runs in a copy of this request's context (it knows the request id) and as the
+        session's user (events the store writes meanwhile name it: state/events.py)."""
         return await IOLoop.current().run_in_executor(
-            self.ctx.store_lane, contextvars.copy_context().run, fn, *args)
+            self.ctx.store_lane, contextvars.copy_context().run, as_actor(self.user, fn), *args)
 
     def in_background(self, fn: Callable[..., Any], *args: Any, quiet: bool = False) -> None:
         """Run `fn`, a store write the request does not wait for (upload progress, an
@@ -826,7 +828,8 @@ class NanoHandler(tornado.web.RequestHandler):
             if exc is not None:
                 (log.debug if quiet else log.warning)("%s failed: %s", fn.__name__, exc)
 
-        self._background = self.ctx.store_lane.submit(contextvars.copy_context().run, run)
+        self._background = self.ctx.store_lane.submit(contextvars.copy_context().run,
+                                                      as_actor(self.user, run))
         self._background.add_done_callback(done)
 
     async def background_settled(self) -> None:

@@ -9,10 +9,14 @@ disk. Errors are the API's envelope codes raised as `ApiError`.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import secrets
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ import yaml
 DEFAULT_URL = "http://127.0.0.1:5870"
 SESSION_HEADER = "Nano-Session"
 TIMEOUT = 120.0
+STREAM_TIMEOUT = 60.0  # s without a byte of an event stream (it sends one every 15 s)
 
 
 class ClientError(Exception):
@@ -180,6 +185,49 @@ class NanoClient:
         if reply.code != 0:
             raise ApiError(reply.code, reply.message, "GET", path)
         return reply.data, reply.etag
+
+    def open_stream(self, path: str, headers: dict[str, str]
+                    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse] | None:
+        """GET `path` as a stream (Server-Sent Events): the connection and its response to
+        read lines from, or None when this nanod does not serve `path` (an older one). A
+        plain connection rather than urlopen, so `close_stream` can end a read in
+        progress. The server sends a comment every 15 s, so a read that waits
+        STREAM_TIMEOUT means it is gone."""
+        if not self._session:
+            self.login()
+        url = urllib.parse.urlsplit(self.base + path)
+        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        for attempt in (1, 2):
+            conn = kind(url.hostname or "", url.port, timeout=STREAM_TIMEOUT)
+            try:
+                conn.request("GET", url.path + (f"?{url.query}" if url.query else ""),
+                             headers={SESSION_HEADER: self._session, **headers})
+                response = conn.getresponse()
+            except OSError as exc:
+                conn.close()
+                raise ClientError(f"cannot reach nanod at {self.config.url}: {exc}") from None
+            if response.getheader("Content-Type", "").startswith("text/event-stream"):
+                return conn, response
+            try:  # not a stream: the envelope says why
+                doc = json.loads(response.read() or b"{}")
+            finally:
+                conn.close()
+            code, message = int(doc.get("error_code", -1)), str(doc.get("message", ""))
+            if code == 401 and attempt == 1:
+                self.login()
+                continue
+            if code == 404 and message.startswith("no route"):
+                return None
+            raise ApiError(code, message, "GET", path)
+        return None
+
+    @staticmethod
+    def close_stream(conn: http.client.HTTPConnection) -> None:
+        """End a stream from `open_stream`, also while another thread reads it."""
+        if conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
 
     def has_route(self, path: str) -> bool:
         """Whether this nanod serves `path` (a 404 "no route" means it is not built yet)."""

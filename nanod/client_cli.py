@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from nanod import manifests
 from nanod.client import ApiError, ClientConfig, ClientError, NanoClient
 from nanod.kinds import ORDER, ManifestError, adapter
+from nanod.watch import Display, EventStream, describe
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +55,10 @@ def add_commands(sub: Any) -> None:
     get.add_argument("kind", metavar="KIND", help=f"one of {', '.join(ORDER)}")
     get.add_argument("name", nargs="?", metavar="NAME")
     get.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
+    get.add_argument("-w", "--watch", nargs="?", type=float, const=0.0, default=None,
+                     metavar="SECONDS",
+                     help="then follow their events (for SECONDS; without: until Ctrl-C): "
+                          "on a terminal the table is redrawn, elsewhere one line per event")
     _client_flags(get)
     get.set_defaults(func=cmd_get)
 
@@ -133,27 +139,78 @@ def cmd_get(args: argparse.Namespace) -> int:
         print(f"nanod get: this nanod does not serve {kind} yet (no route {ad.probe})",
               file=sys.stderr)
         return 1
-    rows = [(n, f) for n, f in ad.listing(client) if args.name in (None, n)]
-    if args.name and not rows:
+    if args.watch is not None and not ad.status_kind:
+        print(f"nanod get: {kind} has no status, so no events to follow", file=sys.stderr)
+        return 1
+    stream = None
+    if args.watch is not None:  # opened first: no change after the listing is missed
+        stream = EventStream.open(client, kinds=[ad.status_kind or ""],
+                                  names=[args.name] if args.name else ())
+        if stream is None:
+            print("nanod get: this nanod has no event stream (GET /api/v1/events)",
+                  file=sys.stderr)
+            return 1
+    docs = _documents(client, kind, args.name)
+    if args.name and not docs:
         print(f"nanod get: no {kind} named {args.name!r}", file=sys.stderr)
         return 1
-    index = _status_index(client) if ad.status_kind else {}
-    docs = []
-    for name, found in rows:
-        scope = str(found.spec.get(ad.scoped_by, "")) if ad.scoped_by else ""
-        item = index.get((ad.status_kind or "", scope, name))
-        doc: dict[str, Any] = {"kind": kind, "name": name, "spec": ad.export(found)}
-        if item is not None:
-            doc["status"] = {k: item.data.get(k) for k in (
-                "id", "phase", "generation", "observed_generation", "conditions",
-                "last_error", "watched")}
-        docs.append(doc)
-    if args.output == "json":
+    display = Display(sys.stdout)
+    if stream is not None and display.tty and args.output == "table":
+        display.block(table(docs).splitlines())
+    elif args.output == "json":
         print(json.dumps(docs, indent=2))
     elif args.output == "yaml":
         print(manifests.dump(docs), end="")
     else:
         print(table(docs))
+    if stream is not None:
+        return _follow(client, stream, display, kind, args)
+    return 0
+
+
+def _documents(client: NanoClient, kind: str, name: str | None) -> list[dict[str, Any]]:
+    """`kind`'s resources (or the one named `name`) as documents with their status."""
+    ad = adapter(kind)
+    rows = [(n, f) for n, f in ad.listing(client) if name in (None, n)]
+    index = _status_index(client) if ad.status_kind else {}
+    docs = []
+    for found_name, found in rows:
+        scope = str(found.spec.get(ad.scoped_by, "")) if ad.scoped_by else ""
+        item = index.get((ad.status_kind or "", scope, found_name))
+        doc: dict[str, Any] = {"kind": kind, "name": found_name, "spec": ad.export(found)}
+        if item is not None:
+            doc["status"] = {k: item.data.get(k) for k in (
+                "id", "phase", "generation", "observed_generation", "conditions",
+                "last_error", "watched")}
+        docs.append(doc)
+    return docs
+
+
+def _follow(client: NanoClient, stream: EventStream, display: Display, kind: str,
+            args: argparse.Namespace) -> int:
+    """`get -w`: each event redraws the table on a terminal, or is a line elsewhere; ends
+    after `args.watch` seconds (0: never), at Ctrl-C, or when nanod ends the stream."""
+    deadline = time.monotonic() + args.watch if args.watch else None
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            wait = 15.0 if deadline is None else min(15.0, deadline - time.monotonic())
+            event = stream.next(wait)
+            if event is None and stream.closed:
+                print("nanod get: the event stream ended (nanod stopped?)", file=sys.stderr)
+                return 1
+            events = ([event] if event else []) + stream.drain()
+            if not events:
+                continue
+            if display.tty and args.output == "table":
+                display.block(table(_documents(client, kind, args.name)).splitlines())
+            else:
+                for item in events:
+                    print(describe(item) if args.output == "table" else json.dumps(item),
+                          flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stream.close()
     return 0
 
 

@@ -44,6 +44,10 @@ DEFAULTS: dict[str, Any] = {
     # routes' database calls run in (never the IOLoop)
     "api": {"max_json_bytes": 1 << 20, "password_workers": 2, "login_throttle_entries": 10000,
             "store_workers": 8},
+    # the event stream (state/events.py, GET /api/v1/events): events older than
+    # max_age_seconds or beyond the newest max_count are trimmed; the API reads new ones
+    # every poll_seconds (one query for all its clients)
+    "events": {"max_age_seconds": 86400, "max_count": 100000, "poll_seconds": 0.5},
     # The prefix of everything nanod makes on its cells (reconciler/naming.py): domains,
     # volumes, storage pools, networks, bridges, nft tables. Two nanods sharing a host
     # (e.g. the test suite's beside scripts/setup's) need different ones.

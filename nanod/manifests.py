@@ -25,6 +25,7 @@ import yaml
 import specs
 from nanod.client import ApiError, NanoClient
 from nanod.kinds import ADAPTERS, ORDER, ApplyContext, Effect, Found, ManifestError, adapter
+from nanod.watch import Display, EventStream, describe
 from reconciler.contract import READY, Action, Key, Verb, get_condition
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -457,46 +458,70 @@ def drift(client: NanoClient) -> tuple[list[tuple[StatusItem, list[str]]], list[
     return drifting, unwatched
 
 
+def _pending(client: NanoClient, targets: Sequence[Document]
+             ) -> tuple[list[str], list[str]]:
+    """(what is not converged yet, each with why; what no reconciler watches)."""
+    by_key = {(s.kind, s.scope, s.name): s for s in statuses(client)}
+    pending: list[str] = []
+    skipped: list[str] = []
+    for doc in targets:
+        scope = adapter(doc.kind).scoped_by
+        item = by_key.get((adapter(doc.kind).status_kind or "",
+                           str(doc.spec.get(scope, "")) if scope else "", doc.name))
+        if doc.state == "absent":
+            if item is not None and item.watched is not False:
+                pending.append(f"{doc.label}: still there ({item.data.get('phase')})")
+            continue
+        if item is None:
+            pending.append(f"{doc.label}: no status yet")
+        elif item.watched is False:
+            skipped.append(doc.label)
+        elif item.problems():
+            pending.append(f"{doc.label}: {'; '.join(item.problems())}")
+    return pending, skipped
+
+
+RESYNC_SECONDS = 15.0
+"""While following the event stream, the status is read again after this long without an
+event of ours: a safety net for a change no event describes (the stream is the trigger)."""
+
+
 def wait(client: NanoClient, docs: Sequence[Document], seconds: float, *,
          out: TextIO = sys.stdout, clock: Callable[[], float] = time.monotonic) -> bool:
-    """Poll /resource_status/ until every applied resource that a reconciler watches is
-    converged (present: generation observed and Ready; absent: gone). Prints progress on a
-    terminal and a final line; returns whether all converged in time."""
+    """Wait until every applied resource that a reconciler watches is converged (present:
+    generation observed and Ready; absent: gone). The status (/resource_status/) is read
+    once and again whenever the event stream (nanod/watch.py) brings an event of one of
+    them; a nanod without the stream is polled. On a terminal the resources still
+    converging are shown with why, elsewhere each event is a line; then a final line.
+    Returns whether all converged in time."""
     targets = [d for d in docs if adapter(d.kind).status_kind]
     deadline = clock() + seconds
-    tty = out.isatty()
+    display = Display(out)
     started = clock()
-    pause = 0.2  # most changes converge within a second or two: look early, then every 1 s
-    while True:
-        by_key = {(s.kind, s.scope, s.name): s for s in statuses(client)}
-        pending: list[str] = []
-        skipped: list[str] = []
-        for doc in targets:
-            scope = adapter(doc.kind).scoped_by
-            item = by_key.get((adapter(doc.kind).status_kind or "",
-                               str(doc.spec.get(scope, "")) if scope else "", doc.name))
-            if doc.state == "absent":
-                if item is not None and item.watched is not False:
-                    pending.append(f"{doc.label}: still there ({item.data.get('phase')})")
+    kinds = {adapter(d.kind).status_kind or "" for d in targets}
+    names = {d.name for d in targets}
+    # opened before the first read: every change after that read comes as an event
+    stream = EventStream.open(client, kinds=kinds, names=names) if targets else None
+    pause = 0.2  # without a stream: look early, then every 1 s
+    try:
+        while True:
+            pending, skipped = _pending(client, targets)
+            done = len(targets) - len(pending) - len(skipped)
+            display.block([f"waiting: {done}/{len(targets) - len(skipped)} converged",
+                           *(f"  {line}" for line in pending)])
+            if not pending or clock() >= deadline:
+                break
+            if stream is None or stream.closed:
+                time.sleep(min(pause, max(deadline - clock(), 0)))
+                pause = min(1.0, pause * 1.5)
                 continue
-            if item is None:
-                pending.append(f"{doc.label}: no status yet")
-            elif item.watched is False:
-                skipped.append(doc.label)
-            elif item.problems():
-                pending.append(f"{doc.label}: {'; '.join(item.problems())}")
-        done = len(targets) - len(pending) - len(skipped)
-        if tty:
-            first = pending[0] if pending else ""
-            out.write(f"\r\x1b[Kwaiting: {done}/{len(targets) - len(skipped)} converged"
-                      f"{' (' + first + ')' if first else ''}")
-            out.flush()
-        if not pending or clock() >= deadline:
-            break
-        time.sleep(pause)
-        pause = min(1.0, pause * 1.5)
-    if tty:
-        out.write("\n")
+            event = stream.next(min(RESYNC_SECONDS, deadline - clock()))
+            for item in ([event] if event else []) + stream.drain():
+                display.line(describe(item))
+    finally:
+        if stream is not None:
+            stream.close()
+    display.block([])
     elapsed = clock() - started
     if skipped:
         print(f"not waited for (no reconciler watches their kind): {', '.join(skipped)}",

@@ -26,7 +26,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from api import request_ids
+from api import events, request_ids
 from api.app import make_app
 from api.base import AppContext
 from api.metrics import Metrics
@@ -44,10 +44,11 @@ log = logging.getLogger("nano")
 
 # Bearer tokens and channel ids appear in some paths: never write them to a log.
 _SECRET_PATHS = re.compile(r"(/(?:sessions|monitor_channels)/)[^/?]+")
+_SECRET_QUERY = re.compile(r"([?&]session=)[^&]*")  # GET /events from a browser
 
 
 def redact(path: str) -> str:
-    return _SECRET_PATHS.sub(r"\1***", path)
+    return _SECRET_QUERY.sub(r"\1***", _SECRET_PATHS.sub(r"\1***", path))
 
 
 def access_log(handler: tornado.web.RequestHandler) -> None:
@@ -163,6 +164,7 @@ class Server:
 
             self.ctx.extras["open_console"] = make_console_opener(
                 self.store, self.controller.connections)
+        events.hub(self.ctx)  # checks the `events` settings now, not at the first client
         self.app = make_app(self.ctx, log_function=access_log)
         self.http: tornado.httpserver.HTTPServer | None = None
         self.port = 0
@@ -177,6 +179,7 @@ class Server:
         sockets = tornado.netutil.bind_sockets(port, address=host)
         self.http.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
+        events.hub(self.ctx).keep_trimmed()  # whether or not anyone follows the stream
         if self.controller:
             self.controller.start()
         return self.port
@@ -193,6 +196,7 @@ class Server:
     async def shutdown(self, grace: float = 10.0) -> None:
         if self.http:
             self.http.stop()  # no new connections
+            events.hub(self.ctx).close()  # event streams end; clients resume by cursor
             deadline = asyncio.get_running_loop().time() + grace
             while self.ctx.extras.get("inflight", 0) > 0:
                 if asyncio.get_running_loop().time() > deadline:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from reconciler import naming
@@ -18,6 +20,8 @@ from reconciler.loop import Controller
 from reconciler.networking import AddressPoolReconciler, NetworkReconciler
 from reconciler.pools import ComputePoolReconciler, StoragePoolReconciler
 
+log = logging.getLogger(__name__)
+
 
 def build(store: Any, settings: dict[str, Any], *, meter: Meter | None = None) -> Controller:
     """`meter`: the process's metrics (nanod/server.py), told of reconciles and image bytes
@@ -32,10 +36,21 @@ def build(store: Any, settings: dict[str, Any], *, meter: Meter | None = None) -
         if pending:
             pending[0].enqueue(key)
 
+    # lifecycle events of our guests go to the event stream from a thread of their own:
+    # the callback runs on libvirt's event thread, which must never wait on the database
+    lifecycle = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lifecycle-events")
+
+    def record_lifecycle(guest_id: str, cell: str, event: str) -> None:
+        try:
+            store.record_guest_event(guest_id, "lifecycle", {"event": event, "cell": cell})
+        except Exception:  # the stream misses one entry; the guest is still reconciled
+            log.exception("cannot record lifecycle event %s of guest %s", event, guest_id)
+
     def on_domain_event(cell: str, owned_id: str | None, event: str) -> None:
         # A lifecycle event names the domain; an owned one wakes its guest, any one
         # refreshes the cell's list of domains.
         if owned_id:
+            lifecycle.submit(record_lifecycle, owned_id, cell, str(event))
             enqueue(Key("guest", owned_id))
         enqueue(Key("cell", cell))
 

@@ -63,6 +63,9 @@ def open_database(url: str) -> peewee.Database:
     db.initialize(database)
     database.connect(reuse_if_open=True)
     migrate(database)
+    from state.events import LAST_STATUS  # late: state.events imports the models
+
+    LAST_STATUS.clear()  # the statuses seen were another database's
     return database
 
 
@@ -82,6 +85,13 @@ def _initial(database: peewee.Database) -> None:
     database.create_tables(models.ALL_MODELS, safe=True)
 
 
+def _events(database: peewee.Database) -> None:
+    """The event stream's table (state/events.py); a new store has it from `_initial`."""
+    from state import models
+
+    database.create_tables([models.Event], safe=True)
+
+
 def _idempotent_and_conditional_writes(database: peewee.Database) -> None:
     """Idempotency keys (state/idempotency.py), and a generation for templates, the one
     resource with a GET and a PUT that had none (its ETag, state/conditional.py). A store
@@ -94,8 +104,6 @@ def _idempotent_and_conditional_writes(database: peewee.Database) -> None:
             'ALTER TABLE "template" ADD COLUMN "generation" INTEGER NOT NULL DEFAULT 1')
 
 
-# Forward migrations, oldest first. Version N is MIGRATIONS[N-1]. Append only: never edit
-# or reorder a released step, so an upgrade from any older version keeps every row.
 def _log_request_ids(database: peewee.Database) -> None:
     # audit entries name the API request that wrote them (X-Request-Id); a store made by
     # _initial from today's models has the column already
@@ -112,7 +120,10 @@ def _log_request_ids(database: peewee.Database) -> None:
             "log_entry", "request_id", LogEntry.request_id))
 
 
-MIGRATIONS: list[Migration] = [_initial, _idempotent_and_conditional_writes, _log_request_ids]
+# Forward migrations, oldest first. Version N is MIGRATIONS[N-1]. Append only: never edit
+# or reorder a released step, so an upgrade from any older version keeps every row.
+MIGRATIONS: list[Migration] = [_initial, _idempotent_and_conditional_writes, _log_request_ids,
+                               _events]
 
 
 def migrate(database: peewee.Database, steps: list[Migration] | None = None) -> int:

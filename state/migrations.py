@@ -33,6 +33,7 @@ from typing import Any
 
 from state.db import db
 from state.errors import Conflict, Invalid, NanoError, NotFound
+from state.events import record_event
 from state.identity import SessionInfo
 from state.models import Cell, ComputePool, Guest, Migration, PortAllocation, now
 from state.placement import check_cell, choose_cell, guest_need
@@ -306,6 +307,11 @@ class MigrationStore:
                 fields.update({Guest.cell: move.target_cell, Guest.pool: move.target_pool})
                 self._ports_off(guest_id, move.source_cell)
             Guest.update(fields).where(Guest.id == guest_id).execute()
+            step = {k: observed["move"][k] for k in ("phase", "percent", "mode", "error", "done")}
+            before = (g.observed or {}).get("move") or {}
+            if {k: before.get(k) for k in step} != step:  # a step, not a re-record
+                record_event("Migration", move.migration, move.migration, "progress",
+                             {"guest": guest_id, "name": g.name, **step})
         if done:
             row = Migration.get_or_none(Migration.id == move.migration)
             if row is not None:

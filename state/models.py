@@ -56,6 +56,31 @@ class Reconciled(Base):
     last_error = peewee.TextField(default="")
     observed = JSONField(default=dict)
 
+    # Every write of these rows passes through here, so the event stream (state/events.py)
+    # is fed from one place: spec changes (generation, deleting), status transitions,
+    # creation and removal (delete_instance and save's UPDATE go through these queries).
+    # The imports are late: state.events imports this module.
+    @classmethod
+    def update(cls, __data: Any = None, **update: Any) -> peewee.ModelUpdate:
+        from state.events import EventedUpdate
+
+        return EventedUpdate(cls, cls._normalize_data(__data, update))
+
+    @classmethod
+    def delete(cls) -> peewee.ModelDelete:
+        from state.events import EventedDelete
+
+        return EventedDelete(cls)
+
+    def save(self, force_insert: bool = False, only: Any = None) -> Any:
+        from state import events
+
+        with events.saving(self):
+            rows = super().save(force_insert=force_insert, only=only)
+        if force_insert:
+            events.created(self)
+        return rows
+
 
 class SchemaVersion(Base):
     version = peewee.IntegerField(primary_key=True)
@@ -303,6 +328,28 @@ class SecurityPolicyGroup(Reconciled):
     rules = JSONField(default=list)
 
 
+# -- the event stream -----------------------------------------------------------------------
+
+
+class Event(Base):
+    """One entry of the event stream (state/events.py writes, GET /api/v1/events reads).
+
+    `id` is the stream's cursor: it only grows (the newest row is never trimmed, so
+    SQLite never hands out an id again). `owner`/`group` decide who sees it (both empty:
+    every session, as for infrastructure)."""
+
+    id = peewee.BigAutoField()
+    time = peewee.DoubleField(index=True)  # epoch seconds: trimmed by age on it
+    kind = peewee.CharField()  # manifest kind: Guest, Cell, DiskImage, Migration, ...
+    name = peewee.CharField(default="")
+    ref = peewee.CharField(default="")  # the resource's id (its name where it has none)
+    type = peewee.CharField()  # created, changed, deleting, removed, status, online, ...
+    actor = peewee.CharField(default="")  # who: a user, or "nanod" for its own writes
+    owner = peewee.CharField(default="")
+    group = peewee.CharField(default="")
+    payload = JSONField(default=dict)
+
+
 # -- long work -------------------------------------------------------------------------------
 
 
@@ -376,5 +423,6 @@ ALL_MODELS: list[type[Base]] = [
     Migration,
     BatchTask,
     BatchEntry,
+    Event,
     IdempotencyKey,
 ]

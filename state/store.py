@@ -12,6 +12,7 @@ from state.clones import CloneStore
 from state.compute import ComputeStore
 from state.conditional import ConditionalStore
 from state.console import ConsoleStore
+from state.events import EventStore
 from state.guest_changes import GuestChangeStore
 from state.idempotency import IdempotencyStore
 from state.identity import IdentityStore
@@ -31,7 +32,8 @@ from state.templates import TemplateStore
 # NetStatusStore first: its record_cell wraps ComputeStore's (see state/netstatus.py)
 class Store(CloneStore, PoolStatusStore, NetStatusStore, IdentityStore, ComputeStore, ImageStore, NetworkStore,
             GuestChangeStore, SnapshotStore, TemplateStore, BatchStore, StatusStore, ReplicaStore,
-            ConsoleStore, NetConfigStore, MigrationStore, ConditionalStore, IdempotencyStore):
+            ConsoleStore, NetConfigStore, MigrationStore, ConditionalStore, IdempotencyStore,
+            EventStore):
     """Facade over the database opened by `state.db.open_database`."""
 
     def __init__(self, *, session_timeout: int = 180, limits: dict | None = None,
