@@ -21,6 +21,7 @@ from api import (
     migrations,
     networks,
     policies,
+    quotas,
     status,
     templates,
 )
@@ -28,7 +29,7 @@ from api.base import AppContext, NotFoundHandler
 
 PREFIX = "/api/v1"
 MODULES = [identity, compute, images, networks, policies, guests, templates, batches, status,
-           console, migrations]
+           console, migrations, quotas]
 
 
 def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:

@@ -82,9 +82,17 @@ def _initial(database: peewee.Database) -> None:
     database.create_tables(models.ALL_MODELS, safe=True)
 
 
+def _quotas(database: peewee.Database) -> None:
+    """Group quotas (state/quotas.py): a table of their own; a fresh database has it from
+    `_initial` already."""
+    from state.models import Quota
+
+    database.create_tables([Quota], safe=True)
+
+
 # Forward migrations, oldest first. Version N is MIGRATIONS[N-1]. Append only: never edit
 # or reorder a released step, so an upgrade from any older version keeps every row.
-MIGRATIONS: list[Migration] = [_initial]
+MIGRATIONS: list[Migration] = [_initial, _quotas]
 
 
 def migrate(database: peewee.Database, steps: list[Migration] | None = None) -> int:
