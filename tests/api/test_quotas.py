@@ -10,6 +10,7 @@ is what quotas count (tests/api/guest_helpers.py records what the reconciler wou
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -22,7 +23,7 @@ from tests.api.guest_helpers import (
     mark_created,
     user_session,
 )
-from tests.api.test_images import create, make_iso, upload
+from tests.api.test_images import create, iso_payload, make_iso, upload
 
 QUOTA = "/user_groups/admin/quota"
 UNLIMITED = {"cores": 0, "memory": 0, "disk": 0, "guests": 0, "image_storage": 0}
@@ -183,6 +184,58 @@ async def test_image_storage_quota_refuses_uploads_and_clones(api, server):
     assert (await api.ok("GET", QUOTA))["usage"]["image_storage"] == len(iso) + GIB
     again = await api.call("POST", "/disk_images/", {"name": "c2", "guest": gid})
     assert again.code == 409 and f"{len(iso) + GIB} bytes" in again.message
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_parallel_uploads_of_one_group_never_pass_its_quota_together(api, server):
+    """Each file fits alone, not both: whether the second is refused while it arrives or
+    by the commit (which checks again, in its transaction), exactly one is kept."""
+    one, two = iso_payload(300_000), iso_payload(300_000)
+    await api.ok("PUT", QUOTA, {"image_storage": 500_000})
+    ids = [await create(api, "media", "u1"), await create(api, "media", "u2")]
+    replies = await asyncio.gather(upload(api, "media", ids[0], one),
+                                   upload(api, "media", ids[1], two))
+    assert sorted(r.code for r in replies) == [0, 409], [(r.code, r.message) for r in replies]
+    assert "image_storage quota 500000 bytes" in next(r for r in replies if r.code).message
+    assert sorted(Image.get_by_id(i).version for i in ids) == [0, 1]
+    assert (await api.ok("GET", QUOTA))["usage"]["image_storage"] == 300_000
+    files = os.listdir(os.path.join(server.settings["data_dir"], "images", "media"))
+    assert len(files) == 1  # the refused file was not kept
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_upload_announced_past_the_quota_is_refused_before_it_is_read(api, server):
+    await api.ok("PUT", QUOTA, {"image_storage": 1000})
+    image = await create(api, "media", "big")
+    refused = await upload(api, "media", image, iso_payload(3 << 20))
+    assert refused.code == 409, refused.message
+    assert "uploading 2" in refused.message and "image_storage quota 1000 bytes" in refused.message
+    assert Image.get_by_id(image).version == 0
+    tmp = os.path.join(server.settings["data_dir"], "images", "tmp")
+    assert not os.path.isdir(tmp) or os.listdir(tmp) == []
+
+
+@pytest.mark.gen_test
+async def test_image_moves_and_imports_count_against_the_receiving_group(api, server):
+    iso = make_iso()
+    await user_session(api, "erin")  # group erin_group
+    await api.ok("PUT", "/user_groups/erin_group/quota", {"image_storage": 100})
+    image = await create(api, "media", "m1")
+    assert (await upload(api, "media", image, iso)).code == 0
+    moved = await api.call("PUT", f"/media_images/{image}", {"group": "erin_group"})
+    assert moved.code == 409
+    assert "moving media image 'm1' into user group 'erin_group'" in moved.message
+    assert Image.get_by_id(image).group == "admin"
+
+    await api.ok("PATCH", "/media_images/", {})  # makes the import directories
+    folder = os.path.join(server.settings["data_dir"], "import", "media")
+    with open(os.path.join(folder, "team.iso"), "wb") as fh:
+        fh.write(iso)
+    result = await api.ok("PATCH", "/media_images/", {"owner": "erin", "group": "erin_group"})
+    assert result["imported"] == []
+    assert "importing media image 'team' would exceed the quota of user group " \
+           "'erin_group'" in result["skipped"][0]["reason"]
+    assert os.listdir(folder) == ["team.iso"]  # left for the operator
 
 
 @pytest.mark.gen_test
