@@ -556,7 +556,10 @@ class ImageStore:
         try:
             with db.atomic():
                 if source:
-                    disks = (Guest.get_by_id(source).spec or {}).get("disks") or [0]
+                    guest = Guest.get_or_none(Guest.id == source)
+                    if guest is None:  # deleted since check_clone_source saw it
+                        raise NotFound(f"no guest {source!r} to clone a disk image from")
+                    disks = (guest.spec or {}).get("disks") or [0]
                     self.check_quota(  # type: ignore[attr-defined]
                         group, Usage(image_storage=int(disks[0])),
                         f"cloning {kind.label} {spec['name']!r} from guest {source!r}")
