@@ -27,6 +27,7 @@ from api import (
     networks,
     openapi,
     policies,
+    quotas,
     status,
     templates,
 )
@@ -35,7 +36,7 @@ from api.metrics import MetricsHandler
 
 PREFIX = "/api/v1"
 MODULES = [identity, compute, images, networks, policies, guests, templates, batches, status,
-           console, migrations, openapi, events]
+           console, migrations, openapi, events, quotas]
 
 
 def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:

@@ -65,6 +65,7 @@ from reconciler.contract import Key
 from state.errors import Busy, Internal, Invalid, NanoError, NotFound
 from state.identity import SessionInfo
 from state.images import DISK, MEDIA, ImageFiles, ImageKind, UploadFile
+from state.quotas import ImageRoom
 
 WRITE_BLOCK = 4 << 20
 """File bytes gathered before they are handed to the thread pool (written and hashed)."""
@@ -233,7 +234,6 @@ class ImagesHandler(ImageRoute):
         image_id = self.store.create_image(self.kind, spec, self.caller)
         if spec.get("guest"):
             # cloned from a stopped guest's system disk by the reconciler: 202 + progress
-            self.store.mark_clone(image_id, spec["guest"])
             self.ctx.enqueue(Key("image", image_id))
             self.audit(f"cloning {self.kind.label} {spec['name']} ({image_id}) from guest "
                        f"{spec['guest']}")
@@ -319,6 +319,7 @@ class ImageFileHandler(ImageRoute):
         self._slot: int | None = None  # the receive buffer being filled (claimed bodies)
         self._run: tuple[object, int, int] = (None, 0, -1)  # last file piece: chunk, start, end
         self._progress = (0, 0.0)
+        self._room: ImageRoom | None = None  # the group's image storage quota, if any
 
     # -- upload -----------------------------------------------------------------------
 
@@ -350,6 +351,15 @@ class ImageFileHandler(ImageRoute):
         if image_id in state.uploading:
             raise Busy(f"an upload of {self.kind.label} {image_id} is already running: wait "
                        "for it to finish")
+        # the group's image storage quota (state/quotas.py): a body announced larger
+        # than the room plus the multipart around a file is refused before a byte is read;
+        # the file's bytes are counted against it as they arrive, and the commit checks
+        # again (in its transaction)
+        self._room = await self.stored(self.store.image_room, image_id)
+        length = self.request.headers.get("Content-Length", "")
+        if self._room is not None and length.isdigit() and \
+                int(length) > self._room.room + MULTIPART_SLACK:
+            raise self._room.refusal(int(length) - MULTIPART_SLACK, self.kind.label)
         target = await self.stored(self.store.begin_upload, self.kind, image_id, self.caller)
         self._tune_connection()
         self.http_connection.set_max_body_size(limit + MULTIPART_SLACK)
@@ -515,6 +525,8 @@ class ImageFileHandler(ImageRoute):
                 raise Invalid("the 'checksum' field must be a SHA-1 in hex (40 characters)")
             return
         self._file_bytes += len(data)
+        if self._room is not None and self._file_bytes > self._room.room:
+            raise self._room.refusal(self._file_bytes, self.kind.label)  # the rest is dropped
         if self._file_bytes > max_upload_bytes(self):
             if self._claimed is not None:
                 # the rest of a claimed body is short (MULTIPART_SLACK): read it, answer

@@ -354,6 +354,45 @@ class VisibilityKind(Kind):
         self._put(client, {})
 
 
+class QuotaKind(Kind):
+    """The quota of a user group, named after the group: GET/PUT/DELETE
+    /user_groups/{name}/quota (api/quotas.py). Limits are numbers, 0 = unlimited; only the
+    limits a manifest states are compared and changed. A group whose limits are all 0 has
+    no quota: it reads as absent (unless the manifest itself states only zeros)."""
+
+    kind = "Quota"
+    probe = "/user_groups/-/quota"
+    fields = ("cores", "memory", "disk", "guests", "image_storage")
+
+    @staticmethod
+    def path(name: str) -> str:
+        return f"/user_groups/{p(name)}/quota"
+
+    def names(self, client: NanoClient) -> list[str]:
+        rows = client.ok("GET", "/user_groups/") or []
+        return [r if isinstance(r, str) else r["name"] for r in rows]
+
+    def read(self, client: NanoClient, name: str, spec: Mapping[str, Any]) -> Found | None:
+        data = client.get(self.path(name))
+        if data is None:
+            return None  # no such group
+        limits = {f: int((data.get("limits") or {}).get(f, 0)) for f in self.fields}
+        if not any(limits.values()) and (not spec or any(spec.values())):
+            return None
+        return Found(name, limits)
+
+    def create(self, client: NanoClient, name: str, spec: Mapping[str, Any],
+               ctx: ApplyContext) -> None:
+        client.ok("PUT", self.path(name), _pick(spec, self.fields))
+
+    def update(self, client: NanoClient, name: str, found: Found, spec: Mapping[str, Any],
+               fields: list[str], ctx: ApplyContext) -> None:
+        client.ok("PUT", self.path(name), _pick(spec, tuple(fields)))
+
+    def delete(self, client: NanoClient, name: str, found: Found, ctx: ApplyContext) -> None:
+        client.ok("DELETE", self.path(name), {})
+
+
 # -- compute ----------------------------------------------------------------------------------
 
 
@@ -1074,8 +1113,8 @@ class GuestKind(IdKind):
 
 # -- the table ---------------------------------------------------------------------------------
 
-ORDER = ("Role", "User", "UserGroup", "Visibility", "StoragePool", "AddressPool", "ComputePool",
-         "Cell", "Template", "SecurityPolicyGroup", "MediaImage", "DiskImage", "Guest")
+ORDER = ("Role", "User", "UserGroup", "Quota", "Visibility", "StoragePool", "AddressPool",
+         "ComputePool", "Cell", "Template", "SecurityPolicyGroup", "MediaImage", "DiskImage", "Guest")
 """Creation order (what a kind names comes first); deletion runs backwards."""
 
 ADAPTERS: dict[str, Kind] = {}
@@ -1089,8 +1128,8 @@ def adapter(kind: str) -> Kind:
                             f"{', '.join(ORDER)}") from None
 
 
-for _adapter in (RoleKind(), UserKind(), UserGroupKind(), VisibilityKind(), StoragePoolKind(),
-                 AddressPoolKind(), ComputePoolKind(), CellKind(), TemplateKind(),
+for _adapter in (RoleKind(), UserKind(), UserGroupKind(), QuotaKind(), VisibilityKind(),
+                 StoragePoolKind(), AddressPoolKind(), ComputePoolKind(), CellKind(), TemplateKind(),
                  SecurityPolicyGroupKind(), MediaImageKind(), DiskImageKind(),
                  GuestKind(adapter)):
     ADAPTERS[_adapter.kind] = _adapter

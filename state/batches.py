@@ -11,7 +11,8 @@ Batch creates insert every guest in one transaction: all or none, so a crash or 
 (no room for the 5th guest, a name taken) never leaves half a batch, and a retry cannot
 create a guest twice. Placement counts each guest of the batch as it places it, as it
 counts guests that exist (state/placement.py): a batch of N fits exactly when N single
-creates would.
+creates would. The group's quotas (state/quotas.py) are checked for the whole batch
+before its first guest is made, in the same transaction.
 
 Names: rule `order` gives <prefix>_0, <prefix>_1, ...; `MAC` names a guest after its MAC
 with ':' replaced by '-' (00-16-3e-1a-2b-3c, after "<prefix>_" when a prefix is given);
@@ -34,6 +35,7 @@ from state.guests import visible
 from state.identity import SessionInfo
 from state.models import BatchEntry, BatchTask, Guest, now
 from state.placement import NoRoom
+from state.quotas import guest_usage
 
 KEEP_FINISHED = dt.timedelta(hours=1)
 FINISHED = {"created", "deleted", "stopped", "fail"}
@@ -91,6 +93,11 @@ class BatchStore:
         spec = {k: v for k, v in body.items() if k != "cloud_init"}
         guests = []
         with db.atomic():
+            # the whole batch, before any of it is made (and, on PostgreSQL, with the
+            # group's quota locked until the commit)
+            self.check_quota(  # type: ignore[attr-defined]
+                plan["group"], guest_usage(plan["spec"]).times(count),
+                f"a batch of {count} guests")
             task = self._new_task(session, "create_guest", spec)
             rooms = self._cell_rooms(plan["pool"])  # type: ignore[attr-defined]
             for position in range(count):

@@ -1,5 +1,7 @@
 """Disk images cloned from a stopped guest's system disk (`POST /disk_images/` with
-`guest`): the request as desired state, and what the image reconciler records.
+`guest`): the request as desired state, and what the image reconciler records. The
+request itself is stored by `ImageStore.create_image` (state/images.py), in the
+transaction that checks the group's image storage quota.
 
 Called by the image routes (api/images.py) and the image reconciler
 (reconciler/images.py). The request is an `Image` row of kind disk with `source_guest`
@@ -34,10 +36,6 @@ class CloneStore:
             raise Conflict(f"guest {row.name!r} is not created yet: wait until it is")
         if obs.get("running") or row.deleting:
             raise Conflict(f"guest {row.name!r} is running: stop it before cloning its disk")
-
-    def mark_clone(self, image_id: str, guest_id: str) -> None:
-        Image.update(source_guest=guest_id, progress=0, phase="cloning").where(
-            Image.id == image_id).execute()
 
     def clone_jobs(self) -> list[str]:
         """Clones still to be made; a failed one stays failed (delete it, clone again)."""

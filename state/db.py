@@ -120,10 +120,18 @@ def _log_request_ids(database: peewee.Database) -> None:
             "log_entry", "request_id", LogEntry.request_id))
 
 
+def _quotas(database: peewee.Database) -> None:
+    """Group quotas (state/quotas.py): a table of their own; a fresh database has it from
+    `_initial` already."""
+    from state.models import Quota
+
+    database.create_tables([Quota], safe=True)
+
+
 # Forward migrations, oldest first. Version N is MIGRATIONS[N-1]. Append only: never edit
 # or reorder a released step, so an upgrade from any older version keeps every row.
 MIGRATIONS: list[Migration] = [_initial, _idempotent_and_conditional_writes, _log_request_ids,
-                               _events]
+                               _events, _quotas]
 
 
 def migrate(database: peewee.Database, steps: list[Migration] | None = None) -> int:

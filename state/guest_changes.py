@@ -7,7 +7,8 @@ Called by the guest routes (`api/guests.py`) and the batch store (`state/batches
 Refusals that depend on what the reconciler observed (running or not, created or not) are
 checked here, against the observed facts stored at the time of the request. A resize that
 grows a guest is refused when its cell has not that much room left (state/placement.py
-counts it, the same way as for creates), in the transaction that stores it.
+counts it, the same way as for creates) or when it would pass a quota of the guest's group
+(state/quotas.py), in the transaction that stores it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from state.guests import GIB, QOS_DEFAULTS, GuestStore, generate_password, gener
 from state.identity import SessionInfo
 from state.models import Guest
 from state.placement import Amounts, check_room, growth, guest_need
+from state.quotas import Usage
 
 
 def ask_power(spec: dict[str, Any], power: str) -> None:
@@ -50,6 +52,10 @@ class GuestChangeStore(GuestStore):
         shrink, or a change within what the guest already holds, always passes."""
         more = growth(before, guest_need(spec))
         if more != Amounts():
+            # the group's quota first: on PostgreSQL it stays locked until the commit
+            self.check_quota(  # type: ignore[attr-defined]
+                row.group, Usage(cores=more.cores, memory=more.memory, disk=more.disk),
+                f"growing guest {row.name!r} {what}")
             check_room(self._cell_room(row.cell), more,
                        purpose=f"to grow guest {row.name!r} {what}")
 

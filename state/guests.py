@@ -145,6 +145,7 @@ from state.placement import (
     choose_cell,
     guest_need,
 )
+from state.quotas import guest_usage
 from state.secrets import SecretBox, secret_box
 
 MAC_PREFIX = "00:16:3e"
@@ -251,6 +252,15 @@ def _promise_columns() -> tuple[peewee.Node, peewee.Node, peewee.Node]:
                        "FROM json_array_elements_text(spec::json->'disks') AS d)"))
 
 
+def _guest_sums(where: peewee.Expression) -> tuple[int, int, int, int]:
+    """(count, cores, memory, disk bytes) of the guest rows matching `where`, summed in
+    SQL as `_promise_columns` counts them: what quotas count per group (state/quotas.py)."""
+    cores, memory, disks = _promise_columns()
+    row = (Guest.select(peewee.fn.COUNT(Guest.id), peewee.fn.SUM(cores), peewee.fn.SUM(memory),
+                        peewee.fn.SUM(disks)).where(where).tuples().first())
+    return tuple(int(v or 0) for v in row or (0, 0, 0, 0))  # type: ignore[return-value]
+
+
 def _promised(cells: list[str]) -> dict[str, Amounts]:
     """What the guests placed on each of `cells` are promised together: every guest row,
     whatever its phase (a deleting guest until its row is gone)."""
@@ -275,6 +285,11 @@ class GuestStore:
     @property
     def vault(self) -> SecretBox:
         return secret_box(self.data_dir)
+
+    @staticmethod
+    def guest_sums(where: peewee.Expression) -> tuple[int, int, int, int]:
+        """(count, cores, memory, disk bytes) of the guests matching `where`."""
+        return _guest_sums(where)
 
     # -- finding guests -------------------------------------------------------------------
 
@@ -541,6 +556,10 @@ class GuestStore:
         plan = self.plan_guest(session, body)
         try:
             with db.atomic():
+                # first: on PostgreSQL this locks the group's quota until the commit
+                self.check_quota(  # type: ignore[attr-defined]
+                    plan["group"], guest_usage(plan["spec"]),
+                    f"creating guest {body['name']!r}")
                 row = self.insert_guest(plan, body["name"])
         except peewee.IntegrityError:  # a concurrent create took the name or the MAC
             self._check_guest_name(plan["pool"], body["name"])

@@ -51,7 +51,8 @@ import peewee
 from state.db import db
 from state.errors import Conflict, Invalid, NotFound
 from state.identity import NAME_RULE, SessionInfo, check_name, format_time
-from state.models import Image, User, UserGroup, now
+from state.models import Guest, Image, User, UserGroup, now
+from state.quotas import Usage
 
 log = logging.getLogger(__name__)
 
@@ -539,17 +540,32 @@ class ImageStore:
     # -- changes --------------------------------------------------------------------------
 
     def create_image(self, kind: ImageKind, spec: dict[str, Any], session: SessionInfo) -> str:
-        """A new image without a file (upload one next); returns its id."""
+        """A new image without a file (upload one next), or, when `spec` names a `guest`
+        (checked by `check_clone_source`), a clone of that guest's system disk for the image
+        reconciler to make; returns its id. A clone reserves its source's system disk size
+        of the group's image storage quota (state/quotas.py) from this transaction on."""
         check_name(kind.label, spec["name"])
         owner, group = self._assign(session, spec.get("owner"), spec.get("group"))
         description = _description(spec.get("description", ""))
         tags = check_tags(spec.get("tags", []))
         image_id = str(uuid.uuid4())
+        source = spec.get("guest") or ""
+        clone: dict[str, Any] = {}
+        if source:
+            clone = {"source_guest": source, "progress": 0, "phase": "cloning"}
         try:
             with db.atomic():
+                if source:
+                    guest = Guest.get_or_none(Guest.id == source)
+                    if guest is None:  # deleted since check_clone_source saw it
+                        raise NotFound(f"no guest {source!r} to clone a disk image from")
+                    disks = (guest.spec or {}).get("disks") or [0]
+                    self.check_quota(  # type: ignore[attr-defined]
+                        group, Usage(image_storage=int(disks[0])),
+                        f"cloning {kind.label} {spec['name']!r} from guest {source!r}")
                 self._check_unique(kind, group, spec["name"])
                 Image.create(id=image_id, kind=kind.name, name=spec["name"], owner=owner,
-                             group=group, description=description, tags=tags)
+                             group=group, description=description, tags=tags, **clone)
         except peewee.IntegrityError:  # a concurrent create took the name
             self._check_unique(kind, group, spec["name"])
             raise
@@ -566,6 +582,10 @@ class ImageStore:
             if spec.get("owner") or spec.get("group"):
                 owner, group = self._assign(session, spec.get("owner") or row.owner,
                                             spec.get("group") or row.group)
+            if group != row.group:  # its file moves to the other group's image storage
+                self.check_quota(  # type: ignore[attr-defined]
+                    group, Usage(image_storage=row.size),
+                    f"moving {kind.label} {row.name!r} into user group {group!r}")
             self._check_unique(kind, group, name, but=row.id)
             row.name, row.owner, row.group = name, owner, group
             if "description" in spec:
@@ -630,16 +650,28 @@ class ImageStore:
         (a sync removes it too, should nanod stop in between). Blocking: call from a
         worker thread."""
         version = base_version + 1
-        final = files.install(kind, image_id, version, upload.path)
+        final = ""
         try:
-            changed = (
-                Image.update(version=version, size=upload.size, checksum=sha1, progress=100,
-                             modified_at=now(), generation=Image.generation + 1)
-                .where((Image.id == image_id) & (Image.version == base_version))
-                .execute()
-            )
+            # The quota check, the file's move into place and the version bump in one
+            # transaction: two uploads of one group cannot both pass its quota.
+            with db.atomic():
+                row = Image.get_or_none(Image.id == image_id)
+                if row is not None:
+                    self.check_quota(  # type: ignore[attr-defined]
+                        row.group, Usage(image_storage=upload.size - row.size),
+                        f"uploading {upload.size} bytes to {kind.label} {row.name!r} (its "
+                        f"current file has {row.size})")
+                final = files.install(kind, image_id, version, upload.path)
+                changed = (
+                    Image.update(version=version, size=upload.size, checksum=sha1,
+                                 progress=100, modified_at=now(),
+                                 generation=Image.generation + 1)
+                    .where((Image.id == image_id) & (Image.version == base_version))
+                    .execute()
+                )
         except BaseException:
-            _unlink(final)
+            if final:
+                _unlink(final)
             raise
         if changed != 1:
             _unlink(final)
@@ -737,6 +769,8 @@ class ImageStore:
             try:
                 with db.atomic():
                     self._check_unique(kind, group, name)
+                    self.check_quota(  # type: ignore[attr-defined]
+                        group, Usage(image_storage=size), f"importing {kind.label} {name!r}")
                     Image.create(id=image_id, kind=kind.name, name=name, owner=owner,
                                  group=group, version=1, size=size, checksum=sha1, progress=100,
                                  tags=[], description="")

@@ -105,6 +105,21 @@ class UserGroup(Base):
     created_at = peewee.DateTimeField(default=now)
 
 
+class Quota(Base):
+    """Limits of one user group (state/quotas.py); 0 = unlimited. A group without a row
+    has no limits. Removed with its group."""
+
+    group = peewee.ForeignKeyField(UserGroup, primary_key=True, backref="quota",
+                                   on_delete="CASCADE")
+    cores = peewee.IntegerField(default=0)
+    memory = peewee.BigIntegerField(default=0)  # bytes
+    disk = peewee.BigIntegerField(default=0)  # bytes
+    guests = peewee.IntegerField(default=0)
+    image_storage = peewee.BigIntegerField(default=0)  # bytes of disk + media image files
+    generation = peewee.IntegerField(default=1)
+    modified_at = peewee.DateTimeField(default=now)
+
+
 class GroupRole(Base):
     group = peewee.ForeignKeyField(UserGroup, backref="role_links", on_delete="CASCADE")
     role = peewee.ForeignKeyField(Role, backref="group_links", on_delete="RESTRICT")
@@ -400,6 +415,7 @@ class IdempotencyKey(Base):
 ALL_MODELS: list[type[Base]] = [
     Role,
     UserGroup,
+    Quota,
     GroupRole,
     User,
     Session,

@@ -23,6 +23,7 @@ from state.netstatus import NetStatusStore
 from state.networks import NetworkStore
 from state.placement import overcommit_from
 from state.poolstatus import PoolStatusStore
+from state.quotas import QuotaStore
 from state.replicas import ReplicaStore
 from state.snapshots import SnapshotStore
 from state.status import StatusStore
@@ -33,7 +34,7 @@ from state.templates import TemplateStore
 class Store(CloneStore, PoolStatusStore, NetStatusStore, IdentityStore, ComputeStore, ImageStore, NetworkStore,
             GuestChangeStore, SnapshotStore, TemplateStore, BatchStore, StatusStore, ReplicaStore,
             ConsoleStore, NetConfigStore, MigrationStore, ConditionalStore, IdempotencyStore,
-            EventStore):
+            EventStore, QuotaStore):
     """Facade over the database opened by `state.db.open_database`."""
 
     def __init__(self, *, session_timeout: int = 180, limits: dict | None = None,

@@ -227,6 +227,10 @@ async def identity(w: Walker) -> None:
     await w.nothing("PUT", "/user_groups/walkers", {"display": "Walkers 2"})
     await w.ok("GET", "/user_groups/walkers")
     await w.ok("GET", "/user_groups/")
+    assert (await w.ok("PUT", "/user_groups/walkers/quota", {"guests": 5}))["limits"][
+        "guests"] == 5
+    assert (await w.ok("GET", "/user_groups/walkers/quota"))["usage"]["guests"] == 0
+    await w.nothing("DELETE", "/user_groups/walkers/quota", {})
     await w.nothing("POST", "/users/walker", {"password": PASSWORD})
     await w.nothing("PUT", "/users/walker", {"nick": "W", "mail": "w@example.com"})
     assert await w.ok("GET", "/users/walker") == {"nick": "W", "mail": "w@example.com"}
