@@ -2,7 +2,9 @@
 
 Called by `nanod serve` (nanod/server.py) and by the API tests. Each module of `api/`
 exports ROUTES as (pattern, handler) pairs relative to /api/v1; here every pattern gets the
-prefix and an optional trailing slash. A path without a route gets a 404 envelope.
+prefix and an optional trailing slash. A path without a route gets a 404 envelope; with the
+`web_root` setting, a path outside /api that no route takes is the web root's
+(api/webroot.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from api import (
     policies,
     status,
     templates,
+    webroot,
 )
 from api.base import AppContext, NotFoundHandler
 
@@ -42,10 +45,15 @@ def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
 
 
 def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
-    return tornado.web.Application(
+    app = tornado.web.Application(
         routes(ctx),
         default_handler_class=NotFoundHandler,
         default_handler_args={"ctx": ctx},
         compress_response=False,
         **settings,
     )
+    if ctx.settings.get("web_root"):
+        # the last rule of all: after the route table, and Tornado's `add_handlers` puts
+        # what is added later before the last rule; it only takes what no route does
+        app.default_router.add_rules([webroot.route(ctx.settings["web_root"])])
+    return app
