@@ -18,6 +18,8 @@ conditional GETs, ranges, HEAD, only regular files, and no path outside the dire
     content; they carry validators (an ETag of size and modification time, Last-Modified),
     so asking again costs a 304 without the body;
   - a path the file system cannot name (a NUL byte) is a 404, not a failure.
+The directory may be a symbolic link to a build: Tornado resolves it at each request, so
+pointing the link at a new build deploys it without a restart.
 """
 
 from __future__ import annotations

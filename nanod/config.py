@@ -146,12 +146,13 @@ def _check_cell_access(settings: dict[str, Any]) -> None:
 
 def check_web_root(value: Any) -> str:
     """`web_root`: "" (none), or a directory nanod can read with an index.html in it,
-    returned absolute with its links resolved; anything else exits naming the setting."""
+    returned absolute; anything else exits naming the setting. A link stays a link: it is
+    resolved at each request (api/webroot.py), so pointing it at a new build deploys it."""
     if value in ("", None):
         return ""
     if not isinstance(value, str):
         raise SystemExit(f"nanod: web_root must be the path of a directory, not {value!r}")
-    path = os.path.realpath(value)
+    path = os.path.abspath(value)
     if not os.path.isdir(path):
         raise SystemExit(f"nanod: web_root {value!r} is not a directory: give the directory "
                          "that holds the app's index.html, or \"\" for none")

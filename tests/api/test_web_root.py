@@ -199,10 +199,8 @@ async def test_without_a_web_root_nothing_is_served(tmp_path, io_loop):
 
 def test_web_root_setting_is_checked(tmp_path, www):
     assert config.check_web_root("") == ""
-    assert config.check_web_root(str(www)) == str(www.resolve())
-    link = tmp_path / "www-link"
-    link.symlink_to(www)
-    assert config.check_web_root(str(link)) == str(www.resolve())  # links resolved once
+    assert config.check_web_root(str(www)) == str(www)
+    assert config.check_web_root(os.path.relpath(www)) == str(www)  # made absolute
 
     cases = {
         str(tmp_path / "nowhere"): "is not a directory",
@@ -222,8 +220,40 @@ def test_web_root_setting_is_checked(tmp_path, www):
     with pytest.raises(SystemExit, match="web_root .* is not a directory"):
         config.load(str(path), {"data_dir": str(tmp_path / "data")})
     path.write_text(f"web_root: {www}\n")
-    assert config.load(str(path), {"data_dir": str(tmp_path / "data")})["web_root"] == \
-        str(www.resolve())
+    assert config.load(str(path), {"data_dir": str(tmp_path / "data")})["web_root"] == str(www)
+
+
+def test_a_link_to_the_build_deploys_a_new_one_without_a_restart(tmp_path, io_loop):
+    """web_root a symbolic link to a build: pointing it at another build changes what is
+    served at once (the link is resolved at each request, not at start)."""
+    from nanod.server import Server
+
+    builds = []
+    for n in (1, 2):
+        build = tmp_path / f"build-{n}"
+        build.mkdir()
+        (build / "index.html").write_text(f"<p>build {n}</p>\n")
+        builds.append(build)
+    current = tmp_path / "current"
+    current.symlink_to(builds[0])
+    settings = config.load(None, {"data_dir": str(tmp_path / "data"),
+                                  "database": "sqlite:///" + str(tmp_path / "nano.db"),
+                                  "reconciler": {"enabled": False},
+                                  "names": {"prefix": "nanotest"}, "web_root": str(current)})
+    server = Server(settings)
+    server.listen("127.0.0.1", 0)
+
+    async def pages() -> list[bytes]:
+        return [(await get(server, path)).body for path in ("/", "/admin/dashboard")]
+
+    try:
+        assert io_loop.run_sync(pages) == [b"<p>build 1</p>\n"] * 2
+        swapped = tmp_path / "swapped"
+        swapped.symlink_to(builds[1])
+        swapped.replace(current)  # atomically, as a deployment would
+        assert io_loop.run_sync(pages) == [b"<p>build 2</p>\n"] * 2
+    finally:
+        io_loop.run_sync(server.shutdown)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="runs as root, who can read any directory: "
