@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.web import RequestHandler
 from tornado.websocket import websocket_connect
 
 from nanod import config
@@ -139,6 +140,14 @@ async def test_api_paths_and_root_routes_are_not_the_web_roots(server):
     assert socket.close_code == 4404
     plain = await get(server, "/monitor_channels/nope")
     assert plain.code == 400 and b"<html" not in plain.body
+
+    # a root route added to the app later (as a metrics endpoint might be) matches first too
+    class Later(RequestHandler):
+        def get(self) -> None:
+            self.write("later route")
+
+    server.app.add_handlers(".*", [("/later", Later)])
+    assert (await get(server, "/later")).body == b"later route"
 
     # only reads: a write to a page of the app is no API call in disguise
     assert (await get(server, "/guests/1", method="POST", body=b"{}")).code == 405
