@@ -11,6 +11,9 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -265,12 +268,34 @@ def test_a_link_to_the_build_deploys_a_new_one_without_a_restart(tmp_path, io_lo
         io_loop.run_sync(server.shutdown)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="runs as root, who can read any directory: "
-                    "an unreadable web_root cannot be made here")
-def test_an_unreadable_web_root_is_refused(www):
-    www.chmod(0o000)
+def test_an_unreadable_web_root_is_refused(tmp_path):
+    """A directory this nanod may not read: as root (who reads everything) the check runs
+    in a child as user nobody (setpriv, util-linux), on a root-owned directory of mode
+    0700 in a place nobody can reach."""
+    if os.geteuid() != 0:
+        www = tmp_path / "www"
+        www.mkdir()
+        (www / "index.html").write_text("<p>x</p>")
+        www.chmod(0o000)
+        try:
+            with pytest.raises(SystemExit, match="is not readable by this nanod"):
+                config.check_web_root(str(www))
+        finally:
+            www.chmod(0o755)
+        return
+    base = Path(tempfile.mkdtemp(dir="/var/tmp"))
     try:
-        with pytest.raises(SystemExit, match="not readable"):
-            config.check_web_root(str(www))
+        base.chmod(0o755)
+        www = base / "www"
+        www.mkdir(mode=0o700)
+        (www / "index.html").write_text("<p>x</p>")
+        child = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+             sys.executable, "-c", f"from nanod import config; config.check_web_root({str(www)!r})"],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path(config.__file__).resolve().parents[1])})
+        assert child.returncode != 0
+        assert f"nanod: web_root {str(www)!r} is not readable by this nanod" in child.stderr, \
+            child.stderr
     finally:
-        www.chmod(0o755)
+        shutil.rmtree(base)
