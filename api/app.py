@@ -4,7 +4,9 @@ Called by `nanod serve` (nanod/server.py) and by the API tests. Each module of `
 exports ROUTES as (pattern, handler) pairs relative to /api/v1; here every pattern gets the
 prefix and an optional trailing slash. A path without a route gets a 404 envelope.
 `GET /metrics` (api/metrics.py) is served beside the API, not in its route table: it is no
-envelope route, and it has its own access rule (the `metrics_token` setting).
+envelope route, and it has its own access rule (the `metrics_token` setting). With the
+`web_root` setting, a path outside /api that no route takes is the web root's
+(api/webroot.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from api import (
     quotas,
     status,
     templates,
+    webroot,
 )
 from api.base import AppContext, NanoHandler, NotFoundHandler
 from api.metrics import MetricsHandler
@@ -82,10 +85,15 @@ def make_app(ctx: AppContext, **settings: Any) -> tornado.web.Application:
     table = routes(ctx)
     # the OpenAPI document of this very table, made once (GET /api/v1/openapi.json)
     ctx.extras["openapi"] = openapi.document_text(table)
-    return tornado.web.Application(
+    app = tornado.web.Application(
         [*upgrade_routes(ctx), *table, (r"/metrics", MetricsHandler, {"ctx": ctx})],
         default_handler_class=NotFoundHandler,
         default_handler_args={"ctx": ctx},
         compress_response=False,
         **settings,
     )
+    if ctx.settings.get("web_root"):
+        # the last rule of all: after the route table, and Tornado's `add_handlers` puts
+        # what is added later before the last rule; it only takes what no route does
+        app.default_router.add_rules([webroot.route(ctx.settings["web_root"])])
+    return app

@@ -70,6 +70,9 @@ DEFAULTS: dict[str, Any] = {
     # GET /metrics (Prometheus text, api/metrics.py): when set, a scrape must send
     # `Authorization: Bearer <metrics_token>`; "" = anyone who reaches `listen` reads them
     "metrics_token": "",
+    # a directory of static files served at / (a browser app such as the original Nano
+    # portal: api/webroot.py), with index.html for any other path outside /api; "" = none
+    "web_root": "",
 }
 
 
@@ -110,6 +113,7 @@ def load(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     except ValueError as exc:
         raise SystemExit(f"nanod: config {path or '(defaults)'}: {exc}") from None
     _check_cell_access(settings)
+    settings["web_root"] = check_web_root(settings["web_root"])
     problem = check_fencing(settings["fencing"])
     if problem:
         raise SystemExit(f"nanod: {problem}")
@@ -148,6 +152,28 @@ def _check_cell_access(settings: dict[str, Any]) -> None:
                                     isinstance(key_dir, str) else key_dir)
     except Invalid as exc:
         raise SystemExit(f"nanod: {exc.message}") from None
+
+
+def check_web_root(value: Any) -> str:
+    """`web_root`: "" (none), or a directory nanod can read with an index.html in it,
+    returned absolute; anything else exits naming the setting. A link stays a link: it is
+    resolved at each request (api/webroot.py), so pointing it at a new build deploys it."""
+    if value in ("", None):
+        return ""
+    if not isinstance(value, str):
+        raise SystemExit(f"nanod: web_root must be the path of a directory, not {value!r}")
+    path = os.path.abspath(value)
+    if not os.path.isdir(path):
+        raise SystemExit(f"nanod: web_root {value!r} is not a directory: give the directory "
+                         "that holds the app's index.html, or \"\" for none")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise SystemExit(f"nanod: web_root {value!r} is not readable by this nanod (uid "
+                         f"{os.geteuid()}): make it and its files readable, e.g. chmod a+rX")
+    index = os.path.join(path, "index.html")
+    if not os.path.isfile(index) or not os.access(index, os.R_OK):
+        raise SystemExit(f"nanod: web_root {value!r} has no readable index.html, which every "
+                         "path outside /api without a file of its own is answered with")
+    return path
 
 
 def parse_listen(value: str) -> tuple[str, int]:
