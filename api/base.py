@@ -182,6 +182,9 @@ class AppContext:
 
     store: Store
     enqueue: Enqueue = lambda key: None
+    # the key kinds the running controller reconciles (GET /resource_status/ `watched`);
+    # None when nanod runs without reconcilers
+    reconciling: Callable[[], list[str]] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="api")

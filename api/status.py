@@ -10,9 +10,7 @@ clients report it as such instead of waiting for it.
 
 from __future__ import annotations
 
-from typing import Any
-
-from api.base import NanoHandler, contract
+from api.base import AppContext, NanoHandler, contract
 
 # Manifest kind -> the reconciler key kinds (reconciler.contract.Key.kind) that converge it.
 WATCHED_BY: dict[str, tuple[str, ...]] = {
@@ -30,23 +28,16 @@ WATCHED_BY: dict[str, tuple[str, ...]] = {
 }
 
 
-def reconciled_kinds(enqueue: Any) -> set[str] | None:
-    """The key kinds the running controller reconciles, or None when there is none.
-
-    The API receives only the controller's bound `enqueue` (api/base.py AppContext), whose
-    owner exposes `kinds`; a plain function (reconciler disabled) gives None.
-    """
-    controller = getattr(enqueue, "__self__", None)
-    kinds = getattr(controller, "kinds", None)
-    if kinds is None:
-        return None
-    return set(kinds() if callable(kinds) else kinds)
+def reconciled_kinds(ctx: AppContext) -> set[str] | None:
+    """The key kinds the running controller reconciles, or None when there is none
+    (`AppContext.reconciling`, given by nanod/server.py)."""
+    return None if ctx.reconciling is None else set(ctx.reconciling())
 
 
 class ResourceStatusHandler(NanoHandler):
     @contract(data="resource_status_list", extension=True)
     def get(self) -> None:
-        running = reconciled_kinds(self.ctx.enqueue)
+        running = reconciled_kinds(self.ctx)
         items = self.store.resource_statuses(self.session)
         for item in items:
             keys = WATCHED_BY.get(item["kind"], ())

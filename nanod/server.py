@@ -151,6 +151,7 @@ class Server:
         if controller is not None:
             self.metrics.watch_queue(controller.queue.stats)
         self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings,
+                              reconciling=(lambda: controller.kinds) if controller is not None else None,
                               metrics=self.metrics)
         # who may claim a fresh nanod from another host (api/setup_token.py)
         self.ctx.extras["setup_token"] = SetupToken.issue(

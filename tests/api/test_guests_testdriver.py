@@ -182,3 +182,16 @@ async def test_a_guest_waiting_on_its_network_says_so_and_so_does_its_cell(api, 
     cond = await until(waiting, timeout=20, what="guest waiting on its network")
     assert "waiting for network default to start the guest" in cond["message"]
     assert (await api.ok("GET", f"/instances/{gid}"))["running"] is False
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_resource_status_says_which_kinds_a_reconciler_watches(api, tmp_path):
+    """`watched` in GET /resource_status/ comes from the running controller: guests are
+    converged by one, batch tasks by none (so `nanod drift` does not wait on them)."""
+    await sim_pool(api, tmp_path)
+    gid = (await api.ok("POST", "/guests/", small("sim-w")))["id"]
+    await api.ok("POST", "/batch/stop_guest/", {"guest": [gid]})
+    items = await api.ok("GET", "/resource_status/")
+    watched = {item["kind"]: item["watched"] for item in items}
+    assert watched["Guest"] is True and watched["Cell"] is True, watched
+    assert watched["BatchTask"] is False, watched
