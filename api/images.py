@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import mmap
 import os
 import re
@@ -67,6 +68,7 @@ from state.identity import SessionInfo
 from state.images import DISK, MEDIA, ImageFiles, ImageKind, UploadFile
 from state.quotas import ImageRoom
 
+log = logging.getLogger("nano.api.images")
 WRITE_BLOCK = 4 << 20
 """File bytes gathered before they are handed to the thread pool (written and hashed)."""
 SEND_BLOCK = 4 << 20
@@ -124,18 +126,29 @@ class FileLanes:
                 for write in await job or ():  # write: the direct writes it started
                     await asyncio.wrap_future(write)
 
-    def close(self, then: Callable[[], None] | None = None) -> None:
+    def close(self, then: Callable[[], None] | None = None) -> asyncio.Future[Any] | None:
         """Stop taking blocks; `then` runs in a worker thread once the jobs in flight are
-        over (it may wait for the upload's disk writes: not on the loop)."""
+        over (it may wait for the upload's disk writes: not on the loop). Returns a future
+        done once `then` ran (its error, if any, as the result: it is logged), so that an
+        answer can wait for it."""
         self._writer.shutdown(wait=False, cancel_futures=True)
         self._hasher.shutdown(wait=False, cancel_futures=True)
         jobs = [job for _, block in self._blocks for job in block]
         self._blocks.clear()
         if then is None:
-            return
+            return None
         loop = asyncio.get_running_loop()
+        over: asyncio.Future[Any] = loop.create_future()
+
+        def ran(future: asyncio.Future[Any]) -> None:
+            exc = future.exception()
+            if exc is not None:
+                log.warning("cleaning up an abandoned upload failed: %s", exc)
+            over.set_result(exc)
+
         asyncio.gather(*jobs, return_exceptions=True).add_done_callback(
-            lambda _f: loop.run_in_executor(None, then))
+            lambda _f: loop.run_in_executor(None, then).add_done_callback(ran))
+        return over
 
 
 @dataclass
@@ -310,6 +323,7 @@ class ImageFileHandler(ImageRoute):
         self._blocks: list[bytes | memoryview] = []
         self._blocked = 0
         self._lanes: FileLanes | None = None
+        self._discarded: asyncio.Future[Any] | None = None  # an abandoned temp file's removal
         self._failure: NanoError | None = None
         self._receiving = False
         self._received = 0
@@ -590,7 +604,7 @@ class ImageFileHandler(ImageRoute):
         if upload is not None:
             state.temps.discard(upload.path)
             if lanes is not None:  # the temp file goes once the lanes are done with it
-                lanes.close(then=upload.discard)
+                self._discarded = lanes.close(then=upload.discard)
             else:
                 upload.discard()
         # the image may be gone by then: the upload is forgotten either way
@@ -609,7 +623,10 @@ class ImageFileHandler(ImageRoute):
         try:
             await self._receive(image_id)
         finally:
-            await self.background_settled()  # a failed upload is reset before the answer
+            # a failed upload is reset, and its temp file gone, before the answer
+            await self.background_settled()
+            if self._discarded is not None:
+                await self._discarded
 
     async def _receive(self, image_id: str) -> None:
         if self._claimed is not None and not await self._read_claimed_body(self._claimed):
