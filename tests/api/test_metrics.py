@@ -183,9 +183,8 @@ async def test_every_reply_carries_a_request_id_and_only_a_sane_one_is_taken(api
 
 
 @pytest.fixture
-def nanod(tmp_path: Any, database: str) -> Any:
-    if database.startswith("postgres"):
-        pytest.skip("one process test is enough: the metrics do not depend on the database")
+def nanod(tmp_path: Any) -> Any:
+    """A real `nanod serve` on its own SQLite store (the metrics do not depend on it)."""
     daemon = Nanod(tmp_path / "data", free_port(), None)
     write_nanod_config(tmp_path / "nanod.yaml", {"metrics_token": "s3cret-scrape"})
     yield daemon
