@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import secrets
+import socket
 from typing import Any
 
 import yaml
@@ -73,6 +76,15 @@ DEFAULTS: dict[str, Any] = {
     # a directory of static files served at / (a browser app such as the original Nano
     # portal: api/webroot.py), with index.html for any other path outside /api; "" = none
     "web_root": "",
+    # several nanods on one PostgreSQL store (state/leases.py, reconciler/leases.py): each
+    # replica reconciles the cells it holds a lease on. id: this replica's name ("" = the
+    # one kept in DATA_DIR/replica-id, made at first start); address: where people reach its
+    # API (GET /api/v1/replicas shows it; "" = the listen address); a lease lives
+    # lease_ttl_seconds unless renewed, and is renewed every renew_seconds
+    "replicas": {"id": "", "address": "", "lease_ttl_seconds": 10, "renew_seconds": 3},
+    # where image files live ("" = DATA_DIR/images); replicas share one directory (NFS in
+    # production) so that any of them uploads, downloads and sends every image
+    "image_dir": "",
 }
 
 
@@ -120,6 +132,7 @@ def load(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(settings["metrics_token"], str):
         raise SystemExit("nanod: metrics_token must be a string (quote it in the YAML), not "
                          f"{settings['metrics_token']!r}")
+    _check_replicas(settings)
     names = settings["names"]
     if not isinstance(names, dict) or set(names) != {"prefix"}:
         raise SystemExit(f"nanod: names must be {{prefix: PREFIX}}, not {names!r}")
@@ -128,6 +141,64 @@ def load(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     except ValueError as exc:
         raise SystemExit(f"nanod: {exc}") from None
     return settings
+
+
+REPLICA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
+
+
+def _check_replicas(settings: dict[str, Any]) -> None:
+    """`replicas` and `image_dir`: known keys and sound values, or exit naming them; an
+    empty image_dir becomes DATA_DIR/images (an empty id is resolved by `replica_id` when
+    nanod serves)."""
+    conf = settings["replicas"]
+    if not isinstance(conf, dict) or set(conf) - set(DEFAULTS["replicas"]):
+        raise SystemExit(f"nanod: replicas takes the keys {', '.join(DEFAULTS['replicas'])}, "
+                         f"not {conf!r}")
+    for key in ("lease_ttl_seconds", "renew_seconds"):
+        value = conf[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise SystemExit(f"nanod: replicas.{key} must be a number of seconds > 0, not "
+                             f"{value!r}")
+    if conf["renew_seconds"] * 2 > conf["lease_ttl_seconds"]:
+        raise SystemExit("nanod: replicas.renew_seconds must be at most half of "
+                         "replicas.lease_ttl_seconds, or one late renewal loses every lease "
+                         f"(now {conf['renew_seconds']} and {conf['lease_ttl_seconds']})")
+    if not isinstance(conf["address"], str):
+        raise SystemExit(f"nanod: replicas.address must be a string, not {conf['address']!r}")
+    if conf["id"] is None:
+        conf["id"] = ""
+    if not isinstance(conf["id"], str) or (conf["id"] and not REPLICA_ID.match(conf["id"])):
+        raise SystemExit(f"nanod: replicas.id {conf['id']!r} must be 1-63 letters, digits, "
+                         "'.', '_', ':' or '-', starting with a letter or digit")
+    image_dir = settings["image_dir"]
+    if not isinstance(image_dir, str):
+        raise SystemExit(f"nanod: image_dir must be the path of a directory, not {image_dir!r}")
+    settings["image_dir"] = os.path.abspath(image_dir or os.path.join(settings["data_dir"],
+                                                                      "images"))
+
+
+def replica_id(settings: dict[str, Any]) -> str:
+    """This replica's id: `replicas.id`, or else the one in DATA_DIR/replica-id, written
+    at the first start: the host's name and a random suffix, so that two data directories
+    on one host differ, and a restart keeps its name (and takes its own leases back at
+    once, state/leases.py)."""
+    if settings["replicas"]["id"]:
+        return str(settings["replicas"]["id"])
+    data_dir = settings["data_dir"]
+    path = os.path.join(data_dir, "replica-id")
+    try:
+        with open(path) as fh:
+            kept = fh.read().strip()
+        if kept:
+            return kept
+    except FileNotFoundError:
+        pass
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40].strip("-.") or "nanod"
+    made = f"{host}-{secrets.token_hex(3)}"
+    os.makedirs(data_dir, exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(made + "\n")
+    return made
 
 
 def _check_cell_access(settings: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from api.app import make_app
 from api.base import AppContext
 from api.metrics import Metrics
 from api.setup_token import SetupToken
+from nanod.config import replica_id
 from reconciler.contract import Key
 from reconciler.guests import dry_run as guest_dry_run
 from reconciler.loop import CAUSES
@@ -97,7 +98,8 @@ def open_store(settings: dict[str, Any]) -> Store:
     open_database(database_url(settings.get("database"), settings["data_dir"]))
     return Store(session_timeout=int(settings["session_timeout"]), limits=settings["limits"],
                  data_dir=settings["data_dir"], overcommit=settings["overcommit"],
-                 cell_rules=CellRules.from_settings(settings))
+                 cell_rules=CellRules.from_settings(settings),
+                 replica=settings["replicas"]["id"], image_dir=settings["image_dir"])
 
 
 def lock_data_dir(data_dir: str) -> int:
@@ -126,6 +128,7 @@ class Server:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = settings
         self._lock = lock_data_dir(settings["data_dir"])
+        settings["replicas"]["id"] = replica_id(settings)  # kept in the data dir if not set
         # where the cells' private keys go (ssh.key_file must name one inside)
         os.makedirs(settings["ssh"]["key_dir"], mode=0o700, exist_ok=True)
         if settings.get("allow_test_cells"):

@@ -12,6 +12,7 @@ after `idle_seconds` without work, so a pool nobody uses any more holds no threa
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import queue
 import threading
 from collections.abc import Callable
@@ -36,7 +37,9 @@ class DaemonThreads:
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
-            self._queue.put((future, fn, args))
+            # the caller's context goes along: a store write made on this thread for a
+            # reconcile carries its fence (state/leases.py) and its request ids
+            self._queue.put((future, contextvars.copy_context().run, (fn, *args)))
             if self._idle < self._queue.qsize() and len(self._threads) < self._workers:
                 thread = threading.Thread(target=self._serve, daemon=True,
                                           name=f"{self._name}-{len(self._threads)}")

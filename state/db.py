@@ -6,18 +6,49 @@ Called once by `nanod` at start (and by tests). SQLite with WAL is the default; 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlparse
 
 import peewee
-from playhouse.db_url import connect
+from playhouse.db_url import parse
 
 log = logging.getLogger(__name__)
 
 db = peewee.DatabaseProxy()
+
+FENCE: ContextVar[Any] = ContextVar("nano_fence", default=None)
+"""The `state.leases.Fence` the running reconcile writes under, or None (see there)."""
+
+_WRITES = ("INSERT", "UPDATE", "DELETE")
+
+
+class FencedWrites:
+    """The one choke point of every statement the store sends: while a fence is set
+    (state/leases.py), each INSERT/UPDATE/DELETE first checks the fence in its own
+    transaction (one is opened around a lone statement), and is refused if it is stale."""
+
+    def execute_sql(self, sql: str, params: Any = None, *args: Any, **kw: Any) -> Any:
+        fence = FENCE.get()
+        if fence is None or sql.lstrip()[:6].upper() not in _WRITES:
+            return super().execute_sql(sql, params, *args, **kw)  # type: ignore[misc]
+        from state.leases import check_fence
+
+        if self.in_transaction():  # type: ignore[attr-defined]
+            check_fence(self, fence)  # type: ignore[arg-type]
+            return super().execute_sql(sql, params, *args, **kw)  # type: ignore[misc]
+        with self.atomic():  # type: ignore[attr-defined]
+            check_fence(self, fence)  # type: ignore[arg-type]
+            return super().execute_sql(sql, params, *args, **kw)  # type: ignore[misc]
+
+
+class NanoPostgresqlDatabase(FencedWrites, peewee.PostgresqlDatabase):
+    """PostgreSQL with fenced writes."""
 
 
 def database_url(url: str | None, data_dir: str) -> str:
@@ -27,7 +58,7 @@ def database_url(url: str | None, data_dir: str) -> str:
     return "sqlite:///" + os.path.join(os.path.abspath(data_dir), "nano.db")
 
 
-class ImmediateSqliteDatabase(peewee.SqliteDatabase):
+class ImmediateSqliteDatabase(FencedWrites, peewee.SqliteDatabase):
     """SQLite whose transactions take the write lock when they begin.
 
     A deferred transaction that reads and then writes fails at once with "database is
@@ -57,16 +88,44 @@ def open_database(url: str) -> peewee.Database:
             },
         )
     elif scheme.startswith("postgres"):
-        database = connect(url)
+        database = NanoPostgresqlDatabase(**parse(url))
+        _need_driver()
     else:
         raise ValueError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://...")
     db.initialize(database)
     database.connect(reuse_if_open=True)
-    migrate(database)
+    with startup_lock():
+        migrate(database)
     from state.events import LAST_STATUS  # late: state.events imports the models
 
     LAST_STATUS.clear()  # the statuses seen were another database's
     return database
+
+
+def _need_driver() -> None:
+    """PostgreSQL needs psycopg2, which only the `postgresql` extra installs: say so in
+    one line instead of peewee's traceback at the first connect."""
+    if peewee.psycopg2 is None:  # type: ignore[attr-defined]
+        raise SystemExit(
+            "nanod: the database is PostgreSQL but its driver (psycopg2) is not installed: "
+            "pip install 'nano-reconciler[postgresql]' (or scripts/install-deps --postgresql)")
+
+
+@contextlib.contextmanager
+def startup_lock() -> Iterator[None]:
+    """Held while a nanod migrates the schema and makes its start-up rows: replicas
+    starting together on one PostgreSQL store take turns (an advisory lock, released at
+    the block's end; SQLite has one nanod per file)."""
+    database = db.obj
+    if not isinstance(database, peewee.PostgresqlDatabase):
+        yield
+        return
+    key = zlib.crc32(b"nanod start-up")
+    database.execute_sql("SELECT pg_advisory_lock(%s)", (key,))
+    try:
+        yield
+    finally:
+        database.execute_sql("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 def close_database() -> None:
@@ -128,10 +187,26 @@ def _quotas(database: peewee.Database) -> None:
     database.create_tables([Quota], safe=True)
 
 
+def _replicas(database: peewee.Database) -> None:
+    """Several nanods on one store (state/leases.py): replicas, leases, console channels
+    in the store, and who runs an image's upload. A fresh database has them from
+    `_initial` already."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    from state.models import ControlReplica, Image, Lease, MonitorChannel
+
+    database.create_tables([ControlReplica, Lease, MonitorChannel], safe=True)
+    columns = {c[0] for c in database.execute_sql("SELECT * FROM image LIMIT 0").description}
+    if "uploader" not in columns:
+        alter(SchemaMigrator.from_database(database).add_column("image", "uploader",
+                                                                Image.uploader))
+
+
 # Forward migrations, oldest first. Version N is MIGRATIONS[N-1]. Append only: never edit
 # or reorder a released step, so an upgrade from any older version keeps every row.
 MIGRATIONS: list[Migration] = [_initial, _idempotent_and_conditional_writes, _log_request_ids,
-                               _events, _quotas]
+                               _events, _quotas, _replicas]
 
 
 def migrate(database: peewee.Database, steps: list[Migration] | None = None) -> int:

@@ -145,6 +145,7 @@ from state.placement import (
     choose_cell,
     guest_need,
 )
+from state.policies import locked
 from state.quotas import guest_usage
 from state.secrets import SecretBox, secret_box
 
@@ -444,6 +445,11 @@ class GuestStore:
         (state/placement.py): its host figures from the last observed stats (kept while
         it is offline), its overcommit ratios (the setting, under the cell's own
         `overcommit`), and the sum of what every guest placed on it is promised."""
+        if pool is not None and db.in_transaction():
+            # a placement: on PostgreSQL, placements in one pool take turns (the pool's
+            # row locked until the commit), whichever replica or thread makes them
+            locked(ComputePool.select(ComputePool.name).where(ComputePool.name == pool)
+                   ).execute()
         query = Cell.select()
         query = query.where(Cell.pool == pool) if cells is None else query.where(
             Cell.name.in_(cells))

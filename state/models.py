@@ -308,6 +308,9 @@ class Image(Reconciled):
     size = peewee.BigIntegerField(default=0)
     checksum = peewee.CharField(default="")  # SHA-1 hex of the current file
     source_guest = peewee.CharField(default="")
+    # the replica (state/leases.py) whose upload of a new version is running, "" for none:
+    # a replica starting up settles only the uploads of replicas that are gone
+    uploader = peewee.CharField(default="")
 
     class Meta:
         indexes = ((("kind", "group", "name"), True),)
@@ -412,6 +415,47 @@ class IdempotencyKey(Base):
     created = peewee.DoubleField(index=True)  # epoch seconds: trimmed after a day
 
 
+# -- several replicas of nanod on one store (state/leases.py) --------------------------------
+
+
+class ControlReplica(Base):
+    """A running nanod of this store: it writes `heartbeat_at` every renewal; one whose
+    heartbeat is older than the lease TTL is gone."""
+
+    id = peewee.CharField(primary_key=True)
+    address = peewee.CharField(default="")  # where its API listens, for people
+    host = peewee.CharField(default="")
+    pid = peewee.IntegerField(default=0)
+    started_at = peewee.DoubleField(default=0.0)  # epoch seconds
+    heartbeat_at = peewee.DoubleField(default=0.0)
+    ttl = peewee.DoubleField(default=10.0)  # the lease TTL it runs with
+
+
+class Lease(Base):
+    """Who reconciles what: `global` (pools, address pools, images, placement) or
+    `cell:NAME` (a cell and its guests, network and firewall). `token` is the fencing token,
+    raised by one at every acquisition; a reconciler's writes carry the token they were
+    given and are refused once it is not the lease's (state/db.py)."""
+
+    name = peewee.CharField(primary_key=True)
+    holder = peewee.CharField(default="")  # a ControlReplica id, "" = free
+    token = peewee.BigIntegerField(default=0)
+    acquired_at = peewee.DoubleField(default=0.0)  # epoch seconds
+    expires_at = peewee.DoubleField(default=0.0)
+
+
+class MonitorChannel(Base):
+    """A one-time console channel (api/console.py), in the store so that the replica that
+    made it and the one the websocket reaches need not be the same. `token_hash` is SHA-256
+    of the channel id, which is the websocket's only credential."""
+
+    token_hash = peewee.CharField(primary_key=True, max_length=64)
+    guest = peewee.CharField()
+    cell = peewee.CharField()
+    port = peewee.IntegerField()
+    expires_at = peewee.DoubleField(index=True)  # epoch seconds
+
+
 ALL_MODELS: list[type[Base]] = [
     Role,
     UserGroup,
@@ -441,4 +485,7 @@ ALL_MODELS: list[type[Base]] = [
     BatchEntry,
     Event,
     IdempotencyKey,
+    ControlReplica,
+    Lease,
+    MonitorChannel,
 ]

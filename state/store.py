@@ -6,6 +6,8 @@ each lives in its own module of `state/` and works on the models of `state/model
 
 from __future__ import annotations
 
+import os
+
 from state.batches import BatchStore
 from state.cell_transport import CellRules
 from state.clones import CloneStore
@@ -17,6 +19,7 @@ from state.guest_changes import GuestChangeStore
 from state.idempotency import IdempotencyStore
 from state.identity import IdentityStore
 from state.images import ImageStore
+from state.leases import LeaseStore
 from state.migrations import MigrationStore
 from state.netconfig import NetConfigStore
 from state.netstatus import NetStatusStore
@@ -34,17 +37,22 @@ from state.templates import TemplateStore
 class Store(CloneStore, PoolStatusStore, NetStatusStore, IdentityStore, ComputeStore, ImageStore, NetworkStore,
             GuestChangeStore, SnapshotStore, TemplateStore, BatchStore, StatusStore, ReplicaStore,
             ConsoleStore, NetConfigStore, MigrationStore, ConditionalStore, IdempotencyStore,
-            EventStore, QuotaStore):
+            EventStore, QuotaStore, LeaseStore):
     """Facade over the database opened by `state.db.open_database`."""
 
     def __init__(self, *, session_timeout: int = 180, limits: dict | None = None,
                  data_dir: str = "", overcommit: dict | None = None,
-                 cell_rules: CellRules | None = None) -> None:
+                 cell_rules: CellRules | None = None, replica: str = "",
+                 image_dir: str = "") -> None:
         self.session_timeout = session_timeout
         # which cell transports are accepted (state/cell_transport.py); default: no test
         # cells, no key files
         self.cell_rules = cell_rules or CellRules()
         self.data_dir = data_dir
+        # this nanod's replica id (state/leases.py; "" outside `nanod serve`) and where the
+        # image files are (shared by the replicas; "" = DATA_DIR/images)
+        self.replica = replica
+        self.image_dir = image_dir or (os.path.join(data_dir, "images") if data_dir else "")
         self.limits = {"max_cores": 24, "max_memory": 32, "max_disk": 64, **(limits or {})}
         # placement's ratios (state/placement.py); cells may override them
         self.overcommit = overcommit_from(overcommit or {}, "overcommit")
