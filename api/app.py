@@ -30,6 +30,7 @@ from api import (
     openapi,
     policies,
     quotas,
+    replicas,
     status,
     templates,
     webroot,
@@ -39,7 +40,7 @@ from api.metrics import MetricsHandler
 
 PREFIX = "/api/v1"
 MODULES = [identity, compute, images, networks, policies, guests, templates, batches, status,
-           console, migrations, openapi, events, quotas]
+           console, migrations, openapi, events, quotas, replicas]
 
 
 def routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:

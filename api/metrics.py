@@ -62,6 +62,35 @@ class StoreCollector(Collector):
         yield up
 
 
+class ReplicaCollector(Collector):
+    """This nanod as a replica (reconciler/leases.py): the leases it holds, the takeovers
+    it made, and the store's replicas with their heartbeat ages, read at every scrape."""
+
+    def __init__(self, membership: Any, replicas: Callable[[], list[dict[str, Any]]]) -> None:
+        self._membership = membership
+        self._replicas = replicas
+
+    def collect(self) -> Iterator[Metric]:
+        held = self._membership.held()
+        mine = GaugeMetricFamily("nano_replica_leases", "Leases this replica holds (global "
+                                 "counts as one)", labels=["replica"])
+        mine.add_metric([self._membership.replica], len(held))
+        yield mine
+        took = GaugeMetricFamily("nano_replica_takeovers", "Leases this replica took over "
+                                 "from another holder since it started", labels=["replica"])
+        took.add_metric([self._membership.replica], self._membership.takeovers)
+        yield took
+        ages = GaugeMetricFamily("nano_replica_heartbeat_age_seconds", "Seconds since each "
+                                 "replica of the store last renewed", labels=["replica"])
+        cells = GaugeMetricFamily("nano_replica_cells", "Cells each replica reconciles",
+                                  labels=["replica"])
+        for replica in self._replicas():
+            ages.add_metric([replica["id"]], replica["heartbeat_age"])
+            cells.add_metric([replica["id"]], len(replica["cells"]))
+        yield ages
+        yield cells
+
+
 class QueueCollector(Collector):
     """The reconciler's work queue, read at every scrape."""
 
@@ -106,6 +135,9 @@ class Metrics:
             "download (clients), to_cell, from_cell", ["direction"], registry=r)
         for direction in DIRECTIONS:  # every series from the start: a rate() needs a 0
             self.image_bytes.labels(direction)
+        self.domains_created = Counter(
+            "nano_guest_domains_created", "Guest domains this nanod defined on a cell for the "
+            "first time (summed over replicas: one per guest)", ["cell"], registry=r)
         self.login_failures = Counter(
             "nano_login_failures", "Logins refused for a wrong user name or password",
             registry=r)
@@ -118,6 +150,11 @@ class Metrics:
         """Read guests and cells at each scrape through `counts` (Store.metrics_counts)."""
         self._store_collector = StoreCollector(counts)
         self.registry.register(self._store_collector)
+
+    def watch_replicas(self, membership: Any, replicas: Callable[[], list[dict[str, Any]]]
+                       ) -> None:
+        """Read this replica's leases and the store's replicas at each scrape."""
+        self.registry.register(ReplicaCollector(membership, replicas))
 
     def watch_queue(self, stats: QueueStats) -> None:
         """Read the reconciler's work queue at each scrape."""
@@ -139,6 +176,10 @@ class Metrics:
             raise ValueError(f"unknown image transfer direction {direction!r}")
         if nbytes > 0:
             self.image_bytes.labels(direction).inc(nbytes)
+
+    def domain_created(self, cell: str) -> None:
+        """A guest's domain was defined on `cell` for the first time."""
+        self.domains_created.labels(cell).inc()
 
     def reconciled(self, kind: str, key_id: str, ok: bool, seconds: float) -> None:
         """One reconcile of `kind`/`key_id` ended (`ok`: without raising)."""

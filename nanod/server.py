@@ -144,7 +144,9 @@ class Server:
                         "stop", len(left))
         self.metrics = Metrics()
         self.metrics.watch_store(self.store.metrics_counts)
-        self.controller = build_controller(self.store, settings, meter=self.metrics)
+        self.membership = self._membership(settings)
+        self.controller = build_controller(self.store, settings, meter=self.metrics,
+                                           shard=self.membership)
         controller = self.controller
 
         def enqueue(key: Key) -> None:  # the request whose write asks is the cause
@@ -153,6 +155,8 @@ class Server:
 
         if controller is not None:
             self.metrics.watch_queue(controller.queue.stats)
+        if self.membership is not None:
+            self.metrics.watch_replicas(self.membership, self.store.replicas_view)
         self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings,
                               reconciling=(lambda: controller.kinds) if controller is not None else None,
                               metrics=self.metrics)
@@ -174,6 +178,18 @@ class Server:
         self.port = 0
         self._stopping: asyncio.Event | None = None
 
+    def _membership(self, settings: dict[str, Any]) -> Any:
+        """This nanod as a replica of the store's control plane (reconciler/leases.py), or
+        None when it reconciles nothing."""
+        if not settings.get("reconciler", {}).get("enabled", True):
+            return None
+        from reconciler.leases import Membership
+
+        conf = settings["replicas"]
+        return Membership(self.store, conf["id"], ttl=float(conf["lease_ttl_seconds"]),
+                          renew_seconds=float(conf["renew_seconds"]),
+                          address=conf["address"] or settings.get("listen", ""))
+
     def listen(self, host: str, port: int) -> int:
         # every body is small unless its route says otherwise per request (api/base.py)
         self.http = tornado.httpserver.HTTPServer(
@@ -184,6 +200,10 @@ class Server:
         self.http.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         events.hub(self.ctx).keep_trimmed()  # whether or not anyone follows the stream
+        if self.membership is not None:
+            if not self.settings["replicas"]["address"]:
+                self.membership.address = f"{host}:{self.port}"
+            self.membership.start()  # first renewal now: a lone replica holds every lease
         if self.controller:
             self.controller.start()
         return self.port
@@ -211,6 +231,8 @@ class Server:
             await self.http.close_all_connections()
         if self.controller:
             await asyncio.get_running_loop().run_in_executor(None, self.controller.stop, 10.0)
+        if self.membership is not None:  # after the workers: nothing writes under a lease
+            await asyncio.get_running_loop().run_in_executor(None, self.membership.stop)
         self.ctx.close()
         close_database()
         if self._lock >= 0:
@@ -218,9 +240,11 @@ class Server:
             self._lock = -1
 
 
-def build_controller(store: Store, settings: dict[str, Any], *, meter: Any = None) -> Any:
+def build_controller(store: Store, settings: dict[str, Any], *, meter: Any = None,
+                     shard: Any = None) -> Any:
     """The reconciler for this store, or None when disabled in settings; `meter` is told
-    of reconciles and image bytes (api/metrics.py's Metrics)."""
+    of reconciles and image bytes (api/metrics.py's Metrics); `shard` is this replica's
+    `Membership` (None: reconcile every key, as `nanod reconcile --once`)."""
     conf = settings.get("reconciler", {})
     if not conf.get("enabled", True):
         return None
@@ -228,4 +252,4 @@ def build_controller(store: Store, settings: dict[str, Any], *, meter: Any = Non
     # ImportError propagates: nanod never serves without the reconcilers it was built with.
     from reconciler.kinds import build
 
-    return build(store, settings, meter=meter)
+    return build(store, settings, meter=meter, shard=shard)

@@ -287,6 +287,10 @@ class Meter(Protocol):
         """`nbytes` of an image moved: "to_cell" (sent to a cell), "from_cell" (read back)."""
         ...
 
+    def domain_created(self, cell: str) -> None:
+        """A guest's domain was defined on `cell` for the first time (not a redefinition)."""
+        ...
+
 
 class NoMeter:
     """A `Meter` that keeps nothing: `nanod reconcile --once` and reconcilers built in
@@ -296,4 +300,7 @@ class NoMeter:
         return None
 
     def transferred(self, direction: str, nbytes: int) -> None:
+        return None
+
+    def domain_created(self, cell: str) -> None:
         return None

@@ -510,6 +510,7 @@ class GuestReconciler:
             if not desired.observed.get("created"):
                 facts.update(created=True, create_time=now_text(),
                              instance_id=desired.spec.get("instance_id", ""))
+                self.meter.domain_created(cell.name)
             record(gid, observed=facts)
         elif do is Do.SET_AUTOSTART:
             drv.set_autostart(name, bool(args["enable"]))

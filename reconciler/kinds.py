@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,17 +16,26 @@ from reconciler.failover import Fencing
 from reconciler.firewalls import FirewallReconciler
 from reconciler.guests import GuestReconciler
 from reconciler.images import ImageReconciler
+from reconciler.leases import Membership
 from reconciler.longwork import LongWork
 from reconciler.loop import Controller
 from reconciler.networking import AddressPoolReconciler, NetworkReconciler
 from reconciler.pools import ComputePoolReconciler, StoragePoolReconciler
+from state.leases import Fence, cell_lease, fenced
 
 log = logging.getLogger(__name__)
 
 
-def build(store: Any, settings: dict[str, Any], *, meter: Meter | None = None) -> Controller:
+def fenced_call(fence: Fence | None, fn: Callable[..., None], *args: Any) -> None:
+    with fenced(fence):
+        fn(*args)
+
+
+def build(store: Any, settings: dict[str, Any], *, meter: Meter | None = None,
+          shard: Membership | None = None) -> Controller:
     """`meter`: the process's metrics (nanod/server.py), told of reconciles and image bytes
-    moved; None keeps nothing."""
+    moved; None keeps nothing. `shard`: this replica's leases (reconciler/leases.py), for
+    `nanod serve`; None reconciles everything (`nanod reconcile --once`)."""
     naming.use(settings["names"]["prefix"])  # before any reconciler names anything
     conf = settings.get("reconciler", {})
     # how long a reconciler worker waits for one libvirt call (reconciler/drivers/libvirt_hv.py)
@@ -48,9 +58,11 @@ def build(store: Any, settings: dict[str, Any], *, meter: Meter | None = None) -
 
     def on_domain_event(cell: str, owned_id: str | None, event: str) -> None:
         # A lifecycle event names the domain; an owned one wakes its guest, any one
-        # refreshes the cell's list of domains.
-        if owned_id:
-            lifecycle.submit(record_lifecycle, owned_id, cell, str(event))
+        # refreshes the cell's list of domains. Every replica connected to the cell hears
+        # it; the one holding the cell's lease writes it to the event stream.
+        fence = shard.fence(cell_lease(cell)) if shard is not None else None
+        if owned_id and (shard is None or fence is not None):
+            lifecycle.submit(fenced_call, fence, record_lifecycle, owned_id, cell, str(event))
             enqueue(Key("guest", owned_id))
         enqueue(Key("cell", cell))
 
@@ -77,7 +89,10 @@ def build(store: Any, settings: dict[str, Any], *, meter: Meter | None = None) -
         StoragePoolReconciler(store),
     ]
     controller = Controller(reconcilers, workers=int(conf.get("workers", 4)),
-                            resync_seconds=float(conf.get("resync_seconds", 30)), meter=meter)
+                            resync_seconds=float(conf.get("resync_seconds", 30)), meter=meter,
+                            shard=shard)
+    if shard is not None:  # a lease gained: its keys are this replica's to reconcile now
+        shard.subscribe(lambda gained, lost: controller.resync() if gained else None)
     controller.connections = connections  # type: ignore[attr-defined]
     pending.append(controller)
     return controller

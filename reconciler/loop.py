@@ -23,10 +23,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from reconciler.contract import Key, Meter, NoMeter, Reconciler, Result
 from reconciler.queue import WorkQueue
 from state.errors import NanoError
+from state.leases import Fence, fenced
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,24 @@ MAX_CAUSES = 8
 requests before a worker takes it is reconciled once, for the latest of them)."""
 
 
+class Shard(Protocol):
+    """Which keys this nanod reconciles when it is one replica of several
+    (reconciler/leases.py's `Membership`)."""
+
+    def claim(self, key: Key) -> Fence | None:
+        """The fence to reconcile `key` under now, or None: another replica's."""
+        ...
+
+    def mine(self, keys: Iterable[Key]) -> list[Key]:
+        """Those of `keys` this replica holds the lease of."""
+        ...
+
+
 class Controller:
-    """Runs reconcilers: one queue, `workers` threads, one resync thread."""
+    """Runs reconcilers: one queue, `workers` threads, one resync thread. With a `shard`,
+    a worker reconciles only the keys whose lease this replica holds, under its fence
+    (state/leases.py): every store write of that reconcile is refused once the lease is
+    lost; a resync enqueues only this replica's keys."""
 
     def __init__(
         self,
@@ -58,6 +76,7 @@ class Controller:
         max_backoff: float = 60.0,
         base_backoff: float = 0.5,
         meter: Meter | None = None,
+        shard: Shard | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -69,6 +88,7 @@ class Controller:
         self._queue = WorkQueue(base_delay=base_backoff, max_delay=max_backoff)
         self._workers = workers
         self._meter: Meter = meter or NoMeter()
+        self._shard = shard
         # key -> ids of the requests that enqueued it since a worker last took it
         self._causes: dict[Key, tuple[str, ...]] = {}
         self._resync_seconds = resync_seconds
@@ -125,6 +145,8 @@ class Controller:
         for reconciler in self._reconcilers.values():
             try:
                 keys = list(reconciler.keys())
+                if self._shard is not None:
+                    keys = self._shard.mine(keys)
             except Exception:
                 log.exception("listing keys of kind %r for resync failed", reconciler.kind)
                 continue
@@ -224,7 +246,16 @@ class Controller:
                 token = CAUSES.set(causes)
                 try:
                     started = time.monotonic()
-                    outcome = self._reconcile(key)
+                    try:
+                        fence = self._shard.claim(key) if self._shard is not None else None
+                    except Exception as exc:  # the store: retried like a failed reconcile
+                        outcome: Outcome = exc
+                    else:
+                        if self._shard is not None and fence is None:
+                            self._queue.forget(key)  # another replica's: nothing to do
+                            continue
+                        with fenced(fence):
+                            outcome = self._reconcile(key)
                     self._meter.reconciled(key.kind, key.id, not isinstance(outcome, Exception),
                                            time.monotonic() - started)
                     if causes and not isinstance(outcome, Exception):
