@@ -48,7 +48,42 @@ class FencedWrites:
 
 
 class NanoPostgresqlDatabase(FencedWrites, peewee.PostgresqlDatabase):
-    """PostgreSQL with fenced writes."""
+    """PostgreSQL with fenced writes, whose threads survive a lost connection (a server
+    restart, a Patroni switchover, an idle connection cut by a proxy): peewee keeps one
+    connection per thread and, once the server closed it, would fail every later statement
+    of that thread with "connection already closed" until nanod restarts. Outside a
+    transaction, a closed connection is opened again before the next statement; a read
+    that failed because the server went away is run once more on the new connection. A
+    write that failed so is not (it may have landed): its caller's error says so, and the
+    reconciler retries, an API client gets a 500 it may retry. Inside a transaction nothing
+    is retried: the transaction fails as a whole."""
+
+    def execute_sql(self, sql: str, params: Any = None, *args: Any, **kw: Any) -> Any:
+        self._reopen_if_closed()
+        try:
+            return super().execute_sql(sql, params, *args, **kw)
+        except (peewee.OperationalError, peewee.InterfaceError):
+            if self.in_transaction() or not self._closed_by_server():
+                raise
+            log.warning("the PostgreSQL connection of this thread was closed by the server: "
+                        "opening a new one")
+            self._reopen_if_closed()
+            if sql.lstrip()[:6].upper() != "SELECT":
+                raise
+            return super().execute_sql(sql, params, *args, **kw)
+
+    def begin(self, *args: Any, **kw: Any) -> Any:
+        self._reopen_if_closed()
+        return super().begin(*args, **kw)
+
+    def _closed_by_server(self) -> bool:
+        conn = self._state.conn
+        return conn is not None and bool(getattr(conn, "closed", 0))
+
+    def _reopen_if_closed(self) -> None:
+        if not self.in_transaction() and self._closed_by_server():
+            self._state.reset()  # forget the dead connection without touching it
+            self.connect()
 
 
 def database_url(url: str | None, data_dir: str) -> str:
