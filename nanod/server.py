@@ -38,6 +38,7 @@ from reconciler.loop import CAUSES
 from state.cell_transport import CellRules
 from state.db import close_database, database_url, open_database
 from state.images import ImageFiles
+from state.notify import Broadcast, Listener, is_postgresql
 from state.secrets import seal_plain_secrets
 from state.store import Store
 
@@ -177,6 +178,8 @@ class Server:
         self.http: tornado.httpserver.HTTPServer | None = None
         self.port = 0
         self._stopping: asyncio.Event | None = None
+        self._broadcast: Broadcast | None = None
+        self._listener: Listener | None = None
 
     def _membership(self, settings: dict[str, Any]) -> Any:
         """This nanod as a replica of the store's control plane (reconciler/leases.py), or
@@ -200,6 +203,13 @@ class Server:
         self.http.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         events.hub(self.ctx).keep_trimmed()  # whether or not anyone follows the stream
+        if self.controller and is_postgresql():  # keys reach the replica that owns them
+            replica, controller = self.settings["replicas"]["id"], self.controller
+            self._broadcast = Broadcast(replica)
+            controller.tell_others(self._broadcast.send)
+            self._listener = Listener(
+                replica, lambda kind, key_id: controller.enqueue(Key(kind, key_id), local=True),
+                on_gap=controller.resync)
         if self.membership is not None:
             if not self.settings["replicas"]["address"]:
                 self.membership.address = f"{host}:{self.port}"
@@ -231,6 +241,9 @@ class Server:
             await self.http.close_all_connections()
         if self.controller:
             await asyncio.get_running_loop().run_in_executor(None, self.controller.stop, 10.0)
+        for part in (self._listener, self._broadcast):
+            if part is not None:
+                part.close()
         if self.membership is not None:  # after the workers: nothing writes under a lease
             await asyncio.get_running_loop().run_in_executor(None, self.membership.stop)
         self.ctx.close()

@@ -89,6 +89,7 @@ class Controller:
         self._workers = workers
         self._meter: Meter = meter or NoMeter()
         self._shard = shard
+        self._broadcast: Callable[[str, str], None] | None = None
         # key -> ids of the requests that enqueued it since a worker last took it
         self._causes: dict[Key, tuple[str, ...]] = {}
         self._resync_seconds = resync_seconds
@@ -116,7 +117,13 @@ class Controller:
 
     # -- triggers ----------------------------------------------------------------------------
 
-    def enqueue(self, key: Key, cause: str = "") -> None:
+    def tell_others(self, broadcast: Callable[[str, str], None]) -> None:
+        """Also send every key enqueued here (but resyncs' and those that came from
+        another replica) to the other replicas, with `broadcast(kind, id)`
+        (state/notify.py): the replica that holds its lease reconciles it at once."""
+        self._broadcast = broadcast
+
+    def enqueue(self, key: Key, cause: str = "", *, local: bool = False) -> None:
         """Ask for `key` to be reconciled; `cause` is the id of the API request that
         asks, if any. Safe from any thread, the Tornado IOLoop's included: it takes one
         lock briefly and never waits for work.
@@ -137,6 +144,8 @@ class Controller:
                 if cause not in known:
                     self._causes[key] = (*known, cause)[-MAX_CAUSES:]
         self._queue.add(key)
+        if not local and self._broadcast is not None:
+            self._broadcast(key.kind, key.id)
 
     def resync(self) -> int:
         """Enqueue every key of every reconciler; returns how many were enqueued. A
@@ -151,7 +160,7 @@ class Controller:
                 log.exception("listing keys of kind %r for resync failed", reconciler.kind)
                 continue
             for key in keys:
-                self.enqueue(key)
+                self.enqueue(key, local=True)
                 count += 1
         return count
 

@@ -272,3 +272,46 @@ async def test_a_frozen_replica_loses_its_leases_and_rejoins_under_new_tokens(re
         return "lost lease(s)" in frozen.log()
     await until(noticed, timeout=10, what="the frozen replica saying it lost its leases")
     assert (await apis[1].ok("GET", f"/guests/{guest}"))["created"]
+
+
+@pytest.fixture
+def slow_resync(replicas):
+    replicas.settings = {**SETTINGS, "reconciler": {**SETTINGS["reconciler"],
+                                                    "resync_seconds": 600}}
+    return replicas
+
+
+@pytest.mark.gen_test(timeout=300)
+async def test_a_write_through_any_replica_wakes_the_owner_at_once(slow_resync, tmp_path):
+    """Resyncs every 10 minutes only: a guest asked for through the replica that does not
+    hold its cell is made by the one that does within seconds (LISTEN/NOTIFY,
+    state/notify.py), and so is its stop."""
+    replicas = slow_resync
+    await replicas.start(2)
+    apis = await admin_apis(replicas)
+    cells = await make_cells(apis, tmp_path, 2)
+    view = await spread(apis[0], 2, cells)
+    for index, replica in enumerate(replicas.members):
+        other = apis[1 - index]  # not the owner
+        cell = next(r["cells"][0] for r in view if r["id"] == replica.id)
+        body = small(f"woken-{index}")
+        body["cell"] = cell
+        asked = time.monotonic()
+        guest = (await other.ok("POST", "/guests/", body))["id"]
+
+        async def created():
+            return (await other.ok("GET", f"/guests/{guest}"))["created"]
+        await until(created, timeout=30, what=f"the guest on {cell} created")
+        await other.ok("POST", f"/instances/{guest}", {})
+
+        async def running():
+            return (await other.ok("GET", f"/instances/{guest}"))["running"]
+        await until(running, timeout=30, what=f"the guest on {cell} running")
+        made = time.monotonic() - asked
+        await other.ok("DELETE", f"/instances/{guest}", {"reboot": False, "force": True})
+
+        async def stopped():
+            return not (await other.ok("GET", f"/instances/{guest}"))["running"]
+        await until(stopped, timeout=30, what=f"the guest on {cell} stopped")
+        print(f"guest made and started by {replica.id}, asked through the other: {made:.2f} s")
+        assert made < 30  # the resync would take 600 s
