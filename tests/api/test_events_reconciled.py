@@ -43,8 +43,9 @@ async def test_reconciler_transitions_and_lifecycle_events(api, server, tmp_path
                           and e["payload"]["phase"] == "stopped")
     assert stopped["actor"] == "nanod"
     await api.ok("POST", f"/instances/{gid}", {})
-    started = await until(lambda e: e["type"] == "lifecycle")
-    assert started["payload"]["event"] == "started"
+    # libvirt's events arrive on their own thread: "defined" may come after "stopped"
+    started = await until(lambda e: e["type"] == "lifecycle"
+                          and e["payload"]["event"] == "started")
     assert started["payload"]["cell"] == "sim-1" and started["name"] == "sim-ev"
     await until(lambda e: e["type"] == "status" and e["payload"]["phase"] == "running")
     conn.close()
