@@ -3,18 +3,21 @@ guest's VNC/SPICE console, and the websocket end (`/monitor_channels/{id}`, also
 /api/v1) pipes the display's bytes as binary frames (noVNC-compatible).
 
 The channel id is the credential of the websocket (the portal's noVNC sends no session);
-it is single use and expires after 15 s unused. The bytes come from an opener wired by
-nanod/server.py (reconciler/console.py): this module imports no driver.
+it is single use and expires after 15 s unused. Channels are kept in the store
+(state/console.py), so a channel made through one replica of nanod may be opened through
+any other on the same store. The bytes come from an opener wired by nanod/server.py
+(reconciler/console.py): this module imports no driver.
+
+Close codes of the websocket: 4404 no such channel (unknown, used or expired), 4503 the
+console cannot be reached (the cell, or no reconciler in this nanod), 1011 the store could
+not be read or the console connection was lost, 1000 the console closed.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import threading
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import tornado.iostream
@@ -29,41 +32,6 @@ CHANNEL_TTL = 15.0
 CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Channel:
-    guest: str
-    cell: str
-    port: int
-    expires: float
-
-
-class Channels:
-    """One-time channels in memory (a restart of nanod forgets them: they live 15 s)."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, Channel] = {}
-        self._lock = threading.Lock()
-
-    def add(self, channel: Channel) -> str:
-        token = secrets.token_urlsafe(18)
-        with self._lock:
-            now = time.monotonic()
-            self._items = {k: v for k, v in self._items.items() if v.expires > now}
-            self._items[token] = channel
-        return token
-
-    def take(self, token: str) -> Channel | None:
-        with self._lock:
-            channel = self._items.pop(token, None)
-        if channel is None or channel.expires < time.monotonic():
-            return None
-        return channel
-
-
-def channels(ctx: AppContext) -> Channels:
-    return ctx.extras.setdefault("channels", Channels())
-
-
 class MonitorChannelsHandler(NanoHandler):
     menu = "instance"
 
@@ -73,8 +41,8 @@ class MonitorChannelsHandler(NanoHandler):
         target = self.store.console_target(self.session, guest)
         if "open_console" not in self.ctx.extras:
             raise Unavailable("consoles need the reconciler, which is disabled in this nanod")
-        token = channels(self.ctx).add(Channel(target["guest"], target["cell"], target["port"],
-                                               time.monotonic() + CHANNEL_TTL))
+        token = self.store.open_channel(target["guest"], target["cell"], target["port"],
+                                        CHANNEL_TTL)
         self.audit(f"opened a monitor channel to guest {target['name']} ({guest})")
         self.reply({"id": token, "protocol": target["protocol"], "username": "",
                     "password": target["secret"]})
@@ -97,16 +65,25 @@ class MonitorSocket(tornado.websocket.WebSocketHandler):
         return "binary" if "binary" in subprotocols else None
 
     async def open(self, token: str) -> None:
-        channel = channels(self.ctx).take(token)
+        try:  # in the store lane, as every store call of the API: never on the IOLoop
+            channel = await IOLoop.current().run_in_executor(
+                self.ctx.store_lane, self.ctx.store.take_channel, token)
+        except Exception as exc:  # noqa: BLE001  (the store is unreachable: say so)
+            log.warning("monitor channel lookup failed: %s", exc)
+            self.close(1011, "monitor channel lookup failed")
+            return
         if channel is None:
             self.close(4404, "unknown or expired monitor channel")
             return
-        opener = self.ctx.extras["open_console"]
+        opener = self.ctx.extras.get("open_console")
+        if opener is None:  # made by a replica with consoles, reached on one without
+            self.close(4503, "consoles need the reconciler, which is disabled in this nanod")
+            return
         try:
             self.pipe = await IOLoop.current().run_in_executor(
-                self.ctx.executor, opener, channel.cell, channel.port)
+                self.ctx.executor, opener, channel["cell"], channel["port"])
         except NanoError as exc:
-            log.info("console of guest %s: %s", channel.guest, exc.message)
+            log.info("console of guest %s: %s", channel["guest"], exc.message)
             self.close(4503, exc.message[:120])
             return
         if isinstance(self.pipe, socket.socket):
@@ -116,7 +93,7 @@ class MonitorSocket(tornado.websocket.WebSocketHandler):
             return
         loop = IOLoop.current()
         threading.Thread(target=self._pump, args=(loop,), daemon=True,
-                         name=f"console-{channel.guest[:8]}").start()
+                         name=f"console-{channel['guest'][:8]}").start()
 
     async def _pump_stream(self) -> None:
         """Display -> browser for a socket: no thread, flow control through the

@@ -163,7 +163,7 @@ class ImagesShared:
 def shared(handler: NanoHandler) -> ImagesShared:
     state = handler.ctx.extras.get("images")
     if state is None:
-        state = ImagesShared(ImageFiles(handler.ctx.settings["data_dir"]))
+        state = ImagesShared(handler.store.image_files())
         handler.ctx.extras["images"] = state
     return state
 
@@ -600,7 +600,6 @@ class ImageFileHandler(ImageRoute):
         upload, lanes = self._upload, self._lanes
         self._blocks, self._blocked, self._lanes = [], 0, None
         state = shared(self)
-        state.uploading.discard(self._target.get("id", ""))
         if upload is not None:
             state.temps.discard(upload.path)
             if lanes is not None:  # the temp file goes once the lanes are done with it
@@ -609,6 +608,12 @@ class ImageFileHandler(ImageRoute):
                 upload.discard()
         # the image may be gone by then: the upload is forgotten either way
         self.in_background(self.store.abort_upload, self._target["id"], quiet=True)
+        # The image is free for the next upload once its reset has landed: a reader then
+        # sees the reset, and a late reset cannot undo the next upload's start.
+        assert self._background is not None
+        loop, image_id = IOLoop.current(), self._target.get("id", "")
+        self._background.add_done_callback(
+            lambda _f: loop.add_callback(state.uploading.discard, image_id))
 
     def on_connection_close(self) -> None:
         super().on_connection_close()

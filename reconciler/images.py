@@ -75,7 +75,7 @@ class ImageReconciler:
             raise Unavailable(f"cell {guest.cell} of guest {guest.name} is not reachable")
         from reconciler.drivers.domains import LibvirtGuests
         from reconciler.drivers.volumes import download_volume
-        from state.images import DISK, ImageFiles
+        from state.images import DISK
 
         link = self.connections.link(cell)
         pool = placement_of(guest, cell).pool
@@ -85,7 +85,7 @@ class ImageReconciler:
             self.store.record_clone(key.id, phase="failed",
                                     error=f"the system disk of guest {guest.name} is missing")
             return Result()
-        files = ImageFiles(self.store.data_dir)
+        files = self.store.image_files()
         files.ensure()
         final = files.path(DISK, key.id, 1)
 

@@ -1,14 +1,21 @@
 """Media (ISO) and disk (qcow2) images: metadata in the store, files on the management node.
 
-Called by the image routes (`api/images.py`); later by the image reconciler, which sends
-the current version of an image to cells (`reconciler/drivers/volumes.py`).
+Called by the image routes (`api/images.py`), by nanod/server.py at start
+(`recover_uploads`), by the image reconciler (reconciler/images.py, clones from guests) and
+through state/replicas.py by the guest reconciler, which sends the current version of an
+image to cells (`reconciler/drivers/volumes.py`).
 
-Files (`ImageFiles`), all under the data directory:
+Files (`ImageFiles`): under the images directory (setting `image_dir`, DATA_DIR/images by
+default; one directory, NFS in production, shared by the replicas of a store):
 
-    images/media/<id>.<version>.iso      the current file of a media image
-    images/disk/<id>.<version>.qcow2     the current file of a disk image
-    images/tmp/<id>.<random>.part        uploads being received (same filesystem: the
-                                         finished file is moved into place with os.replace)
+    media/<id>.<version>.iso             the current file of a media image
+    disk/<id>.<version>.qcow2            the current file of a disk image
+    tmp/<replica>/<id>.<random>.part     uploads being received by one replica (same
+                                         filesystem: the finished file is moved into
+                                         place with os.replace)
+
+and under each nanod's own data directory:
+
     import/media/*.iso                   dropped here by an operator, imported by
     import/disk/*.qcow2                  PATCH /media_images/ and PATCH /disk_images/
 
@@ -22,13 +29,18 @@ the group's `media_image_visible`/`disk_image_visible` flag is on; every image f
 takes the caller's `SessionInfo` and answers "not found" for images it may not see.
 Names are unique per kind within a group.
 
-One process owns the image directory: concurrent uploads to one image are refused by the
-API's in-process guard, and the version bump is conditional (`WHERE version = base`), so
-metadata never describes a file that another upload replaced.
+Several replicas share the image directory. Concurrent uploads to one image are refused
+(the API's in-process guard; across replicas `Image.uploader`, set by `begin_upload` and
+cleared by the commit or the abort), and the version bump is conditional (`WHERE version
+= base`), so metadata never describes a file that another upload replaced. A replica
+starting up (`recover_uploads`) settles only its own uploads and those of replicas that
+are gone, removes only their temp directories, and leaves young files alone while
+another replica is live.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -49,7 +61,7 @@ from typing import Any
 import peewee
 
 from state.db import db
-from state.errors import Conflict, Invalid, NotFound
+from state.errors import Busy, Conflict, Invalid, NotFound
 from state.identity import NAME_RULE, SessionInfo, check_name, format_time
 from state.models import Guest, Image, User, UserGroup, now
 from state.quotas import Usage
@@ -193,12 +205,16 @@ def _unlink(path: str) -> None:
 
 
 class ImageFiles:
-    """The image directories of one data directory (see the module docstring)."""
+    """The image directories (see the module docstring): the images root `root` (setting
+    `image_dir`, one directory shared by the replicas of a store), the import directories
+    under `imports` (DATA_DIR/import, each nanod's own), and this replica's temp directory
+    tmp/<replica>/ (tmp/ itself for a nanod without a replica id)."""
 
-    def __init__(self, data_dir: str) -> None:
-        self.root = os.path.join(os.path.abspath(data_dir), "images")
-        self.tmp = os.path.join(self.root, "tmp")
-        self.imports = os.path.join(os.path.abspath(data_dir), "import")
+    def __init__(self, root: str, *, imports: str, replica: str = "") -> None:
+        self.root = os.path.abspath(root)
+        self.temp_root = os.path.join(self.root, "tmp")
+        self.tmp = os.path.join(self.temp_root, replica) if replica else self.temp_root
+        self.imports = os.path.abspath(imports)
 
     def kind_dir(self, kind: ImageKind) -> str:
         return os.path.join(self.root, kind.name)
@@ -219,7 +235,11 @@ class ImageFiles:
     def temp(self, image_id: str) -> tuple[int, str]:
         """A new private temp file for an upload: (fd, path). Opened O_EXCL by mkstemp."""
         self.ensure()
-        return tempfile.mkstemp(prefix=f"{image_id}.", suffix=".part", dir=self.tmp)
+        try:
+            return tempfile.mkstemp(prefix=f"{image_id}.", suffix=".part", dir=self.tmp)
+        except FileNotFoundError:  # removed by another replica that took this one for gone
+            os.makedirs(self.tmp, mode=0o750, exist_ok=True)
+            return tempfile.mkstemp(prefix=f"{image_id}.", suffix=".part", dir=self.tmp)
 
     def install(self, kind: ImageKind, image_id: str, version: int, temp_path: str) -> str:
         """Move a complete, synced temp file into place atomically; returns its path."""
@@ -242,36 +262,78 @@ class ImageFiles:
     def cleanup(self, kind: ImageKind, current: dict[str, int],
                 keep_temp: Collection[str] = (), *,
                 older_than: float = STALE_SECONDS) -> list[str]:
-        """Remove leftovers of crashes: temp files and files of no current version. Only
-        files older than `older_than` seconds go, so that, while nanod runs, an upload
-        finishing now is safe (at start, nothing runs: 0)."""
+        """Remove leftovers of crashes: temp files (this replica's and every other's) and
+        files of no current version. Only files older than `older_than` seconds go, so
+        that an upload finishing now, here or on another replica, is safe (its temp file
+        is written to at least every upload_idle_seconds, and a new version is moved
+        into place moments before its transaction commits)."""
+        return (self.clear_temp(keep_temp, older_than=older_than)
+                + self.clear_versions(kind, current, older_than=older_than))
+
+    def clear_temp(self, keep: Collection[str] = (), *, older_than: float = STALE_SECONDS,
+                   spare: Collection[str] = (), drop_dirs: bool = False) -> list[str]:
+        """Remove the temp files (`*.part`) under tmp/, loose ones and those in the
+        directories of replicas not in `spare`, that are older than `older_than` seconds
+        and not in `keep`; with `drop_dirs` (replicas known gone) their emptied
+        directories go too. Returns the names removed."""
         removed: list[str] = []
         cutoff = time.time() - older_than
-        candidates: list[tuple[str, bool]] = []
-        for folder, is_tmp in ((self.tmp, True), (self.kind_dir(kind), False)):
+        folders = [self.temp_root]
+        for name, folder in self.temp_dirs().items():
+            if name not in spare:
+                folders.append(folder)
+        for folder in folders:
             try:
-                candidates += [(e.path, is_tmp) for e in os.scandir(folder)]
+                entries = list(os.scandir(folder))
             except FileNotFoundError:
                 continue
-        for path, is_tmp in candidates:
-            name = os.path.basename(path)
-            if is_tmp:
-                if not name.endswith(".part") or path in keep_temp:
-                    continue
-            else:
-                match = _STORED.match(name)
-                if not match or match["ext"] != kind.ext:
-                    continue
-                if current.get(match["id"]) == int(match["version"]):
-                    continue
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode) and st.st_mtime <= cutoff:
-                _unlink(path)
-                removed.append(name)
+            for entry in entries:
+                if entry.name.endswith(".part") and entry.path not in keep and \
+                        _stale_file(entry.path, cutoff):
+                    _unlink(entry.path)
+                    removed.append(entry.name)
+            if drop_dirs and folder not in (self.temp_root, self.tmp):
+                with contextlib.suppress(OSError):  # not empty: still in use, or odd files
+                    os.rmdir(folder)
         return removed
+
+    def temp_dirs(self) -> dict[str, str]:
+        """The temp directories of replicas under tmp/: replica id -> path."""
+        try:
+            return {e.name: e.path for e in os.scandir(self.temp_root)
+                    if e.is_dir(follow_symlinks=False)}
+        except FileNotFoundError:
+            return {}
+
+    def clear_versions(self, kind: ImageKind, current: dict[str, int], *,
+                       older_than: float = STALE_SECONDS) -> list[str]:
+        """Remove the files of `kind` that are not an image's current version (`current`:
+        id -> version) and are older than `older_than` seconds. Returns the names removed."""
+        removed: list[str] = []
+        cutoff = time.time() - older_than
+        try:
+            entries = list(os.scandir(self.kind_dir(kind)))
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            match = _STORED.match(entry.name)
+            if not match or match["ext"] != kind.ext:
+                continue
+            if current.get(match["id"]) == int(match["version"]):
+                continue
+            if _stale_file(entry.path, cutoff):
+                _unlink(entry.path)
+                removed.append(entry.name)
+        return removed
+
+
+def _stale_file(path: str, cutoff: float) -> bool:
+    """A regular file last changed at or before `cutoff` (epoch seconds)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_mtime <= cutoff
 
 
 class UploadFile:
@@ -469,6 +531,21 @@ def visible_images(kind: ImageKind, session: SessionInfo) -> peewee.Expression:
 class ImageStore:
     """Mixin of `state.store.Store`: media and disk images."""
 
+    data_dir: str = ""
+    image_dir: str = ""  # "" = DATA_DIR/images
+    replica: str = ""  # this nanod's replica id (state/leases.py)
+
+    def _other_live_replicas(self) -> list[str]:
+        """The replicas of this store that are live (state/leases.py), but this one."""
+        live = self.live_replicas()  # type: ignore[attr-defined]
+        return [r for r in live if r != self.replica]
+
+    def image_files(self) -> ImageFiles:
+        """This nanod's view of the image files: the images root (setting `image_dir`,
+        shared by the replicas), DATA_DIR/import, and this replica's temp directory."""
+        return ImageFiles(self.image_dir or os.path.join(self.data_dir, "images"),
+                          imports=os.path.join(self.data_dir, "import"), replica=self.replica)
+
     # -- reading --------------------------------------------------------------------------
 
     @staticmethod
@@ -609,38 +686,62 @@ class ImageStore:
     # -- uploads ----------------------------------------------------------------------------
 
     def begin_upload(self, kind: ImageKind, image_id: str, session: SessionInfo) -> dict:
-        """The image a file is about to be uploaded to: {id, name, version}."""
+        """The image a file is about to be uploaded to: {id, name, version}; it is marked
+        as uploaded by this replica (`Image.uploader`) until the upload commits or aborts.
+        Busy while another live replica uploads to it (one process refuses a second upload
+        of its own before it gets here: api/images.py)."""
         row = self._image(kind, image_id, session)
-        Image.update(progress=0).where(Image.id == row.id).execute()
+        query = Image.update(progress=0, uploader=self.replica).where(Image.id == row.id)
+        others = self._other_live_replicas()
+        if others:  # one statement: of two replicas starting at once, one gets it
+            query = query.where((Image.uploader == self.replica)
+                                | Image.uploader.not_in(others))
+        if query.execute() != 1:
+            holder = Image.get_or_none(Image.id == row.id)
+            if holder is None:
+                raise NotFound(f"the {kind.label} was deleted")
+            raise Busy(f"an upload of {kind.label} {row.name!r} is running on replica "
+                       f"{holder.uploader}: wait for it to finish")
         return {"id": row.id, "name": row.name, "version": row.version}
 
-    def recover_uploads(self, files: ImageFiles) -> list[str]:
-        """At start, before any request: the uploads that were running when nanod stopped
-        (killed, crashed) are over. Their images' progress goes back to what the current
-        file says, and their temp files go, as do previous versions left by a stop between
-        an upload's answer and their removal: a big upload cut off by a crash leaves
-        neither a stuck percentage nor gigabytes of files. One process owns the image
-        directory (module docstring): no file there can belong to a running upload.
-        Clones from guests are left alone: the reconciler resumes them. Returns the files
-        removed."""
+    def recover_uploads(self, files: ImageFiles | None = None) -> list[str]:
+        """At start, before any request: the uploads this replica ran when it stopped
+        (killed, crashed), and those of replicas that are gone (no heartbeat within their
+        TTL, state/leases.py), are over. Their images' progress goes back to what the
+        current file says and their temp directories go, so a big upload cut off by a
+        crash leaves neither a stuck percentage nor gigabytes of files; uploads of live
+        replicas are left alone. Files of no current version (a stop between an upload's
+        answer and their removal) go too: all of them when no other replica is live,
+        else only those older than STALE_SECONDS, for another replica may be between
+        moving a new version into place and committing it. Clones from guests are left
+        alone: the reconciler resumes them. Returns the files removed."""
+        files = files or self.image_files()
+        others = self._other_live_replicas()
         settled = peewee.Case(None, [(Image.version > 0, 100)], 0)
         cloning = (Image.source_guest != "") & (Image.version == 0)
-        Image.update(progress=settled).where(~cloning & (Image.progress != settled)).execute()
-        removed: list[str] = []
+        over = ~cloning & ((Image.progress != settled) | (Image.uploader != ""))
+        if others:
+            over = over & Image.uploader.not_in(others)
+        Image.update(progress=settled, uploader="").where(over).execute()
+        removed = files.clear_temp(older_than=0, spare=others, drop_dirs=True)
         for kind in (MEDIA, DISK):
             current = {row.id: row.version for row in
                        Image.select(Image.id, Image.version).where(Image.kind == kind.name)}
-            removed += files.cleanup(kind, current, older_than=0)
+            removed += files.clear_versions(kind, current,
+                                            older_than=STALE_SECONDS if others else 0)
         return removed
 
     def record_upload_progress(self, image_id: str, progress: int) -> None:
-        Image.update(progress=max(0, min(99, progress))).where(Image.id == image_id).execute()
+        """Progress of this replica's upload (none once it aborted or another took over)."""
+        Image.update(progress=max(0, min(99, progress))).where(
+            (Image.id == image_id) & (Image.uploader == self.replica)).execute()
 
     def abort_upload(self, image_id: str) -> None:
-        """An upload failed: progress back to what the current file says."""
-        Image.update(progress=peewee.Case(None, [(Image.version > 0, 100)], 0)).where(
-            Image.id == image_id
-        ).execute()
+        """This replica's upload failed: progress back to what the current file says, the
+        image free for the next upload."""
+        settled = peewee.Case(None, [(Image.version > 0, 100)], 0)
+        Image.update(progress=settled, uploader="").where(
+            (Image.id == image_id) & (Image.uploader == self.replica)).execute()
 
     def commit_upload(self, kind: ImageKind, image_id: str, base_version: int, upload: UploadFile,
                       sha1: str, files: ImageFiles) -> int:
@@ -665,7 +766,9 @@ class ImageStore:
                 changed = (
                     Image.update(version=version, size=upload.size, checksum=sha1,
                                  progress=100, modified_at=now(),
-                                 generation=Image.generation + 1)
+                                 generation=Image.generation + 1,
+                                 uploader=peewee.Case(None, [(Image.uploader == self.replica,
+                                                              "")], Image.uploader))
                     .where((Image.id == image_id) & (Image.version == base_version))
                     .execute()
                 )

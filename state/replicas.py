@@ -15,8 +15,6 @@ from state.models import Guest, Image, ImageReplica
 class ReplicaStore:
     """Mixin of `state.store.Store`."""
 
-    data_dir: str = ""
-
     def image_source(self, image_id: str) -> dict[str, Any] | None:
         """The current file of an image on the management node, or None while it has none."""
         row = Image.get_or_none(Image.id == image_id)
@@ -27,9 +25,10 @@ class ReplicaStore:
                 "size": row.size, "checksum": row.checksum}
 
     def image_file_path(self, kind: str, image_id: str, version: int) -> str:
-        from state.images import KINDS, ImageFiles
+        from state.images import KINDS
 
-        return ImageFiles(self.data_dir).path(KINDS[kind], image_id, version)
+        return self.image_files().path(  # type: ignore[attr-defined]  (ImageStore's)
+            KINDS[kind], image_id, version)
 
     def image_replica(self, image_id: str, version: int, cell: str) -> dict[str, Any] | None:
         row = ImageReplica.get_or_none((ImageReplica.image == image_id)

@@ -16,6 +16,7 @@ from tornado.iostream import StreamClosedError
 from tornado.tcpclient import TCPClient
 
 from api.images import RangeNotSatisfiable, parse_range
+from state.models import Image
 from tests.api.test_images import (
     BOUNDARY,
     create,
@@ -45,8 +46,9 @@ def store_files(settings: dict[str, Any], kind: str) -> list[str]:
 
 
 def temp_files(settings: dict[str, Any]) -> list[str]:
-    folder = os.path.join(settings["data_dir"], "images", "tmp")
-    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    """The temp files of uploads: images/tmp/<replica id>/*.part (state/images.py)."""
+    folder = os.path.join(settings["image_dir"], "tmp")
+    return sorted(name for _, _, names in os.walk(folder) for name in names)
 
 
 async def eventually(check: Any, timeout: float = 5.0) -> None:
@@ -215,6 +217,10 @@ async def test_progress_of_a_first_upload_and_reset_when_cut_off(api, server, se
         await asyncio.sleep(0.05)
     assert reply.status == 202 and reply.data["created"] is False
     assert 20 <= reply.data["progress"] <= 30
+    # the upload runs on this replica, its temp file in the replica's own temp directory
+    replica = settings["replicas"]["id"]
+    assert Image.get_by_id(image_id).uploader == replica
+    assert os.listdir(os.path.join(settings["image_dir"], "tmp")) == [replica]
     stream.close()
     await eventually(lambda: temp_files(settings) == [])
     await eventually(lambda: not server.ctx.extras["images"].uploading)
@@ -222,6 +228,7 @@ async def test_progress_of_a_first_upload_and_reset_when_cut_off(api, server, se
     reply = await api.call("GET", f"/disk_images/{image_id}")
     assert reply.status == 200 and reply.data["created"] is False
     assert reply.data["progress"] == 0 and reply.data["size"] == 0
+    assert Image.get_by_id(image_id).uploader == ""
 
 
 # -- size limit ----------------------------------------------------------------------------------

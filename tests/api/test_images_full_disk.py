@@ -23,6 +23,7 @@ from tests.api.test_images import (
     multipart,
     sha1,
 )
+from tests.api.test_images_files import temp_files
 
 STORE_BYTES = 6 << 20
 
@@ -74,7 +75,7 @@ async def test_a_full_disk_refuses_the_upload_and_keeps_the_previous_version(api
     data = await api.ok("GET", f"/media_images/{image_id}")
     assert (data["size"], data["checksum"], data["progress"]) == (len(old), sha1(old), 100)
     assert (await download(api, file_path("media", image_id))).body == old
-    assert os.listdir(os.path.join(settings["data_dir"], "images", "tmp")) == []
+    assert temp_files(settings) == []
 
     smaller = iso_payload(2 << 20)  # the space of the refused upload is free again
     doc = await post_file(api, image_id, smaller)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from typing import Any
 
@@ -28,6 +27,7 @@ from tests.api.test_images import (
     request_head,
     sha1,
 )
+from tests.api.test_images_files import temp_files
 
 BIG = RECEIVE_BUFFER * RECEIVE_BUFFERS * 5 // 4 + 12_345
 
@@ -114,11 +114,10 @@ async def test_a_client_that_stops_sending_is_cut_off(api, server, settings):
     closed = await asyncio.wait_for(stream.read_until_close(), 20)  # the server hangs up
     assert closed == b""
     assert time.monotonic() - started >= 0.9
-    temp = os.path.join(settings["data_dir"], "images", "tmp")
     for _ in range(100):
-        if not server.ctx.extras["images"].uploading and not os.listdir(temp):
+        if not server.ctx.extras["images"].uploading and not temp_files(settings):
             break
         await asyncio.sleep(0.05)
-    assert not server.ctx.extras["images"].uploading and os.listdir(temp) == []
+    assert not server.ctx.extras["images"].uploading and temp_files(settings) == []
     data = await api.ok("GET", f"/media_images/{image_id}")
     assert (data["created"], data["progress"]) == (False, 0)

@@ -24,6 +24,7 @@ from tests.api.guest_helpers import (
     user_session,
 )
 from tests.api.test_images import create, iso_payload, make_iso, upload
+from tests.api.test_images_files import temp_files
 
 QUOTA = "/user_groups/admin/quota"
 UNLIMITED = {"cores": 0, "memory": 0, "disk": 0, "guests": 0, "image_storage": 0}
@@ -211,8 +212,7 @@ async def test_an_upload_announced_past_the_quota_is_refused_before_it_is_read(a
     assert refused.code == 409, refused.message
     assert "uploading 2" in refused.message and "image_storage quota 1000 bytes" in refused.message
     assert Image.get_by_id(image).version == 0
-    tmp = os.path.join(server.settings["data_dir"], "images", "tmp")
-    assert not os.path.isdir(tmp) or os.listdir(tmp) == []
+    assert temp_files(server.settings) == []
 
 
 @pytest.mark.gen_test

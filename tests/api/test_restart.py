@@ -175,15 +175,19 @@ async def test_an_upload_cut_off_by_a_kill_leaves_nothing_behind(nanod, tmp_path
         if 0 < (await api.ok("GET", f"/media_images/{image_id}"))["progress"] < 100:
             break
         await asyncio.sleep(0.05)
-    temp = tmp_path / "data" / "images" / "tmp"
-    assert [p.name for p in temp.iterdir()] != []  # the upload is under way
+    temp = tmp_path / "data" / "images" / "tmp"  # tmp/<replica id>/*.part
+
+    def temp_files() -> list[str]:
+        return [p.name for p in temp.rglob("*") if p.is_file()]
+
+    assert temp_files() != []  # the upload is under way
 
     nanod.kill()
     stream.close()
-    assert [p.name for p in temp.iterdir()] != []  # what a crash leaves
+    assert temp_files() != []  # what a crash leaves
     await nanod.start()
 
-    assert [p.name for p in temp.iterdir()] == []
+    assert temp_files() == []
     assert sorted(p.name for p in media.iterdir()) == [f"{image_id}.2.iso"]
     data = await api.ok("GET", f"/media_images/{image_id}")
     assert (data["created"], data["size"], data["checksum"], data["progress"]) == (

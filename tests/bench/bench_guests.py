@@ -297,8 +297,6 @@ def vnc_guest(pool_path: Path) -> tuple[libvirt.virDomain, libvirt.virStoragePoo
 
 
 async def console(tmp: Path, seconds: float) -> tuple[float, float]:
-    from api.console import Channel, channels
-
     dom, pool, port = vnc_guest(tmp / "vnc-pool")
     loop = asyncio.get_running_loop()
     server, client = await start_server(tmp / "data-console", {
@@ -309,8 +307,7 @@ async def console(tmp: Path, seconds: float) -> tuple[float, float]:
         cell = write_test_cell(tmp / "console-cell.xml", cpus=4, memory_kib=1 << 22)
         await client.call("POST", "/cells/con", {"libvirt_uri": cell.uri, "virt_type": "qemu",
                                                  "storage_path": "/sim/con"})
-        token = channels(server.ctx).add(Channel("bench", "con", port,
-                                                 time.monotonic() + 15))
+        token = server.store.open_channel("bench", "con", port, 15.0)
         proxied = await loop.run_in_executor(None, vnc_rate, server.port,
                                              f"/monitor_channels/{token}", seconds)
     finally:

@@ -46,7 +46,8 @@ def file_bytes(upload: UploadFile) -> bytes:
 
 @pytest.fixture
 def files(tmp_path: Any) -> ImageFiles:
-    return ImageFiles(str(tmp_path))
+    return ImageFiles(str(tmp_path / "images"), imports=str(tmp_path / "import"),
+                      replica="r1")
 
 
 @pytest.fixture
