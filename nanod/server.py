@@ -37,7 +37,6 @@ from reconciler.guests import dry_run as guest_dry_run
 from reconciler.loop import CAUSES
 from state.cell_transport import CellRules
 from state.db import close_database, database_url, open_database
-from state.images import ImageFiles
 from state.notify import Broadcast, Listener, is_postgresql
 from state.secrets import seal_plain_secrets
 from state.store import Store
@@ -139,7 +138,7 @@ class Server:
         self.store.ensure_default_templates()
         if seal_plain_secrets(settings["data_dir"]):  # rows from before sealing existed
             log.info("sealed the stored passwords that were kept in clear")
-        left = self.store.recover_uploads(ImageFiles(settings["data_dir"]))
+        left = self.store.recover_uploads()
         if left:
             log.warning("removed %d file(s) of unfinished or replaced uploads left by the last "
                         "stop", len(left))
