@@ -419,7 +419,11 @@ class GuestReconciler:
                 live = parse_domain_xml(live_xml) if live_xml else None
             snapshots = frozenset(s.name for s in drv.snapshots(name))
             autostart = bool(drv.autostart(name))
-        present = set(drv.volumes(place.pool))
+        listed = drv.pool_volumes(place.pool)
+        if listed is None:  # the cell's reconciler makes its pools: wait for it
+            raise Unavailable(f"storage pool {place.pool} is not on cell {cell.name} (yet): "
+                              "the guest waits until the cell has it")
+        present = set(listed)
         volumes: dict[str, int] = {}
         for vol in want.volumes:
             if vol.name in present:
@@ -1008,8 +1012,10 @@ class GuestReconciler:
         conditions = set_condition(conditions, READY, False, "Error", exc.message, now_text())
         created = bool((self.store.guest_desired(desired.id) or desired).observed.get("created"))
         log.warning("guest %s (%s): %s", desired.name, desired.id, exc.message)
+        # a cell that cannot be reached (or is not ready) fails no creation: it is retried
+        failed = not created and not isinstance(exc, Unavailable)
         self.store.record_guest_observed(
-            desired.id, phase=None if created else "failed", last_error=exc.message,
+            desired.id, phase="failed" if failed else None, last_error=exc.message,
             conditions=conditions)
 
 

@@ -392,6 +392,13 @@ class LibvirtGuests:
                    lambda c: c.storagePoolLookupByName(pool).refresh(0))
 
     def volumes(self, pool: str) -> list[str]:
+        """The volumes of `pool`; none when the pool itself is missing."""
+        return self.pool_volumes(pool) or []
+
+    def pool_volumes(self, pool: str) -> list[str] | None:
+        """The volumes of `pool`, or None when the cell has no such pool (not "no
+        volumes": a guest whose disks seem gone because their pool is not there yet must
+        wait for it, not be reported as having lost its data)."""
         def read(conn: libvirt.virConnect) -> list[str]:
             p = conn.storagePoolLookupByName(pool)
             with contextlib.suppress(libvirt.libvirtError):
@@ -401,7 +408,7 @@ class LibvirtGuests:
         try:
             return self._call(f"list volumes of {pool}", read)
         except NotFound:
-            return []
+            return None
 
     def create_volume(self, pool: str, name: str, capacity: int, *, fmt: str = "qcow2",
                       backing: str | None = None) -> VolumeInfo:
