@@ -627,6 +627,9 @@ class ImageFileHandler(ImageRoute):
     async def post(self, image_id: str) -> None:
         try:
             await self._receive(image_id)
+        except BaseException:
+            self._abandon()  # refused before the commit (a malformed checksum, say)
+            raise
         finally:
             # a failed upload is reset, and its temp file gone, before the answer
             await self.background_settled()
