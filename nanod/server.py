@@ -145,8 +145,9 @@ class Server:
         self.metrics = Metrics()
         self.metrics.watch_store(self.store.metrics_counts)
         self.membership = self._membership(settings)
-        self.controller = build_controller(self.store, settings, meter=self.metrics,
-                                           shard=self.membership)
+        self.controller = build_controller(
+            self.store, settings, meter=self.metrics,
+            shard=self.membership if self.membership.reconciles else None)
         controller = self.controller
 
         def enqueue(key: Key) -> None:  # the request whose write asks is the cause
@@ -155,8 +156,7 @@ class Server:
 
         if controller is not None:
             self.metrics.watch_queue(controller.queue.stats)
-        if self.membership is not None:
-            self.metrics.watch_replicas(self.membership, self.store.replicas_view)
+        self.metrics.watch_replicas(self.membership, self.store.replicas_view)
         self.ctx = AppContext(store=self.store, enqueue=enqueue, settings=settings,
                               reconciling=(lambda: controller.kinds) if controller is not None else None,
                               metrics=self.metrics)
@@ -181,16 +181,15 @@ class Server:
         self._listener: Listener | None = None
 
     def _membership(self, settings: dict[str, Any]) -> Any:
-        """This nanod as a replica of the store's control plane (reconciler/leases.py), or
-        None when it reconciles nothing."""
-        if not settings.get("reconciler", {}).get("enabled", True):
-            return None
+        """This nanod as a replica of the store's control plane (reconciler/leases.py); one
+        whose reconciler is disabled only heartbeats (it holds no lease)."""
         from reconciler.leases import Membership
 
         conf = settings["replicas"]
         return Membership(self.store, conf["id"], ttl=float(conf["lease_ttl_seconds"]),
                           renew_seconds=float(conf["renew_seconds"]),
-                          address=conf["address"] or settings.get("listen", ""))
+                          address=conf["address"] or settings.get("listen", ""),
+                          reconciles=bool(settings.get("reconciler", {}).get("enabled", True)))
 
     def listen(self, host: str, port: int) -> int:
         # every body is small unless its route says otherwise per request (api/base.py)
@@ -209,10 +208,9 @@ class Server:
             self._listener = Listener(
                 replica, lambda kind, key_id: controller.enqueue(Key(kind, key_id), local=True),
                 on_gap=controller.resync)
-        if self.membership is not None:
-            if not self.settings["replicas"]["address"]:
-                self.membership.address = f"{host}:{self.port}"
-            self.membership.start()  # first renewal now: a lone replica holds every lease
+        if not self.settings["replicas"]["address"]:
+            self.membership.address = f"{host}:{self.port}"
+        self.membership.start()  # first renewal now: a lone replica holds every lease
         if self.controller:
             self.controller.start()
         return self.port
@@ -243,8 +241,8 @@ class Server:
         for part in (self._listener, self._broadcast):
             if part is not None:
                 part.close()
-        if self.membership is not None:  # after the workers: nothing writes under a lease
-            await asyncio.get_running_loop().run_in_executor(None, self.membership.stop)
+        # after the workers: nothing writes under a lease any more
+        await asyncio.get_running_loop().run_in_executor(None, self.membership.stop)
         self.ctx.close()
         close_database()
         if self._lock >= 0:

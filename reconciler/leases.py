@@ -17,8 +17,10 @@ deadline (the monotonic time of the renewal that extended it plus the TTL), so a
 replica that was frozen neither reconciles nor writes on a lease it may have lost; the
 store refuses its writes anyway (state/db.py).
 
-Built by reconciler/kinds.py for `nanod serve`; stopped (leases released, replica row
-removed) when nanod stops cleanly.
+Built by nanod/server.py for `nanod serve`; stopped (leases released, replica row removed)
+when nanod stops cleanly. A nanod whose reconciler is disabled still heartbeats (so the
+other replicas know it is alive and leave its uploads alone, state/images.py) but takes
+no lease (`reconciles=False`).
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ Changed = Callable[[set[str], set[str]], None]
 
 class Membership:
     def __init__(self, store: Any, replica: str, *, ttl: float, renew_seconds: float,
-                 address: str = "") -> None:
+                 address: str = "", reconciles: bool = True) -> None:
         self.store = store
         self.replica = replica
         self.ttl = ttl
         self.renew_seconds = renew_seconds
         self.address = address
+        self.reconciles = reconciles
         self.started_at = time.time()
         self._held: dict[str, tuple[int, float]] = {}  # name -> (token, local deadline)
         self._lock = threading.Lock()
@@ -124,14 +127,17 @@ class Membership:
         """One renewal round; returns (gained, lost)."""
         started = time.monotonic()
         self.store.heartbeat(self.replica, address=self.address, host=socket.gethostname(),
-                             pid=os.getpid(), started_at=self.started_at, ttl=self.ttl)
+                             pid=os.getpid(), started_at=self.started_at, ttl=self.ttl,
+                             reconciles=self.reconciles)
+        if not self.reconciles:
+            return set(), set()
         with self._lock:
             before = {n: t for n, (t, _) in self._held.items()}
         renewed = self.store.renew_leases(self.replica, before, self.ttl)
         lost = set(before) - set(renewed)
         held = dict(renewed)
         rows = self.store.lease_rows()
-        live = self.store.live_replicas()
+        live = self.store.live_replicas(reconciling=True)
         if self.replica not in live:
             live = sorted([*live, self.replica])
         now = time.time()

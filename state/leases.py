@@ -92,20 +92,26 @@ class LeaseStore:
     # -- replicas ---------------------------------------------------------------------------
 
     def heartbeat(self, replica: str, *, address: str, host: str, pid: int,
-                  started_at: float, ttl: float) -> None:
+                  started_at: float, ttl: float, reconciles: bool = True) -> None:
         now = time.time()
         ControlReplica.insert(id=replica, address=address, host=host, pid=pid,
-                              started_at=started_at, heartbeat_at=now, ttl=ttl).on_conflict(
+                              started_at=started_at, heartbeat_at=now, ttl=ttl,
+                              reconciles=reconciles).on_conflict(
             conflict_target=[ControlReplica.id],
             update={ControlReplica.address: address, ControlReplica.host: host,
                     ControlReplica.pid: pid, ControlReplica.started_at: started_at,
-                    ControlReplica.heartbeat_at: now, ControlReplica.ttl: ttl}).execute()
+                    ControlReplica.heartbeat_at: now, ControlReplica.ttl: ttl,
+                    ControlReplica.reconciles: reconciles}).execute()
 
-    def live_replicas(self) -> list[str]:
-        """Replicas whose last heartbeat is within their TTL, sorted."""
+    def live_replicas(self, *, reconciling: bool = False) -> list[str]:
+        """Replicas whose last heartbeat is within their TTL (only those that reconcile,
+        when `reconciling`), sorted."""
         now = time.time()
-        return sorted(r.id for r in ControlReplica.select(ControlReplica.id).where(
-            ControlReplica.heartbeat_at + ControlReplica.ttl > now))
+        query = ControlReplica.select(ControlReplica.id).where(
+            ControlReplica.heartbeat_at + ControlReplica.ttl > now)
+        if reconciling:
+            query = query.where(ControlReplica.reconciles)
+        return sorted(r.id for r in query)
 
     def leave(self, replica: str) -> None:
         """A replica stopping cleanly: its leases are free at once, its row goes."""
@@ -131,7 +137,7 @@ class LeaseStore:
             held = sorted(leases.get(r.id, []), key=lambda x: x.name)
             out.append({
                 "id": r.id, "address": r.address, "host": r.host, "pid": r.pid,
-                "alive": r.heartbeat_at + r.ttl > now,
+                "alive": r.heartbeat_at + r.ttl > now, "reconciles": r.reconciles,
                 "started": _iso(r.started_at), "heartbeat_age": round(now - r.heartbeat_at, 3),
                 "cells": [x.name.split(":", 1)[1] for x in held if x.name != GLOBAL],
                 "global": any(x.name == GLOBAL for x in held),

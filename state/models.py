@@ -429,6 +429,7 @@ class ControlReplica(Base):
     started_at = peewee.DoubleField(default=0.0)  # epoch seconds
     heartbeat_at = peewee.DoubleField(default=0.0)
     ttl = peewee.DoubleField(default=10.0)  # the lease TTL it runs with
+    reconciles = peewee.BooleanField(default=True)  # False: API only, takes no lease
 
 
 class Lease(Base):

@@ -125,3 +125,15 @@ def test_replicas_spread_the_cells_evenly_and_rebalance_when_one_joins_or_leaves
     one.tick()
     assert len([n for n in one.held() if n != GLOBAL]) == 7 and GLOBAL in one.held()
     assert store.live_replicas() == ["a"]
+
+
+def test_a_replica_without_a_reconciler_is_alive_and_holds_no_lease(store):
+    add_cells("c1", "c2")
+    api_only = Membership(store, "api", ttl=30, renew_seconds=10, reconciles=False)
+    worker = Membership(store, "worker", ttl=30, renew_seconds=10)
+    for _ in range(2):
+        api_only.tick()
+        worker.tick()
+    assert store.live_replicas() == ["api", "worker"]  # its uploads are left alone
+    assert api_only.held() == {}
+    assert set(worker.held()) == {GLOBAL, cell_lease("c1"), cell_lease("c2")}
