@@ -12,24 +12,15 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import tornado.httpclient
 
+from tests.api.test_restart import NANOD, free_port
 from tests.conftest import write_nanod_config
-
-NANOD = str(Path(sys.executable).with_name("nanod"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Replica:
