@@ -124,10 +124,12 @@ class ImageReconciler:
             "from_guest": guest.id, "size": size, "sha1": sha1}),))
 
     def _wait(self, image_id: str, reason: str, message: str) -> None:
-        """The clone waits on another resource: its own status names it and why."""
+        """The clone waits on another resource: its own Ready condition names it and why.
+        Waiting is not failing: the image's `error` stays empty (it is set only when the
+        clone failed for good)."""
         conditions = set_condition(self.store.image_conditions(image_id), READY, False,
                                    reason, message, now_text())
-        self.store.record_clone(image_id, phase="waiting", error=message,
+        self.store.record_clone(image_id, phase="waiting", error="",
                                 conditions=conditions)
 
     def _why(self, guest_id: str) -> str:

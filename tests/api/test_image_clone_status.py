@@ -38,6 +38,9 @@ async def test_a_clone_names_the_guest_it_waits_for(api, server):
     assert item["phase"] == "waiting"
     assert (ready(item)["status"], ready(item)["reason"]) == (False, "GuestRunning")
     assert "guest source is running: stop it" in ready(item)["message"]
+    # waiting is not failing: the image itself says 202 (work under way) and no error
+    reply = await api.call("GET", f"/disk_images/{image_id}")
+    assert reply.status == 202 and "error" not in reply.data, reply.data
 
     # the guest is stopped but cannot converge: the clone repeats the guest's own reason
     set_running(server, gid, False)
