@@ -68,7 +68,8 @@ def build(store: Any, settings: dict[str, Any], *, meter: Meter | None = None,
 
     connections = CellConnections.from_settings(settings, on_domain_event=on_domain_event)
     # image streams, volume copies, disk compaction, clones: threads of their own
-    long_work = LongWork(enqueue, workers=int(conf.get("long_workers", 2)))
+    long_work = LongWork(enqueue, workers=int(conf.get("long_workers", 2)),
+                         holds=shard.holds if shard is not None else None)
     reconcilers: list[Any] = [
         CellReconciler(store, connections, enqueue,
                        offline_after=int(conf.get("offline_after", 3)),

@@ -75,6 +75,12 @@ class Membership:
             return None
         return Fence(lease, self.replica, held[0])
 
+    def holds(self, fence: Fence) -> bool:
+        """Whether `fence` still holds by this replica's own account (no store read): its
+        lease held, with the same token, before the local deadline. Long work asks it
+        between blocks, so that it stops before another replica can take the lease over."""
+        return self.fence(fence.lease) == fence
+
     def mine(self, keys: Iterable[Key]) -> list[Key]:
         """The keys among `keys` whose lease this replica holds (one store read for all)."""
         keys = list(keys)

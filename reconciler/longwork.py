@@ -13,6 +13,13 @@ after `keep_seconds`.
 
 The lane is bounded (`reconciler.long_workers` threads): jobs beyond that wait in order,
 reported as queued. `fn` receives a `report(done, total)` callable for progress.
+
+Among several replicas a job belongs to the lease its reconcile ran under (the fence of
+state.leases): its store writes are fenced like any other, and its work on the cell stops
+too once the lease is lost. `report` raises `Fenced` when `holds(fence)` says no (every
+stream block asks), and a queued job whose lease went meanwhile does not start: the
+replica that took the lease over makes it again, and two replicas never stream into the
+same volume at once.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from typing import Any, TypeVar
 
 from reconciler.contract import Key
 from reconciler.threads import DaemonThreads
+from state.db import FENCE
+from state.leases import Fence, Fenced
 
 log = logging.getLogger("nano.reconciler.longwork")
 
@@ -54,9 +63,19 @@ class Job:
     done: int = 0
     total: int = 0
     future: concurrent.futures.Future[Any] | None = None
+    fence: Fence | None = None  # the lease the job's reconcile ran under (None: unfenced)
+    holds: Callable[[Fence], bool] | None = None
 
     def report(self, done: int, total: int) -> None:
         self.done, self.total = done, total
+        self.check_lease()
+
+    def check_lease(self) -> None:
+        """Raise `Fenced` once this replica no longer holds the job's lease."""
+        if self.fence is not None and self.holds is not None and not self.holds(self.fence):
+            raise Fenced(f"{self.what}: stopped, lease {self.fence.lease} (token "
+                         f"{self.fence.token}) is no longer this replica's; the replica "
+                         "that holds it now does this work")
 
     def describe(self) -> str:
         now = time.monotonic()
@@ -70,7 +89,8 @@ class LongWork:
     """`workers` threads for long jobs; `enqueue` wakes a job's owner when it ends."""
 
     def __init__(self, enqueue: Callable[[Key], None], *, workers: int = 2,
-                 keep_seconds: float = 600.0) -> None:
+                 keep_seconds: float = 600.0,
+                 holds: Callable[[Fence], bool] | None = None) -> None:
         if workers < 1:
             raise ValueError(f"settings: reconciler.long_workers must be at least 1, "
                              f"not {workers}")
@@ -80,6 +100,7 @@ class LongWork:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self.keep_seconds = keep_seconds
+        self._holds = holds  # Membership.holds among replicas; None: one nanod, no leases
 
     def run(self, owner: Key, job_id: str, what: str, fn: Callable[[Report], T]) -> T:
         """The result of `fn(report)` once it has run in the lane; until then raises
@@ -88,7 +109,7 @@ class LongWork:
             self._forget_old()
             job = self._jobs.get(job_id)
             if job is None:
-                job = Job(owner, job_id, what)
+                job = Job(owner, job_id, what, fence=FENCE.get(), holds=self._holds)
                 self._jobs[job_id] = job
                 job.future = self._pool.submit(self._execute, job, fn)
                 raise InProgress(job)
@@ -120,6 +141,7 @@ class LongWork:
     def _execute(self, job: Job, fn: Callable[[Report], T]) -> T:
         job.started_at = time.monotonic()
         try:
+            job.check_lease()  # queued while the lease went: not started at all
             return fn(job.report)
         finally:
             job.ended_at = time.monotonic()

@@ -14,9 +14,10 @@ import pytest
 
 from reconciler.contract import Key
 from reconciler.leases import Membership
+from reconciler.longwork import InProgress, LongWork
 from state.db import close_database, db, open_database
 from state.leases import GLOBAL, Fence, Fenced, cell_lease, fenced
-from state.models import Cell, Lease
+from state.models import Cell, ControlReplica, Lease
 from state.store import Store
 from tests.conftest import PG_URL, _postgres, postgres_schema_url
 
@@ -150,3 +151,62 @@ def test_a_replica_without_a_reconciler_is_alive_and_holds_no_lease(store):
     assert store.live_replicas() == ["api", "worker"]  # its uploads are left alone
     assert api_only.held() == {}
     assert set(worker.held()) == {GLOBAL, cell_lease("c1"), cell_lease("c2")}
+
+
+def test_long_work_stops_when_its_lease_is_lost_and_a_queued_job_never_starts(store):
+    """An image stream started under a cell's lease stops at its next block once another
+    replica took the lease over (the old owner paused past its TTL), before that replica
+    can stream into the same volume; a job still queued then does not start at all."""
+    add_cells("c1")
+    old = Membership(store, "a", ttl=30, renew_seconds=10)
+    old.tick()
+    woken: list[Key] = []
+    lane = LongWork(woken.append, workers=1, holds=old.holds)
+    owner = Key("guest", "g1")
+    fence = old.claim(Key("cell", "c1"))
+    assert fence is not None and old.holds(fence)
+    blocks: list[int] = []
+    streaming = threading.Event()
+
+    def stream(report):
+        for block in range(1000):
+            blocks.append(block)
+            streaming.set()
+            report(block + 1, 1000)
+            time.sleep(0.01)
+        return "sent"
+
+    with fenced(fence), pytest.raises(InProgress):
+        lane.run(owner, "send", "send disk image i1 to cell c1", stream)
+    with fenced(fence), pytest.raises(InProgress):  # waits behind the stream (one thread)
+        lane.run(owner, "reset", "reset the system disk of g1", lambda report: "reset")
+    assert streaming.wait(5)
+
+    # "a" paused past its TTL: "b" takes the lease over; "a" learns it at its next renewal
+    Lease.update(expires_at=time.time() - 1).where(Lease.name == cell_lease("c1")).execute()
+    ControlReplica.update(heartbeat_at=time.time() - 60).where(
+        ControlReplica.id == "a").execute()
+    new = Membership(store, "b", ttl=30, renew_seconds=10)
+    new.tick()
+    assert cell_lease("c1") in new.held()
+    old.tick()
+    assert not old.holds(fence)
+
+    deadline = time.monotonic() + 5
+    while lane.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not lane.running(), "the stream went on after its lease was lost"
+    with pytest.raises(Fenced, match="lease cell:c1 .* no longer this replica's"):
+        lane.run(owner, "send", "send disk image i1 to cell c1", stream)
+    assert len(blocks) < 1000
+    with pytest.raises(Fenced, match="reset the system disk of g1: stopped"):
+        lane.run(owner, "reset", "reset the system disk of g1", lambda report: "reset")
+    assert woken == [owner, owner]  # each job's owner is told it ended
+
+    # without a fence (one nanod, no leases) the same lane just runs the job
+    with pytest.raises(InProgress):
+        lane.run(owner, "alone", "alone", lambda report: (report(1, 1), "done")[1])
+    deadline = time.monotonic() + 5
+    while lane.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lane.run(owner, "alone", "alone", lambda report: None) == "done"
