@@ -19,6 +19,7 @@ from reconciler.failover import check_fencing
 from reconciler.naming import check_prefix
 from state.cell_transport import check_path
 from state.errors import Invalid
+from state.identity import PASSWORD_HASH_DEFAULTS, check_password_hash
 from state.placement import overcommit_from
 
 DEFAULTS: dict[str, Any] = {
@@ -47,6 +48,10 @@ DEFAULTS: dict[str, Any] = {
     # routes' database calls run in (never the IOLoop)
     "api": {"max_json_bytes": 1 << 20, "password_workers": 2, "login_throttle_entries": 10000,
             "store_workers": 8},
+    # the argon2id cost of password hashes (state/identity.py): passes, memory in KiB and
+    # lanes; never below OWASP's least (2, 19456, 1). A stored hash of another cost is made
+    # again at its user's next login, so raising it upgrades every active account
+    "password_hash": dict(PASSWORD_HASH_DEFAULTS),
     # the event stream (state/events.py, GET /api/v1/events): events older than
     # max_age_seconds or beyond the newest max_count are trimmed; the API reads new ones
     # every poll_seconds (one query for all its clients)
@@ -133,6 +138,10 @@ def load(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit("nanod: metrics_token must be a string (quote it in the YAML), not "
                          f"{settings['metrics_token']!r}")
     _check_replicas(settings)
+    try:
+        settings["password_hash"] = check_password_hash(settings["password_hash"])
+    except ValueError as exc:
+        raise SystemExit(f"nanod: {exc}") from None
     names = settings["names"]
     if not isinstance(names, dict) or set(names) != {"prefix"}:
         raise SystemExit(f"nanod: names must be {{prefix: PREFIX}}, not {names!r}")

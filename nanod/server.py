@@ -37,6 +37,7 @@ from reconciler.guests import dry_run as guest_dry_run
 from reconciler.loop import CAUSES
 from state.cell_transport import CellRules
 from state.db import close_database, database_url, open_database
+from state.identity import use_password_hash
 from state.notify import Broadcast, Listener, is_postgresql
 from state.secrets import seal_plain_secrets
 from state.store import Store
@@ -94,6 +95,7 @@ def setup_logging(settings: dict[str, Any], *, to_file: bool = True) -> None:
 
 
 def open_store(settings: dict[str, Any]) -> Store:
+    use_password_hash(settings["password_hash"])
     os.makedirs(settings["data_dir"], exist_ok=True)
     open_database(database_url(settings.get("database"), settings["data_dir"]))
     return Store(session_timeout=int(settings["session_timeout"]), limits=settings["limits"],

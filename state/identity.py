@@ -47,10 +47,47 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 ALREADY_INITIALIZED = ("the system is already initialized: POST /system/ is closed; log in with "
                        "POST /sessions/ (an administrator adds users with POST /users/{name})")
 
-_hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
-# A real hash of a random password: failed logins for unknown users cost the same time
-# as wrong passwords, so timing does not reveal which names exist.
-_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+# The argon2id cost (the `password_hash` setting): argon2-cffi's defaults, RFC 9106's
+# low-memory profile, unless set; never below OWASP's least for argon2id (19 MiB, 2
+# passes, 1 lane). A hash made with another cost is made again at its user's next login.
+PASSWORD_HASH_DEFAULTS = {"time_cost": 3, "memory_kib": 65536, "parallelism": 4}
+PASSWORD_HASH_LEAST = {"time_cost": 2, "memory_kib": 19456, "parallelism": 1}
+
+
+def check_password_hash(conf: object) -> dict[str, int]:
+    """The `password_hash` setting, checked: a cost below the least is refused, naming the
+    key and the least, rather than weakening every stored password."""
+    if not isinstance(conf, dict) or set(conf) != set(PASSWORD_HASH_DEFAULTS):
+        raise ValueError(f"password_hash takes exactly the keys "
+                         f"{', '.join(PASSWORD_HASH_DEFAULTS)}, not {conf!r}")
+    for key, least in PASSWORD_HASH_LEAST.items():
+        value = conf[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"password_hash.{key} must be a whole number of at least {least} "
+                             f"(OWASP's least for argon2id), not {value!r}")
+    return {key: int(conf[key]) for key in PASSWORD_HASH_DEFAULTS}
+
+
+def _make_hasher(conf: dict[str, int]) -> tuple[PasswordHasher, str]:
+    hasher = PasswordHasher(time_cost=conf["time_cost"], memory_cost=conf["memory_kib"],
+                            parallelism=conf["parallelism"])
+    # A real hash of a random password: failed logins for unknown users cost the same time
+    # as wrong passwords, so timing does not reveal which names exist.
+    return hasher, hasher.hash(secrets.token_hex(16))
+
+
+_hasher, _DUMMY_HASH = _make_hasher(PASSWORD_HASH_DEFAULTS)
+_hash_cost = dict(PASSWORD_HASH_DEFAULTS)
+
+
+def use_password_hash(conf: object) -> None:
+    """Hash and verify with the cost of the `password_hash` setting from now on (the
+    process has one: nanod calls it as it opens the store)."""
+    global _hasher, _DUMMY_HASH, _hash_cost
+    cost = check_password_hash(conf)
+    if cost != _hash_cost:
+        _hasher, _DUMMY_HASH = _make_hasher(cost)
+        _hash_cost = cost
 
 
 def format_time(value: dt.datetime | None) -> str:

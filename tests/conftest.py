@@ -58,6 +58,10 @@ TEST_SETTINGS: dict[str, Any] = {
     # the suite's simulated cells are libvirt test-driver files (test:///PATH.xml), which a
     # production nanod refuses (state/cell_transport.py)
     "allow_test_cells": True,
+    # argon2id at OWASP's least cost (still a real argon2id hash, ~40 ms) instead of the
+    # default's ~300 ms: the suite logs in a few thousand times. The tests about hashing
+    # cost itself (tests/api/test_password_lane.py) and the benchmarks use the default.
+    "password_hash": {"time_cost": 2, "memory_kib": 19456, "parallelism": 1},
 }
 naming.use(TEST_NAMES_PREFIX)  # for tests that drive reconcilers and drivers directly
 

@@ -72,6 +72,7 @@ def nanod_settings(data: Path, reconciler: dict[str, Any]) -> dict[str, Any]:
     settings["reconciler"] = {**settings["reconciler"], **reconciler}
     settings["session_timeout"] = 3600  # a full-size run seeds for minutes
     settings["allow_test_cells"] = True
+    settings["password_hash"] = dict(config.DEFAULTS["password_hash"])  # what users get
     return settings
 
 
