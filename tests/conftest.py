@@ -22,6 +22,7 @@ import tornado.httpclient
 from nanod import config
 from reconciler import naming
 from state.db import close_database
+from state.identity import use_password_hash
 
 pytest_plugins = ["tests.setup_guard"]  # a setup nanod on this host is left as it was
 
@@ -64,6 +65,7 @@ TEST_SETTINGS: dict[str, Any] = {
     "password_hash": {"time_cost": 2, "memory_kib": 19456, "parallelism": 1},
 }
 naming.use(TEST_NAMES_PREFIX)  # for tests that drive reconcilers and drivers directly
+use_password_hash(TEST_SETTINGS["password_hash"])  # ... and the store directly
 
 
 def reconciling(settings: dict[str, Any], **timing: float) -> dict[str, Any]:
