@@ -89,14 +89,15 @@ class ImageReconciler:
         files.ensure()
         final = files.path(DISK, key.id, 1)
 
-        def pull(_report: Report) -> tuple[int, str]:
+        def pull(report: Report) -> tuple[int, str]:
             self.store.record_clone(key.id, phase="cloning", progress=1, error="")
             done = threading.Event()
             watcher = threading.Thread(target=self._watch, daemon=True, args=(
                 key.id, os.path.dirname(final), info.allocation, done))
             watcher.start()
             try:
-                size, sha1 = download_volume(link.hypervisor, pool, volume, final)
+                size, sha1 = download_volume(link.hypervisor, pool, volume, final,
+                                             progress=report, expected=info.allocation)
                 self.meter.transferred("from_cell", size)
                 return size, sha1
             finally:

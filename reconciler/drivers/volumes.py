@@ -218,10 +218,13 @@ def upload_volume(target: Target, pool_name: str, volume_name: str, path: str, *
         return sent
 
 
-def download_volume(target: Target, pool_name: str, volume_name: str, path: str
-                    ) -> tuple[int, str]:
+def download_volume(target: Target, pool_name: str, volume_name: str, path: str, *,
+                    progress: Callable[[int, int], None] | None = None,
+                    expected: int = 0) -> tuple[int, str]:
     """Copy a volume's content into a new file at `path` (written to a temp file in the
-    same directory, synced, then moved into place); returns (size, sha1)."""
+    same directory, synced, then moved into place); returns (size, sha1).
+    `progress(received, expected)` is told of every block received (an exception it raises
+    aborts the stream)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(prefix=".volume-", suffix=".part", dir=folder)
     try:
@@ -232,7 +235,14 @@ def download_volume(target: Target, pool_name: str, volume_name: str, path: str
                 out.truncate()  # a retry starts over
                 stream = conn.newStream(0)
                 vol.download(stream, 0, 0, 0)
-                return _digest_stream(stream, out.write)
+                if progress is None:
+                    return _digest_stream(stream, out.write)
+
+                def sink(data: bytes) -> None:
+                    out.write(data)
+                    progress(out.tell(), max(expected, out.tell()))
+
+                return _digest_stream(stream, sink)
 
             result = _streaming(hv, f"download volume {pool_name}/{volume_name} to {path}",
                                 receive)

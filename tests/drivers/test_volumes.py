@@ -23,6 +23,7 @@ from reconciler.drivers.volumes import (
     volume_digest,
 )
 from state.errors import Invalid, NotFound, Permanent
+from state.leases import Fenced
 from tests.conftest import TEST_NAMES_PREFIX as PREFIX
 
 
@@ -130,6 +131,36 @@ def test_wrong_format_and_bad_targets_are_refused(system_hv, pool, tmp_path):
         download_volume(system_hv, pool, f"{PREFIX}-missing", str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+@pytest.mark.integration
+def test_a_stream_stops_at_the_block_its_progress_refuses(system_hv, pool, tmp_path):
+    """Long work among replicas: once the lease is lost, `report` raises Fenced at the next
+    block (reconciler/longwork.py); the stream is aborted and nothing half-made is left."""
+    disk = make_qcow2(tmp_path / "disk.qcow2", 8 << 20)
+    name = f"{PREFIX}-image-d2-1.qcow2"
+    seen: list[int] = []
+
+    def lost_after_one_block(done: int, total: int) -> None:
+        seen.append(done)
+        if len(seen) > 1:
+            raise Fenced("lease cell:c1 (token 1) is no longer this replica's")
+
+    with pytest.raises(Fenced):
+        upload_volume(system_hv, pool, name, str(disk), fmt="qcow2",
+                      progress=lost_after_one_block)
+    assert len(seen) == 2 and seen[-1] < disk.stat().st_size
+    assert volumes_of(system_hv, pool) == []  # the half-sent volume is removed
+
+    upload_volume(system_hv, pool, name, str(disk), fmt="qcow2")
+    seen.clear()
+    back = tmp_path / "back" / "disk.qcow2"
+    back.parent.mkdir()
+    with pytest.raises(Fenced):
+        download_volume(system_hv, pool, name, str(back), progress=lost_after_one_block,
+                        expected=disk.stat().st_size)
+    assert len(seen) == 2 and seen[-1] < disk.stat().st_size
+    assert list(back.parent.iterdir()) == []  # no file, no temp file
 
 
 # -- libvirt's test driver ------------------------------------------------------------------------
