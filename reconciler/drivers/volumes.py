@@ -265,6 +265,10 @@ def delete_volume(target: Target, pool_name: str, volume_name: str) -> None:
                 .storageVolLookupByName(volume_name).delete(0))
 
 
+class _OtherEndFailed(Permanent):
+    """One end of a copy stopped because the other failed (that one's error is the cause)."""
+
+
 def copy_volume(source: LibvirtHypervisor, source_pool: str, target: LibvirtHypervisor,
                 target_pool: str, volume_name: str, *,
                 progress: Callable[[int, int], None] | None = None,
@@ -289,7 +293,7 @@ def copy_volume(source: LibvirtHypervisor, source_pool: str, target: LibvirtHype
                 return
             except queue.Full:
                 continue
-        raise Permanent("the other end of the copy failed")
+        raise _OtherEndFailed("the other end of the copy failed")
 
     def receive(conn: libvirt.virConnect) -> tuple[int, str]:
         try:
@@ -320,9 +324,9 @@ def copy_volume(source: LibvirtHypervisor, source_pool: str, target: LibvirtHype
                     break
                 except queue.Empty:
                     if failed.is_set():
-                        raise Permanent("the source of the copy failed") from None
+                        raise _OtherEndFailed("the source of the copy failed") from None
             if isinstance(item, BaseException):
-                raise Permanent(f"reading the source volume failed: {item}")
+                raise _OtherEndFailed(f"reading the source volume failed: {item}")
             sent += len(item)
             if progress is not None:
                 progress(sent, max(total, sent))
@@ -345,8 +349,13 @@ def copy_volume(source: LibvirtHypervisor, source_pool: str, target: LibvirtHype
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="volume-copy") as pair:
         reading = pair.submit(_streaming, source, what, receive)
         writing = pair.submit(_streaming, target, what, send)
-        sent_by_source = reading.result()
-        writing.result()
+        concurrent.futures.wait((reading, writing))
+    # the error that stopped the copy, not the other end's "it stopped": a transient one
+    # (a cell not answering) or a lost lease stays what it is instead of Permanent
+    errors = [e for e in (reading.exception(), writing.exception()) if e is not None]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, _OtherEndFailed)), errors[0])
+    sent_by_source = reading.result()
     if digest_on_target is not None:
         path = target.call(f"path of volume {target_pool}/{volume_name}", lambda conn: (
             _lookup_pool(conn, target_pool).storageVolLookupByName(volume_name).path()))

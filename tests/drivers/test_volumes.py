@@ -17,6 +17,7 @@ import pytest
 
 from reconciler.drivers.libvirt_hv import LibvirtHypervisor
 from reconciler.drivers.volumes import (
+    copy_volume,
     delete_volume,
     download_volume,
     upload_volume,
@@ -161,6 +162,21 @@ def test_a_stream_stops_at_the_block_its_progress_refuses(system_hv, pool, tmp_p
                         expected=disk.stat().st_size)
     assert len(seen) == 2 and seen[-1] < disk.stat().st_size
     assert list(back.parent.iterdir()) == []  # no file, no temp file
+
+    # a copy between cells (two pools here): the refusal is what the caller gets, not the
+    # other end's "the copy failed" (a Permanent, which would fail a migration for good)
+    other = f"{PREFIX}-test-volumes-{uuid.uuid4().hex[:8]}"
+    system_hv.ensure_dir_pool(other, str(tmp_path / "other"))
+    try:
+        seen.clear()
+        with pytest.raises(Fenced):
+            copy_volume(system_hv, pool, system_hv, other, name,
+                        progress=lost_after_one_block)
+        assert volumes_of(system_hv, other) == [] and volumes_of(system_hv, pool) == [name]
+    finally:
+        for volume in volumes_of(system_hv, other):
+            delete_volume(system_hv, other, volume)
+        system_hv.delete_pool(other)
 
 
 # -- libvirt's test driver ------------------------------------------------------------------------
