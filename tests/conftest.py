@@ -21,7 +21,7 @@ import tornado.httpclient
 
 from nanod import config
 from reconciler import naming
-from state.db import close_database
+from state.db import close_database, open_database
 from state.identity import use_password_hash
 
 pytest_plugins = ["tests.setup_guard"]  # a setup nanod on this host is left as it was
@@ -123,6 +123,22 @@ def postgres_schema_url() -> tuple[str, str]:
     _postgres(f"CREATE SCHEMA {schema}")
     sep = "&" if "?" in PG_URL else "?"
     return schema, f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+
+
+def postgres_only(about: str) -> Iterator[None]:
+    """For a fixture of a test about PostgreSQL itself (its row locks, its connections):
+    the store opened on a fresh schema of its own, dropped afterwards. Without a server the
+    test is skipped, saying what it is `about` and how to give it one."""
+    if not PG_URL:
+        pytest.skip(f"{about}: set NANO_TEST_POSTGRES=postgresql://... (.ci/run starts a "
+                    "server and sets it)")
+    schema, url = postgres_schema_url()
+    open_database(url)
+    try:
+        yield
+    finally:
+        close_database()
+        _postgres(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -15,11 +15,11 @@ import pytest
 from reconciler.contract import Key
 from reconciler.leases import Membership
 from reconciler.longwork import InProgress, LongWork
-from state.db import close_database, db, open_database
+from state.db import db, open_database
 from state.leases import GLOBAL, Fence, Fenced, cell_lease, fenced
 from state.models import Cell, ControlReplica, Lease
 from state.store import Store
-from tests.conftest import PG_URL, _postgres, postgres_schema_url
+from tests.conftest import postgres_only
 
 
 @pytest.fixture
@@ -75,14 +75,8 @@ def test_an_expired_lease_fences_even_before_anyone_takes_it(store):
 @pytest.fixture
 def pg_store():
     """PostgreSQL only: SQLite has one writer at a time by itself, no row lock to test."""
-    if not PG_URL:
-        pytest.skip("the row lock is PostgreSQL's: set NANO_TEST_POSTGRES=postgresql://... "
-                    "(.ci/run starts a server and sets it)")
-    schema, url = postgres_schema_url()
-    open_database(url)
-    yield Store()
-    close_database()
-    _postgres(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    for _ in postgres_only("the row lock is PostgreSQL's"):
+        yield Store()
 
 
 def test_a_takeover_waits_for_the_fenced_write_in_flight(pg_store):

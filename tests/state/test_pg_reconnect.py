@@ -8,21 +8,14 @@ from __future__ import annotations
 import peewee
 import pytest
 
-from state.db import close_database, db, open_database
+from state.db import db
 from state.models import Cell
-from tests.conftest import PG_URL, _postgres, postgres_schema_url
+from tests.conftest import _postgres, postgres_only
 
 
 @pytest.fixture
 def pg():
-    if not PG_URL:
-        pytest.skip("about PostgreSQL's connections: set NANO_TEST_POSTGRES=postgresql://... "
-                    "(.ci/run starts a server and sets it)")
-    schema, url = postgres_schema_url()
-    open_database(url)
-    yield
-    close_database()
-    _postgres(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    yield from postgres_only("about PostgreSQL's connections")
 
 
 def cut_my_connection() -> None:
