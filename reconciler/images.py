@@ -8,10 +8,9 @@ as version 1, with progress from the bytes received. Registered by reconciler/ki
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -91,23 +90,24 @@ class ImageReconciler:
 
         def pull(report: Report) -> tuple[int, str]:
             self.store.record_clone(key.id, phase="cloning", progress=1, error="")
-            done = threading.Event()
-            watcher = threading.Thread(target=self._watch, daemon=True, args=(
-                key.id, os.path.dirname(final), info.allocation, done))
-            watcher.start()
-            try:
-                size, sha1 = download_volume(link.hypervisor, pool, volume, final,
-                                             progress=report, expected=info.allocation)
-                self.meter.transferred("from_cell", size)
-                return size, sha1
-            finally:
-                done.set()
-                watcher.join(timeout=5)
+            recorded = [time.monotonic(), 1]  # when, and which percentage, was last written
+
+            def progress(done: int, total: int) -> None:
+                report(done, total)  # stops the stream once the lease is lost
+                percent = min(99, 100 * done // max(total, 1))
+                if percent != recorded[1] and time.monotonic() - recorded[0] >= 0.5:
+                    self.store.record_clone(key.id, progress=percent)
+                    recorded[:] = [time.monotonic(), percent]
+
+            size, sha1 = download_volume(link.hypervisor, pool, volume, final,
+                                         progress=progress, expected=info.allocation)
+            self.meter.transferred("from_cell", size)
+            return size, sha1
 
         try:
             size, sha1 = self.long.run(key, f"clone/{key.id}",
                                        f"clone the system disk of guest {guest.name}", pull)
-        except InProgress as running:  # progress is recorded by the job's watcher
+        except InProgress as running:  # progress is recorded by the stream's own reports
             return Result(requeue_after=5.0, note=str(running))
         except NanoError as exc:
             conditions = set_condition(self.store.image_conditions(key.id), READY, False,
@@ -139,15 +139,3 @@ class ImageReconciler:
         if ready is None or ready.status:
             return "its last change is still being made"
         return f"{ready.reason}: {ready.message}" if ready.message else ready.reason
-
-    def _watch(self, image_id: str, folder: str, total: int, done: threading.Event) -> None:
-        """Progress from the size of the download's temporary file."""
-        while not done.wait(0.5):
-            parts = glob.glob(os.path.join(folder, ".volume-*.part"))
-            if not parts or total <= 0:
-                continue
-            try:
-                have = max(os.path.getsize(p) for p in parts)
-            except OSError:
-                continue
-            self.store.record_clone(image_id, progress=min(99, 100 * have // total))

@@ -77,17 +77,16 @@ def _make_hasher(conf: dict[str, int]) -> tuple[PasswordHasher, str]:
 
 
 _hasher, _DUMMY_HASH = _make_hasher(PASSWORD_HASH_DEFAULTS)
-_hash_cost = dict(PASSWORD_HASH_DEFAULTS)
 
 
 def use_password_hash(conf: object) -> None:
     """Hash and verify with the cost of the `password_hash` setting from now on (the
     process has one: nanod calls it as it opens the store)."""
-    global _hasher, _DUMMY_HASH, _hash_cost
+    global _hasher, _DUMMY_HASH
     cost = check_password_hash(conf)
-    if cost != _hash_cost:
+    if (cost["time_cost"], cost["memory_kib"], cost["parallelism"]) != (
+            _hasher.time_cost, _hasher.memory_cost, _hasher.parallelism):
         _hasher, _DUMMY_HASH = _make_hasher(cost)
-        _hash_cost = cost
 
 
 def format_time(value: dt.datetime | None) -> str:
